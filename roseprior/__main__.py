@@ -1,0 +1,5 @@
+import sys
+
+from roseprior.cli import main
+
+sys.exit(main())

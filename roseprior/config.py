@@ -1,0 +1,236 @@
+"""Typed configs: YAML files mirror dataclasses field for field, validated at load.
+
+Defaults live only in the dataclasses. A YAML file or a ``key=value`` override (dotted keys,
+values parsed as YAML) may set any field; an unknown key or a value of the wrong type is refused
+with one line naming the key and the valid ones. We write this loader by hand (about 150 lines)
+because the libraries that do it (omegaconf, hydra) add a second source of defaults and
+interpolation semantics users then have to learn; plain dataclasses stay readable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from roseprior.errors import ConfigError
+
+T = TypeVar("T")
+
+__all__ = ["ConfigError", "DataConfig", "StageConfig", "TrainConfig", "load_config", "save_config"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections shared by the stages
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from. ``root: null`` means the synthetic default set."""
+
+    root: str | None = None
+    classes: list[str] = field(default_factory=lambda: ["N", "P"])
+    positive_class: str = "P"
+    image_size: int = 224
+    max_unreadable_fraction: float = 0.05
+    num_workers: int = 0
+    split_dir: str | None = None  # folder with train.csv/val.csv/test.csv from `roseprior split`
+    split_ratios: str = "7:2:1"  # train:val:test, used when the data has no split of its own
+    group_by: str | None = None  # manifest column whose groups never straddle splits (slide, field)
+
+
+@dataclass
+class TrainConfig:
+    """What every training stage has: how long to run and when to stop early."""
+
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimiser steps (smoke runs)
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.04
+    log_every: int = 10
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage config has."""
+
+    seed: int = 0
+    out_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overriding, validating, saving
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Build ``schema`` from a YAML file plus ``key=value`` overrides, refusing unknown keys."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        raw = loaded
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    if overrides:
+        source = f"{source} + overrides"
+    return from_dict(schema, raw, source=source)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=3`` -> (``"a.b"``, 3); the value is parsed as YAML (lists, numbers, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=5)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(schema: type[T], raw: dict[str, Any], source: str = "config", prefix: str = "") -> T:
+    """Validate ``raw`` against the dataclass ``schema`` and build it."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {raw!r}")
+    hints = get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in names:
+            where = f"under '{prefix.rstrip('.')}'" if prefix else "at the top level"
+            raise ConfigError(
+                f"{source}: unknown key '{prefix}{key}'; valid keys {where}: {', '.join(names)}"
+            )
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", source)
+    return schema(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, source, prefix=f"{key}.")
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key, source)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{source}: '{key}' expects {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"{source}: '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}"
+            )
+        return value
+    if origin in (list, typing.List):  # noqa: UP006
+        (item_tp,) = get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' expects a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (tuple, typing.Tuple):  # noqa: UP006
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' expects a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{source}: '{key}' expects {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if origin in (dict, typing.Dict):  # noqa: UP006
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' expects a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{key}' expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{key}' expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{source}: '{key}' expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{source}: '{key}' expects a string, got {value!r}")
+    raise ConfigError(f"{source}: '{key}' has unsupported type {_type_name(tp)}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain data (what ``config.yaml`` holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, out_dir: str | Path) -> Path:
+    """Write the resolved config to ``out_dir/config.yaml`` (atomically)."""
+    from roseprior.checkpoint import atomic_write_text
+
+    path = Path(out_dir) / "config.yaml"
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def add_config_args(parser: Any, default: str | None = None) -> None:
+    """The argument shape every stage entry point takes: ``--config FILE [key=value ...]``."""
+    parser.add_argument("--config", default=default, help="YAML config file (see configs/)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="override any config field, dotted keys"
+    )

@@ -1,0 +1,123 @@
+"""The config loader: YAML + dotted overrides into dataclasses, refusing unknown keys and bad types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+import yaml
+
+from roseprior.config import (
+    ConfigError,
+    DataConfig,
+    StageConfig,
+    TrainConfig,
+    load_config,
+    parse_override,
+    save_config,
+)
+
+
+@dataclass
+class ToyModel:
+    name: str = "msht_tiny"
+    drop_path: float = 0.0
+    kind: Literal["bn", "gn"] = "bn"
+
+
+@dataclass
+class ToyConfig(StageConfig):
+    model: ToyModel = field(default_factory=ToyModel)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    crops: list[int] = field(default_factory=lambda: [224, 96])
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_come_from_the_dataclass():
+    cfg = load_config(ToyConfig)
+    assert cfg.seed == 0 and cfg.data.root is None and cfg.data.classes == ["N", "P"]
+    assert cfg.train.max_steps is None and cfg.model.name == "msht_tiny"
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = write(tmp_path, {"seed": 3, "train": {"epochs": 5}, "model": {"kind": "gn"}})
+    cfg = load_config(ToyConfig, path, ["train.max_steps=7", "data.root=/x", "crops=[128, 64]", "train.lr=1e-4"])
+    assert cfg.seed == 3 and cfg.train.epochs == 5 and cfg.train.max_steps == 7
+    assert cfg.model.kind == "gn" and cfg.data.root == "/x" and cfg.crops == [128, 64]
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert isinstance(cfg.data, DataConfig)
+
+
+def test_override_back_to_null():
+    cfg = load_config(ToyConfig, None, ["train.max_steps=5", "train.max_steps=null"])
+    assert cfg.train.max_steps is None
+
+
+def test_int_accepted_for_float():
+    cfg = load_config(ToyConfig, None, ["model.drop_path=1"])
+    assert cfg.model.drop_path == 1.0 and isinstance(cfg.model.drop_path, float)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["trian.epochs=3"], "unknown key 'trian'"),
+        (["train.epoch=3"], "unknown key 'train.epoch'"),
+        (["train.epochs=three"], "'train.epochs' expects an integer"),
+        (["train.max_steps=1.5"], "'train.max_steps'"),
+        (["model.kind=ln"], "'model.kind' must be one of bn, gn"),
+        (["crops=5"], "'crops' expects a list"),
+        (["data=3"], "'data' must be a mapping"),
+        (["seed"], "not of the form key=value"),
+    ],
+)
+def test_bad_keys_and_types_are_refused_with_one_line(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(ToyConfig, None, overrides)
+    message = str(err.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_unknown_key_lists_the_valid_ones(tmp_path):
+    path = write(tmp_path, {"train": {"epochs": 1, "max_step": 3}})
+    with pytest.raises(ConfigError) as err:
+        load_config(ToyConfig, path)
+    message = str(err.value)
+    assert str(path) in message
+    for valid in ("epochs", "max_steps", "batch_size", "lr"):
+        assert valid in message
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(ToyConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(ToyConfig, bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(ToyConfig, top)
+
+
+def test_save_config_round_trips(tmp_path):
+    cfg = load_config(ToyConfig, None, ["seed=9", "model.kind=gn", f"out_dir={tmp_path}"])
+    path = save_config(cfg, tmp_path)
+    assert path == tmp_path / "config.yaml"
+    again = load_config(ToyConfig, path)
+    assert again == cfg
+
+
+def test_parse_override_values():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a=[N, P]") == ("a", ["N", "P"])
+    assert parse_override("a=") == ("a", None)
+    assert parse_override("a=x=y") == ("a", "x=y")
