@@ -43,6 +43,7 @@ class DataConfig:
     split_dir: str | None = None  # folder with train.csv/val.csv/test.csv from `roseprior split`
     split_ratios: str = "7:2:1"  # train:val:test, used when the data has no split of its own
     group_by: str | None = None  # manifest column whose groups never straddle splits (slide, field)
+    split_seed: int = 0  # kept apart from the training seed so the test split never moves with it
 
 
 @dataclass

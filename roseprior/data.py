@@ -1,0 +1,392 @@
+"""Labelled and unlabelled image lists, the embedded default data set, and the dataset the stages load.
+
+Data arrives in two shapes: an ImageFolder tree (``root/{train,val,test}/{N,P}/...`` as the
+users' "721"/"712" sets, or ``root/{N,P}/...``) or a CSV manifest (``path,label[,domain][,group]``
+plus any other columns). Both become a list of ``Sample``; the class order always comes from the
+config (``classes: [N, P]``, P positive), never from folder names sorted alphabetically, so label
+1 means P whatever the folders are called on disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from roseprior.errors import DataError
+from roseprior.imageio import IMAGE_EXTENSIONS, SkippedFiles, UnreadableImage, is_image_file, read_image
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SPLITS",
+    "ImageDataset",
+    "Sample",
+    "filter_readable",
+    "find_images",
+    "load_labelled",
+    "load_unlabeled",
+    "read_manifest",
+    "resolve_root",
+]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+MANIFEST_NAME = "manifest.csv"
+# Manifest columns with a place of their own in Sample; every other column goes to Sample.extra.
+_SAMPLE_COLUMNS = ("path", "label", "domain", "group")
+_PROGRESS_MIN = 300  # show a progress bar when checking more images than this
+
+
+@dataclass
+class Sample:
+    """One image: ``label`` indexes the config's ``classes`` (-1 when unlabelled)."""
+
+    path: str
+    label: int = -1
+    domain: str | None = None
+    group: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding images
+# ---------------------------------------------------------------------------------------------
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """Image files anywhere under ``root``, sorted by relative path; dot-files and dot-folders skipped.
+
+    Symlinked files and folders are followed (``roseprior split --link`` trees are symlinks), each
+    real folder once, so a link loop cannot recurse forever.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise DataError(f"image folder {root} {what}")
+    found: list[Path] = []
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_file(f))
+    return sorted(found, key=lambda p: p.relative_to(root).parts)
+
+
+def _has_image(folder: Path) -> bool:
+    """Whether any image lies under ``folder`` (stops at the first one found)."""
+    for _dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(not f.startswith(".") and is_image_file(f) for f in filenames):
+            return True
+    return False
+
+
+def _extensions_text() -> str:
+    return ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests
+# ---------------------------------------------------------------------------------------------
+
+
+def read_manifest(path: str | Path, classes: Sequence[str] | None, split: str | None = None) -> list[Sample]:
+    """Samples from a CSV manifest; relative paths are relative to the manifest's folder.
+
+    ``classes=None`` reads it unlabelled (label -1, no ``label`` column needed). ``split`` keeps
+    only rows whose ``split`` column equals it.
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            reader.fieldnames = columns
+            rows = list(enumerate(reader, start=2))  # (line number, row); line 1 is the header
+    except FileNotFoundError:
+        raise DataError(f"manifest {path} not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"manifest {path} cannot be read as UTF-8 CSV: {err}") from None
+    required = ["path"] if classes is None else ["path", "label"]
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise DataError(
+            f"manifest {path} lacks the column(s) {', '.join(missing)}; it has: {', '.join(columns) or 'none'} "
+            f"(expected a header like path,label[,domain][,group])"
+        )
+    if split is not None:
+        if "split" not in columns:
+            raise DataError(
+                f"manifest {path} has no 'split' column to select '{split}' from; make splits with "
+                f"`roseprior split --src {path} --out DIR` and set data.split_dir=DIR"
+            )
+        rows = [(line, r) for line, r in rows if (r.get("split") or "").strip() == split]
+    if not rows:
+        raise DataError(f"manifest {path} has no rows" + (f" with split '{split}'" if split else ""))
+
+    base = path.parent
+    class_index = {name: i for i, name in enumerate(classes)} if classes is not None else {}
+    samples = []
+    for line, row in rows:
+        rel = (row.get("path") or "").strip()
+        if not rel:
+            raise DataError(f"manifest {path}, line {line}: empty 'path'")
+        label = -1
+        if classes is not None:
+            name = (row.get("label") or "").strip()
+            if name not in class_index:
+                raise DataError(
+                    f"manifest {path}, line {line}: label '{name}' (file {rel}) is not one of the "
+                    f"classes {', '.join(classes)}; fix the label or set data.classes"
+                )
+            label = class_index[name]
+        extra = {k: (v or "") for k, v in row.items() if k not in _SAMPLE_COLUMNS and k is not None}
+        samples.append(
+            Sample(
+                path=str(base / rel),  # an absolute ``rel`` replaces ``base``
+                label=label,
+                domain=(row.get("domain") or "").strip() or None,
+                group=(row.get("group") or "").strip() or None,
+                extra=extra,
+            )
+        )
+    if classes is not None:
+        seen = {s.label for s in samples}
+        absent = [c for i, c in enumerate(classes) if i not in seen]
+        if absent:
+            warnings.warn(f"manifest {path} has no rows of class {', '.join(absent)}", stacklevel=3)
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled and unlabelled data
+# ---------------------------------------------------------------------------------------------
+
+
+def load_labelled(
+    root: str | Path,
+    classes: Sequence[str],
+    split: str | None = None,
+    split_dir: str | Path | None = None,
+) -> list[Sample]:
+    """Labelled samples from a class-folder tree or a manifest, optionally one split of them.
+
+    Where they come from, in order:
+      1. ``split`` and ``split_dir``: ``split_dir/{split}.csv`` as written by ``roseprior split``;
+      2. ``root`` a .csv file: that manifest (``split`` filters on its ``split`` column);
+      3. ``split`` given: the folder ``root/{split}``, else ``root/manifest.csv``'s ``split`` column;
+      4. ``root/manifest.csv``: that manifest, paths relative to ``root``;
+      5. class folders ``root/{class}/...``, or ``root/{train,val,test}/{class}/...`` (all splits).
+    """
+    classes = _check_classes(classes)
+    if split is not None and split not in SPLITS:
+        raise DataError(f"unknown split '{split}'; valid: {', '.join(SPLITS)} (or none for all data)")
+    if split is not None and split_dir is not None:
+        csv_path = Path(split_dir) / f"{split}.csv"
+        if not csv_path.is_file():
+            raise DataError(
+                f"split file {csv_path} not found; make it with `roseprior split --src DATA --out {split_dir}` "
+                f"or point data.split_dir at the folder holding train.csv, val.csv and test.csv"
+            )
+        return read_manifest(csv_path, classes)
+    root = Path(root)
+    if not root.exists():
+        raise DataError(
+            f"data root {root} does not exist; set data.root to an image folder or a manifest .csv"
+        )
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise DataError(f"data root {root} is a file but not a .csv manifest")
+        return read_manifest(root, classes, split=split)
+    if split is not None:
+        if (root / split).is_dir():
+            return _load_folder(root / split, classes)
+        if (root / MANIFEST_NAME).is_file():
+            return read_manifest(root / MANIFEST_NAME, classes, split=split)
+        raise DataError(
+            f"{root} has no '{split}' folder; make splits with `roseprior split --src {root} --out DIR` "
+            f"and set data.split_dir=DIR"
+        )
+    return _load_folder(root, classes)
+
+
+def _check_classes(classes: Sequence[str]) -> list[str]:
+    if isinstance(classes, str) or not classes:
+        raise DataError(f"data.classes must be a list of class names such as [N, P], got {classes!r}")
+    classes = [str(c) for c in classes]
+    if len(set(classes)) != len(classes):
+        raise DataError(f"data.classes lists a class twice: {classes}")
+    return classes
+
+
+def _load_folder(root: Path, classes: list[str]) -> list[Sample]:
+    if (root / MANIFEST_NAME).is_file():
+        return read_manifest(root / MANIFEST_NAME, classes)
+    split_dirs = [s for s in SPLITS if (root / s).is_dir()]
+    if split_dirs and not any((root / c).is_dir() for c in classes):
+        return [s for name in split_dirs for s in _load_class_folders(root / name, classes)]
+    return _load_class_folders(root, classes)
+
+
+def _load_class_folders(root: Path, classes: list[str]) -> list[Sample]:
+    present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    samples: list[Sample] = []
+    for index, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            raise DataError(
+                f"class folder {folder} is missing: expected one folder per class ({', '.join(classes)}) "
+                f"under {root}, found {', '.join(present) or 'no folders'}; or give a manifest.csv (path,label)"
+            )
+        images = find_images(folder)
+        if not images:
+            raise DataError(
+                f"class folder {folder} is empty: no image files ({_extensions_text()}) in it or below it"
+            )
+        samples.extend(Sample(path=str(p), label=index) for p in images)
+    for name in present:
+        if name not in classes and _has_image(root / name):
+            raise DataError(
+                f"folder {root / name} holds images but '{name}' is not one of the classes "
+                f"{', '.join(classes)}; move it out of {root} or add it to data.classes"
+            )
+    return samples
+
+
+def load_unlabeled(root: str | Path) -> list[Sample]:
+    """Every image under a folder tree (labels ignored), or every row of a manifest .csv."""
+    root = Path(root)
+    if root.is_file() and root.suffix.lower() == ".csv":
+        return read_manifest(root, classes=None)
+    images = find_images(root)
+    if not images:
+        raise DataError(
+            f"no images under {root} (looked for {_extensions_text()}, any case; dot-files and dot-folders are skipped)"
+        )
+    return [Sample(path=str(p)) for p in images]
+
+
+def resolve_root(data_cfg: Any) -> Path:
+    """``data.root`` as a path, or the embedded synthetic data set when it is null."""
+    if data_cfg.root is None:
+        from roseprior.synth import default_dataset  # lazy: only runs that use the default pay for it
+
+        return Path(default_dataset())
+    root = Path(data_cfg.root).expanduser()
+    if not root.exists():
+        raise DataError(
+            f"data.root {root} does not exist; set data.root to an image folder or manifest .csv, "
+            f"or to null for the built-in synthetic data"
+        )
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding check and the dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_error(path: str) -> str | None:
+    try:
+        read_image(path)
+    except UnreadableImage as err:
+        return err.reason
+    return None
+
+
+def filter_readable(
+    samples: Sequence[Sample],
+    out_dir: str | Path | None = None,
+    max_fraction: float = 0.05,
+) -> list[Sample]:
+    """Keep the samples whose image decodes; list the others in ``out_dir/skipped_files.csv``.
+
+    Each file is decoded once, up front, so a bad file is reported by name before training rather
+    than crashing a DataLoader worker mid-epoch. Raises ``DataError`` when more than
+    ``max_fraction`` of them are unreadable (a wrong root or a broken export, not a stray file).
+    """
+    from tqdm.auto import tqdm
+
+    skipped = SkippedFiles()
+    readable: list[Sample] = []
+    # PIL releases the GIL while decoding, so a few threads cut the wall time of this pass.
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        reasons = pool.map(_read_error, [s.path for s in samples])
+        progress = tqdm(
+            zip(samples, reasons, strict=True),
+            total=len(samples),
+            desc="checking images",
+            unit="img",
+            disable=len(samples) <= _PROGRESS_MIN,
+        )
+        for sample, reason in progress:
+            if reason is None:
+                readable.append(sample)
+            else:
+                skipped.add(sample.path, reason)
+    if out_dir is not None:
+        skipped.write_csv(out_dir)
+    skipped.check(len(samples), max_fraction)
+    if skipped:
+        where = f"; see {skipped.csv_path}" if skipped.csv_path else ""
+        log.warning("skipped %d of %d unreadable images%s", len(skipped), len(samples), where)
+    return readable
+
+
+class ImageDataset:
+    """Map-style dataset: ``ds[i]`` is ``(image, label, i)`` with ``image`` a uint8 (3, S, S) tensor.
+
+    Images are resized (antialiased) to ``image_size`` square when it is given, then ``transform``
+    is applied. It is a plain class rather than a ``torch.utils.data.Dataset`` subclass so that
+    importing this module (``roseprior split``, ``roseprior --help``) does not load torch;
+    ``DataLoader`` needs only ``__len__`` and ``__getitem__``.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        image_size: int | None = None,
+        transform: Callable[[Any], Any] | None = None,
+    ):
+        self.samples = list(samples)
+        self.image_size = image_size
+        self.transform = transform
+        self._warned_small = False  # one warning per dataset (per worker process), not per image
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        import torch
+
+        sample = self.samples[index]
+        image = torch.from_numpy(read_image(sample.path)).permute(2, 0, 1).contiguous()
+        size = self.image_size
+        if size is not None:
+            height, width = image.shape[-2:]
+            if (height < size or width < size) and not self._warned_small:
+                self._warned_small = True
+                warnings.warn(
+                    f"{sample.path} is {width}x{height} px, smaller than image_size {size}: upsampling it "
+                    f"(other images smaller than {size} px in this dataset are upsampled without a warning)",
+                    stacklevel=2,
+                )
+            if (height, width) != (size, size):
+                from torchvision.transforms.v2 import functional as F
+
+                image = F.resize(image, [size, size], antialias=True)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, sample.label, index

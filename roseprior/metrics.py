@@ -1,0 +1,108 @@
+"""Binary N/P classification metrics shared by finetune and the probes (P, label 1, is positive).
+
+Clinical readers want sensitivity, specificity, PPV and NPV next to accuracy and AUROC, and a
+calibration figure (ECE, reliability bins) because a ROSE model's confidence is read by a
+person. Ratios with an empty denominator are 0.0 rather than NaN or a warning, so reports and
+JSON files stay plain numbers even on a tiny or one-class validation split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["binary_metrics", "expected_calibration_error", "reliability_bins"]
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num) / float(den) if den else 0.0
+
+
+def _as_labels(y_true: Any) -> np.ndarray:
+    y = np.asarray(y_true).reshape(-1)
+    if y.size and not np.isin(y, (0, 1)).all():
+        raise ValueError(f"y_true must hold 0 (N) and 1 (P) only, got values {np.unique(y)[:10].tolist()}")
+    return y.astype(np.int64)
+
+
+def binary_metrics(y_true: Any, p_pos: Any, threshold: float = 0.5) -> dict[str, Any]:
+    """Metrics for P-probabilities ``p_pos``; a score ``>= threshold`` predicts P.
+
+    Keys: accuracy, specificity, sensitivity, ppv, npv, f1, balanced_accuracy, auroc (None when
+    ``y_true`` holds one class only), ece (15 bins), confusion_matrix ``[[TN, FP], [FN, TP]]``, n.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = _as_labels(y_true)
+    p = np.asarray(p_pos, dtype=np.float64).reshape(-1)
+    if p.shape != y.shape:
+        raise ValueError(f"y_true has {y.size} values but p_pos has {p.size}")
+    pred = (p >= threshold).astype(np.int64)
+    # A bincount rather than sklearn's confusion_matrix, which refuses an empty split.
+    (tn, fp), (fn, tp) = np.bincount(2 * y + pred, minlength=4).reshape(2, 2).tolist()
+    sensitivity = _ratio(tp, tp + fn)
+    specificity = _ratio(tn, tn + fp)
+    # sklearn's precision/recall/f1 would warn on empty denominators; the counts give them exactly.
+    return {
+        "accuracy": _ratio(tp + tn, y.size),
+        "specificity": specificity,
+        "sensitivity": sensitivity,
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "balanced_accuracy": (sensitivity + specificity) / 2,
+        "auroc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None,
+        "ece": expected_calibration_error(y, p),
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+        "n": int(y.size),
+    }
+
+
+def _confidence_and_correct(y_true: Any, probs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Confidence of the predicted class and whether it was right.
+
+    ``probs`` is either P-probabilities, shape (n,), or class probabilities, shape (n, K).
+    """
+    y = np.asarray(y_true).reshape(-1).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim == 1:
+        probs = np.stack([1.0 - probs, probs], axis=1)
+    if probs.ndim != 2 or probs.shape[0] != y.size:
+        raise ValueError(f"probs must have shape (n,) or (n, K) with n = {y.size}, got {probs.shape}")
+    predicted = probs.argmax(axis=1)
+    return probs.max(axis=1), (predicted == y)
+
+
+def reliability_bins(y_true: Any, probs: Any, n_bins: int = 15) -> list[dict[str, float]]:
+    """Equal-width confidence bins for a reliability diagram.
+
+    Bin ``b`` holds confidences in ``(lo, hi]`` (the first also holds 0). Each entry has lo, hi,
+    confidence (mean), accuracy and count; an empty bin has count 0 and confidence = accuracy = 0.0.
+    """
+    confidence, correct = _confidence_and_correct(y_true, probs)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    index = np.digitize(confidence, edges[1:-1], right=True)
+    bins = []
+    for b in range(n_bins):
+        mask = index == b
+        count = int(mask.sum())
+        bins.append(
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "confidence": float(confidence[mask].mean()) if count else 0.0,
+                "accuracy": float(correct[mask].mean()) if count else 0.0,
+                "count": count,
+            }
+        )
+    return bins
+
+
+def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 15) -> float:
+    """ECE: the count-weighted mean |accuracy - confidence| over equal-width confidence bins."""
+    bins = reliability_bins(y_true, probs, n_bins)
+    n = sum(b["count"] for b in bins)
+    if n == 0:
+        return 0.0
+    return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / n)

@@ -1,0 +1,54 @@
+"""Shared test set-up: a private cache folder per session, the shared-data path, a tiny image writer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Real data beside the repo (../shared/data); absent on users' machines, so tests using it skip.
+SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
+
+_session_cache: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Set before any test imports roseprior, so nothing (e.g. the synthetic default set) is
+    # written to ~/.cache; a cache the caller set on purpose is kept.
+    global _session_cache
+    if not os.environ.get("ROSEPRIOR_CACHE"):
+        _session_cache = tempfile.mkdtemp(prefix="roseprior-test-cache-")
+        os.environ["ROSEPRIOR_CACHE"] = _session_cache
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _session_cache is not None:
+        shutil.rmtree(_session_cache, ignore_errors=True)
+        os.environ.pop("ROSEPRIOR_CACHE", None)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared development data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def write_image() -> Callable[..., Path]:
+    """``write_image(path, size=(w, h), seed=0)``: a small random RGB image; the seed fixes its pixels."""
+
+    def write(path: str | Path, size: tuple[int, int] = (16, 12), seed: int = 0, **save_kwargs) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, **save_kwargs)
+        return path
+
+    return write

@@ -1,0 +1,98 @@
+"""binary_metrics, ECE and reliability bins against values worked out by hand."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from roseprior.metrics import binary_metrics, expected_calibration_error, reliability_bins
+
+
+def _scores_for(tn: int, fp: int, fn: int, tp: int) -> tuple[list[int], list[float]]:
+    """Labels and P-scores that produce a given confusion matrix at threshold 0.5."""
+    y = [0] * (tn + fp) + [1] * (fn + tp)
+    p = [0.2] * tn + [0.7] * fp + [0.3] * fn + [0.9] * tp
+    return y, p
+
+
+def test_fixed_confusion_matrix():
+    y, p = _scores_for(tn=5, fp=2, fn=1, tp=4)
+    m = binary_metrics(y, p)
+    assert m["confusion_matrix"] == [[5, 2], [1, 4]] and m["n"] == 12
+    expected = {
+        "accuracy": 9 / 12,
+        "specificity": 5 / 7,
+        "sensitivity": 4 / 5,
+        "ppv": 4 / 6,
+        "npv": 5 / 6,
+        "f1": 2 * 4 / (2 * 4 + 2 + 1),
+        "balanced_accuracy": (4 / 5 + 5 / 7) / 2,
+    }
+    for key, value in expected.items():
+        assert m[key] == pytest.approx(value), key
+    # AUROC by hand: P scores {0.3, 0.9x4} vs N scores {0.2x5, 0.7x2}; count P > N pairs over 5*7.
+    # 0.9 beats all 7 N (4*7 = 28); 0.3 beats the five 0.2s (5). (28 + 5) / 35.
+    assert m["auroc"] == pytest.approx(33 / 35)
+    json.dumps(m)  # plain Python numbers, ready for metrics.json
+
+
+def test_ece_by_hand():
+    # Confidences of the predicted class: 0.9 (right), 0.9 (wrong), 0.75 (right, predicted N), 0.62 (right).
+    y = [1, 0, 0, 1]
+    p = [0.9, 0.9, 0.25, 0.62]
+    # Bins of width 1/15: {0.9, 0.9} acc 0.5; {0.75} acc 1; {0.62} acc 1.
+    expected = 0.5 * abs(0.5 - 0.9) + 0.25 * abs(1 - 0.75) + 0.25 * abs(1 - 0.62)
+    assert expected_calibration_error(y, p) == pytest.approx(expected)
+    assert binary_metrics(y, p)["ece"] == pytest.approx(expected)
+    # Class-probability form (n, 2) gives the same.
+    probs = np.stack([1 - np.array(p), np.array(p)], axis=1)
+    assert expected_calibration_error(y, probs) == pytest.approx(expected)
+
+
+def test_reliability_bins():
+    y = [1, 0, 0, 1]
+    p = [0.9, 0.9, 0.25, 0.62]
+    bins = reliability_bins(y, p, n_bins=15)
+    assert len(bins) == 15 and sum(b["count"] for b in bins) == 4
+    assert bins[0]["lo"] == 0.0 and bins[-1]["hi"] == 1.0
+    full = {i: b for i, b in enumerate(bins) if b["count"]}
+    assert sorted(full) == [9, 11, 13]  # 0.62 in (0.6, 0.667], 0.75 in (0.733, 0.8], 0.9 in (0.867, 0.933]
+    assert (
+        full[13]["count"] == 2
+        and full[13]["accuracy"] == 0.5
+        and full[13]["confidence"] == pytest.approx(0.9)
+    )
+    assert full[11]["confidence"] == pytest.approx(0.75) and full[11]["accuracy"] == 1.0
+    assert all(b["confidence"] == b["accuracy"] == 0.0 for i, b in enumerate(bins) if i not in full)
+    assert len(reliability_bins(y, p, n_bins=5)) == 5
+    # A perfectly calibrated, perfectly confident model has ECE 0.
+    assert expected_calibration_error([0, 1, 1], [0.0, 1.0, 1.0]) == 0.0
+
+
+def test_zero_divisions_are_zero_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = binary_metrics([0, 0, 0], [0.1, 0.2, 0.3])  # no positives, none predicted
+        empty = binary_metrics([], [])
+    assert m["sensitivity"] == m["ppv"] == m["f1"] == 0.0
+    assert m["specificity"] == m["npv"] == m["accuracy"] == 1.0
+    assert m["auroc"] is None  # one class only
+    assert empty["n"] == 0 and empty["accuracy"] == 0.0 and empty["confusion_matrix"] == [[0, 0], [0, 0]]
+    assert all(not (isinstance(v, float) and np.isnan(v)) for v in {**m, **empty}.values())
+
+
+def test_threshold_moves_predictions():
+    y, p = [0, 1, 1], [0.4, 0.45, 0.8]
+    assert binary_metrics(y, p)["confusion_matrix"] == [[1, 0], [1, 1]]
+    assert binary_metrics(y, p, threshold=0.42)["confusion_matrix"] == [[1, 0], [0, 2]]
+    assert binary_metrics([1], [0.5])["sensitivity"] == 1.0  # a score equal to the threshold is P
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="0 \\(N\\) and 1 \\(P\\)"):
+        binary_metrics([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="2 values but p_pos has 3"):
+        binary_metrics([0, 1], [0.1, 0.2, 0.3])
