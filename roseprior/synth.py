@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -49,24 +50,31 @@ __all__ = ["DOMAIN_PRESETS", "MANIFEST_COLUMNS", "add_parser", "default_dataset"
 DOMAIN_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
     # Deep blue-violet Diff-Quik, 40x-like, neutral light, sharp, good JPEG.
     "site_a": dict(magnification=(0.9, 1.25), stain_hue=(0.0, 0.35), stain_strength=(0.95, 1.2),
-                   background_density=(0.25, 0.5), rbc_tint=(0.2, 0.5), wb_r=(0.96, 1.02),
+                   background_density=(0.35, 0.7), rbc_tint=(0.2, 0.5), wb_r=(0.96, 1.02),
                    wb_g=(0.97, 1.02), wb_b=(0.98, 1.04), brightness=(0.95, 1.05),
                    blur_sigma=(0.0, 0.5), noise_sigma=(1.0, 2.5), jpeg_quality=(88, 95)),
     # Magenta and pale: weak stain, bright lamp, warm balance, grey-green red cells.
     "site_b": dict(magnification=(0.85, 1.15), stain_hue=(0.65, 1.0), stain_strength=(0.7, 0.9),
-                   background_density=(0.35, 0.7), rbc_tint=(0.0, 0.25), wb_r=(1.0, 1.06),
+                   background_density=(0.5, 0.9), rbc_tint=(0.0, 0.25), wb_r=(1.0, 1.06),
                    wb_g=(0.95, 1.0), wb_b=(0.97, 1.03), brightness=(1.02, 1.12),
                    blur_sigma=(0.2, 0.8), noise_sigma=(1.0, 3.0), jpeg_quality=(78, 90)),
     # 20x-like (small cells, wide field), cool/greenish balance, softer focus, noisier.
     "site_c": dict(magnification=(0.5, 0.75), stain_hue=(0.3, 0.65), stain_strength=(0.85, 1.05),
-                   background_density=(0.2, 0.45), rbc_tint=(0.3, 0.7), wb_r=(0.9, 0.96),
+                   background_density=(0.3, 0.6), rbc_tint=(0.3, 0.7), wb_r=(0.9, 0.96),
                    wb_g=(1.0, 1.05), wb_b=(1.0, 1.06), brightness=(0.9, 1.0),
-                   blur_sigma=(0.4, 1.1), noise_sigma=(2.0, 4.5), jpeg_quality=(70, 85)),
+                   blur_sigma=(0.3, 0.8), noise_sigma=(2.0, 4.0), jpeg_quality=(72, 88)),
     # 60x-like oil (big cells), heavy dark blue stain, dim lamp, strong JPEG compression.
     "site_d": dict(magnification=(1.4, 2.0), stain_hue=(0.1, 0.5), stain_strength=(1.15, 1.45),
-                   background_density=(0.4, 0.8), rbc_tint=(0.5, 1.0), wb_r=(0.97, 1.03),
+                   background_density=(0.5, 0.9), rbc_tint=(0.5, 1.0), wb_r=(0.97, 1.03),
                    wb_g=(0.94, 0.99), wb_b=(1.0, 1.08), brightness=(0.85, 0.97),
                    blur_sigma=(0.3, 1.0), noise_sigma=(1.5, 3.5), jpeg_quality=(60, 78)),
+}
+
+DOMAIN_DESCRIPTIONS = {
+    "site_a": "deep blue-violet stain, 40x-like, neutral light, sharp",
+    "site_b": "magenta and pale, bright warm light, grey-green red cells",
+    "site_c": "20x-like small cells, cool/greenish balance, soft focus, noisy",
+    "site_d": "60x-like big cells, heavy dark stain, dim light, strong JPEG",
 }
 
 ACQUISITION_FIELDS = [f.name for f in dataclasses.fields(Acquisition) if f.name != "domain"]
@@ -80,9 +88,8 @@ DEFAULT_SETTINGS = dict(n_per_class=150, size=256, domains=None, confound=0.0, s
 # ---------------------------------------------------------------------------------------------
 
 
-def _choose_domain(rng: np.random.Generator, class_index: int, n_classes: int, domains: list[str],
-                   confound: float) -> str:
-    """The confound rule of the module docstring (halves A and B; class k > 0 takes B)."""
+def _choose_domain(rng: np.random.Generator, class_index: int, domains: list[str], confound: float) -> str:
+    """The confound rule of the module docstring: the first class leans to half A, the other to B."""
     if confound > 0 and rng.random() < confound:
         half = math.ceil(len(domains) / 2)
         pool = domains[:half] if class_index == 0 else domains[half:]
@@ -101,10 +108,10 @@ def sample_acquisition(rng: np.random.Generator, domain: str) -> Acquisition:
 
 
 def make_image(label: str, class_index: int, index: int, size: int, seed: int, domains: list[str],
-               confound: float, n_classes: int = 2) -> tuple[bytes, Acquisition]:
+               confound: float) -> tuple[bytes, Acquisition]:
     """Encode one field as JPEG bytes; depends on (seed, class_index, index) and settings only."""
     rng = np.random.default_rng([seed, class_index, index])
-    domain = _choose_domain(rng, class_index, n_classes, domains, confound)
+    domain = _choose_domain(rng, class_index, domains, confound)
     acq = sample_acquisition(rng, domain)
     scene = draw_scene(rng, label, size, acq.magnification)
     img = render(scene, acq, rng)
@@ -114,8 +121,8 @@ def make_image(label: str, class_index: int, index: int, size: int, seed: int, d
 
 
 def _make_job(job: tuple) -> tuple[str, bytes, Acquisition]:
-    rel, label, class_index, index, size, seed, domains, confound, n_classes = job
-    data, acq = make_image(label, class_index, index, size, seed, domains, confound, n_classes)
+    rel, label, class_index, index, size, seed, domains, confound = job
+    data, acq = make_image(label, class_index, index, size, seed, domains, confound)
     return rel, data, acq
 
 
@@ -125,7 +132,7 @@ def _make_job(job: tuple) -> tuple[str, bytes, Acquisition]:
 
 
 def _check_settings(n_per_class: int, size: int, domains: list[str] | None, confound: float,
-                    classes: tuple[str, ...]) -> list[str]:
+                    classes: tuple[str, ...], workers: int = 1) -> list[str]:
     domains = list(domains) if domains else list(DOMAIN_PRESETS)
     unknown = [d for d in domains if d not in DOMAIN_PRESETS]
     if unknown:
@@ -138,9 +145,11 @@ def _check_settings(n_per_class: int, size: int, domains: list[str] | None, conf
         raise ConfigError("synth: confound > 0 needs at least two domains (one per half)")
     if n_per_class < 1:
         raise ConfigError(f"synth: n_per_class must be >= 1, got {n_per_class}")
+    if workers < 1:
+        raise ConfigError(f"synth: workers must be >= 1, got {workers}")
     if size < 32:
         raise ConfigError(f"synth: size must be >= 32 px, got {size}")
-    if tuple(classes) != ("N", "P") and tuple(classes) != ("P", "N"):
+    if sorted(classes) != ["N", "P"]:
         raise ConfigError(f"synth: classes must be N and P (the morphologies drawn), got {classes}")
     return domains
 
@@ -169,11 +178,11 @@ def generate(out: str | Path, n_per_class: int = 100, size: int = 256, domains: 
     from tqdm import tqdm
 
     out = Path(out)
-    domains = _check_settings(n_per_class, size, domains, confound, tuple(classes))
+    domains = _check_settings(n_per_class, size, domains, confound, tuple(classes), workers)
     _prepare_out(out, overwrite)
     for label in classes:
         (out / label).mkdir(exist_ok=True)
-    jobs = [(f"{label}/{label}_{i:05d}.jpg", label, ci, i, size, seed, domains, confound, len(classes))
+    jobs = [(f"{label}/{label}_{i:05d}.jpg", label, ci, i, size, seed, domains, confound)
             for ci, label in enumerate(classes) for i in range(n_per_class)]
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -269,6 +278,7 @@ def default_dataset() -> Path:
             return final  # another process finished it while we waited
         print(f"roseprior: generating the default synthetic data set once into {final}", file=sys.stderr)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is ordinary data
         try:
             generate(tmp, **DEFAULT_SETTINGS)
             if final.exists():  # an incomplete leftover (no manifest): replace it
@@ -290,21 +300,26 @@ def default_dataset() -> Path:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     domains = ", ".join(DOMAIN_PRESETS)
+    presets = "\n".join(f"  {name:8s}{text}" for name, text in DOMAIN_DESCRIPTIONS.items())
+    description = textwrap.fill(
+        "Generate synthetic ROSE cytology fields as an ImageFolder tree OUT/N, OUT/P plus OUT/manifest.csv "
+        "(path,label,domain and every acquisition parameter). N: flat honeycomb sheets of small uniform "
+        "nuclei; P: crowded clusters of enlarged irregular dark nuclei, or a few atypical cells among red "
+        "blood cells. Acquisition (stain, magnification, white balance, brightness, blur, noise, JPEG "
+        "quality) is class-independent and drawn from named domain presets. The same seed gives "
+        "byte-identical files.", width=90)
+    confound = textwrap.fill(
+        "confound rule: the chosen domains, in order, are split into a first half A and a second half B; "
+        "with probability --confound an N image takes its domain from A and a P image from B, otherwise "
+        "from all chosen domains.", width=90)
     parser = subparsers.add_parser(
         "synth",
         help="generate a synthetic ROSE-like N/P image set (the embedded default data)",
-        description=(
-            "Generate synthetic ROSE cytology fields as an ImageFolder tree OUT/N, OUT/P plus "
-            "OUT/manifest.csv (path,label,domain and every acquisition parameter). N: flat honeycomb "
-            "sheets of small uniform nuclei; P: crowded clusters of enlarged irregular dark nuclei or "
-            "a few atypical cells among red blood cells. Acquisition (stain, magnification, white "
-            "balance, brightness, blur, noise, JPEG quality) is class-independent and drawn from named "
-            f"domain presets ({domains}). The same seed gives byte-identical files."
-        ),
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "Confound rule: the chosen domains are split into a first half A and a second half B; with "
-            "probability --confound an N image takes a domain from A and a P image one from B, otherwise "
-            "any domain. Example: roseprior synth --out data/synth --n-per-class 500 --preview"
+            f"domain presets (parameters jittered per image):\n{presets}\n\n{confound}\n\n"
+            "example: roseprior synth --out data/synth --n-per-class 500 --preview"
         ),
     )
     parser.add_argument("--out", required=True, help="output folder (must be new or empty)")
