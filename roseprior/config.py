@@ -10,6 +10,7 @@ interpolation semantics users then have to learn; plain dataclasses stay readabl
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,38 @@ import yaml
 from roseprior.errors import ConfigError
 
 T = TypeVar("T")
+
+
+class _Yaml12ishLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two YAML 1.1 surprises removed.
+
+    ``7:2:1`` stays a string (YAML 1.1 reads it as the base-60 number 25321) and ``1e-4`` is a
+    float (YAML 1.1 wants ``1.0e-4``): both are common in our configs (split ratios, learning rates).
+    """
+
+
+_Yaml12ishLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12ishLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"),
+    list("-+0123456789"),
+)
+_Yaml12ishLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse config YAML (safe loader; ratios like 7:2:1 stay strings, 1e-4 is a float)."""
+    return yaml.load(text, Loader=_Yaml12ishLoader)  # noqa: S506 - a SafeLoader subclass
 
 __all__ = ["ConfigError", "DataConfig", "StageConfig", "TrainConfig", "load_config", "save_config"]
 
@@ -82,7 +115,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(loaded, dict):
@@ -105,7 +138,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {item!r} has an empty key")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = yaml_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     return key, value

@@ -121,3 +121,13 @@ def test_parse_override_values():
     assert parse_override("a=[N, P]") == ("a", ["N", "P"])
     assert parse_override("a=") == ("a", None)
     assert parse_override("a=x=y") == ("a", "x=y")
+
+
+def test_yaml_reads_ratios_as_text_and_exponents_as_floats(tmp_path):
+    """YAML 1.1 would read 4:1:1 as the base-60 number 14461 and 1e-4 as a string."""
+    path = write(tmp_path, {})
+    (tmp_path / "cfg.yaml").write_text("data:\n  split_ratios: 7:1:2\ntrain:\n  lr: 1e-4\n")
+    cfg = load_config(ToyConfig, path, ["data.group_by=12:30"])
+    assert cfg.data.split_ratios == "7:1:2" and cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.data.group_by == "12:30"
+    assert load_config(ToyConfig, None, ["data.split_ratios=4:1:1"]).data.split_ratios == "4:1:1"

@@ -1,0 +1,386 @@
+"""The human-facing outputs: one self-contained report.html and TensorBoard scalars + projector.
+
+The page embeds every figure as a base64 PNG (matplotlib, Agg), so it can be mailed or archived
+as a single file and opened offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from string import Template
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import yaml
+
+from roseprior.checkpoint import atomic_write_text
+
+if TYPE_CHECKING:
+    from eval_probes.config import ProbeConfig
+    from eval_probes.data import ProbeData
+    from eval_probes.run import CheckpointRun
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = Path(__file__).parent / "templates" / "report.html"
+PROBE_LABELS = {"knn": "kNN (weighted)", "knn_majority": "kNN (majority)", "linear": "linear"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers the page and TensorBoard share
+# ---------------------------------------------------------------------------------------------
+
+
+def _ba(entry: dict[str, Any] | None, probe: str) -> float | None:
+    if not entry or probe not in entry:
+        return None
+    return entry[probe].get("balanced_accuracy")
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per checkpoint, ranked by mean linear-probe balanced accuracy over clean, stain and scale."""
+    rows = []
+    for name, result in report["checkpoints"].items():
+        conds = result["conditions"]
+        shifted = {k: v for k, v in conds.items() if k.startswith(("stain/", "scale/"))}
+        row: dict[str, Any] = {"name": name}
+        for probe in ("knn", "linear"):
+            row[f"clean_{probe}"] = _ba(conds.get("clean"), probe)
+            row[f"stain_{probe}"] = _mean([_ba(v, probe) for k, v in shifted.items() if k.startswith("stain/")])
+            row[f"scale_{probe}"] = _mean([_ba(v, probe) for k, v in shifted.items() if k.startswith("scale/")])
+            row[f"worst_{probe}"] = min((b for b in (_ba(v, probe) for v in shifted.values()) if b is not None),
+                                        default=None)
+            row[f"atypical_{probe}"] = _ba(conds.get("domain/atypical"), probe)
+            cross = [_ba(v, probe) for k, v in conds.items() if k.startswith("domain/") and "->" in k
+                     and k.split("/", 1)[1].split("->")[0] != k.split("->")[1]]
+            row[f"cross_domain_{probe}"] = _mean(cross)
+        ri = result.get("robustness_index") or {}
+        row["ri"] = ri.get("20", next(iter(ri.values()), None)) if ri else None
+        row["rank_score"] = _mean([row["clean_linear"], row["stain_linear"], row["scale_linear"]])
+        rows.append(row)
+    rows.sort(key=lambda r: -(r["rank_score"] if r["rank_score"] is not None else -1.0))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(b64: str, caption: str) -> str:
+    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _curve_points(conds: dict[str, Any], conditions: list[dict[str, Any]], family: str, probe: str,
+                  clean_x: float) -> tuple[list[float], list[float]]:
+    points = [(clean_x, _ba(conds.get("clean"), probe))]
+    for c in conditions:
+        if c["family"] == family and c["value"] is not None:
+            points.append((c["value"], _ba(conds.get(c["name"]), probe)))
+    points = sorted((x, y) for x, y in points if y is not None)
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def curves_figure(report: dict[str, Any], family: str, xlabel: str, clean_x: float, log_x: bool = False) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, probe in zip(axes, ("knn", "linear"), strict=True):
+        for name, result in report["checkpoints"].items():
+            xs, ys = _curve_points(result["conditions"], report["conditions"], family, probe, clean_x)
+            ax.plot(xs, ys, marker="o", label=name)
+        if log_x:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([0.5, 0.75, 1, 1.5, 2])
+            ax.get_xaxis().set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.set_title(PROBE_LABELS[probe])
+        ax.set_xlabel(xlabel)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.set_ylim(0.0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("balanced accuracy (test)")
+    axes[-1].legend(fontsize=8, loc="lower left")
+    return _png(fig)
+
+
+def domain_matrix_figure(report: dict[str, Any], domains: list[str], probe: str = "linear") -> str:
+    import matplotlib.pyplot as plt
+
+    names = list(report["checkpoints"])
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 1.0, 3.4), squeeze=False)
+    fig.subplots_adjust(wspace=0.35)
+    for col, (ax, name) in enumerate(zip(axes[0], names, strict=True)):
+        conds = report["checkpoints"][name]["conditions"]
+        matrix = np.full((len(domains), len(domains)), np.nan)
+        for i, a in enumerate(domains):
+            for j, b in enumerate(domains):
+                value = _ba(conds.get(f"domain/{a}->{b}"), probe)
+                matrix[i, j] = np.nan if value is None else value
+        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="RdYlGn")
+        for i in range(len(domains)):
+            for j in range(len(domains)):
+                text = "n/a" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.2f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(domains)), domains, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(domains)), domains if col == 0 else [], fontsize=8)
+        ax.set_xlabel("test domain")
+        if col == 0:
+            ax.set_ylabel("train domain")
+        ax.set_title(name, fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=f"balanced accuracy ({PROBE_LABELS[probe]})")
+    return _png(fig)
+
+
+def reliability_figure(runs: list[CheckpointRun], y_test: np.ndarray) -> str:
+    import matplotlib.pyplot as plt
+
+    from roseprior.metrics import reliability_bins
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+    for ax, probe in zip(axes, ("knn", "linear"), strict=True):
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+        for run in runs:
+            bins = [b for b in reliability_bins(y_test, run.clean_probs[probe], n_bins=15) if b["count"]]
+            ece = run.result["conditions"]["clean"][probe]["ece"]
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
+                    label=f"{run.name} (ECE {ece:.3f})" if ece is not None else run.name)
+        ax.set_title(PROBE_LABELS[probe])
+        ax.set_xlabel("confidence")
+        ax.set_xlim(0.45, 1.01)
+        ax.set_ylim(0.0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("accuracy")
+    return _png(fig)
+
+
+def umap_embedding(feats: np.ndarray, seed: int) -> np.ndarray:
+    """2-D UMAP of L2-normalised features (cosine geometry, as the kNN sees them)."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "roseprior" / "numba"))
+    import umap
+
+    from roseprior.knn import l2_normalize
+
+    n_neighbors = max(2, min(15, len(feats) - 1))
+    reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=0.1, random_state=seed, n_jobs=1)
+    return reducer.fit_transform(l2_normalize(feats))
+
+
+def umap_figure(runs: list[CheckpointRun], data: ProbeData, seed: int) -> str:
+    import matplotlib.pyplot as plt
+
+    y = data.labels("test")
+    domains = data.domain_of("test") if data.domains else None
+    cols = 2 if domains is not None else 1
+    fig, axes = plt.subplots(len(runs), cols, figsize=(4.2 * cols, 3.8 * len(runs)), squeeze=False)
+    for row, run in zip(axes, runs, strict=True):
+        xy = umap_embedding(run.test_feats, seed)
+        for index, name in enumerate(data.classes):
+            m = y == index
+            row[0].scatter(xy[m, 0], xy[m, 1], s=12, label=name)
+        row[0].set_title(f"{run.name}: class", fontsize=9)
+        row[0].legend(fontsize=7)
+        if domains is not None:
+            for name in data.domains:
+                m = domains == name
+                row[1].scatter(xy[m, 0], xy[m, 1], s=12, label=name)
+            row[1].set_title(f"{run.name}: domain", fontsize=9)
+            row[1].legend(fontsize=7)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
+
+
+def summary_table(rows: list[dict[str, Any]], has_domains: bool) -> str:
+    columns = [("clean", "clean"), ("stain", "stain mean"), ("scale", "scale mean"), ("worst", "worst shift")]
+    if has_domains:
+        columns += [("cross_domain", "cross-domain mean"), ("atypical", "atypical domain")]
+    head = ["<th class='name'>rank</th><th class='name'>checkpoint</th>"]
+    for _, label in columns:
+        head.append(f"<th>{label}<br>kNN</th><th>{label}<br>linear</th>")
+    if has_domains:
+        head.append("<th>robustness<br>index (k=20)</th>")
+    body = []
+    for rank, row in enumerate(rows, start=1):
+        cells = [f"<td class='name'>{rank}</td><td class='name'>{html.escape(row['name'])}</td>"]
+        for key, _ in columns:
+            cells.append(f"<td>{_fmt(row[f'{key}_knn'])}</td><td>{_fmt(row[f'{key}_linear'])}</td>")
+        if has_domains:
+            cells.append(f"<td>{_fmt(row['ri'])}</td>")
+        body.append(f"<tr class='checkpoint'>{''.join(cells)}</tr>")
+    return (f"<table id='summary'><thead><tr>{''.join(head)}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>")
+
+
+def detail_table(name: str, result: dict[str, Any]) -> str:
+    probes = ("knn", "knn_majority", "linear")
+    head = "<tr><th class='name'>condition</th>" + "".join(
+        f"<th>{PROBE_LABELS[p]}<br>bal. acc.</th><th>drop</th><th>AUROC</th><th>F1</th><th>ECE</th>" for p in probes
+    ) + "</tr>"
+    rows = []
+    for cond, entry in result["conditions"].items():
+        if "skipped" in entry:
+            rows.append(f"<tr><td class='name'>{html.escape(cond)}</td>"
+                        f"<td class='name' colspan='{5 * len(probes)}'>skipped: {html.escape(entry['skipped'])}</td></tr>")
+            continue
+        cells = [f"<td class='name'>{html.escape(cond)}</td>"]
+        for p in probes:
+            m = entry[p]
+            drop = (m.get("drop") or {}).get("balanced_accuracy")
+            css = "" if drop is None else (" class='bad'" if drop > 0.05 else (" class='good'" if drop < -0.05 else ""))
+            cells.append(f"<td>{_fmt(m['balanced_accuracy'])}</td><td{css}>{_fmt(drop)}</td>"
+                         f"<td>{_fmt(m['auroc'])}</td><td>{_fmt(m['f1'])}</td><td>{_fmt(m['ece'])}</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    probes_text = json.dumps(result["probes"]["knn"]["k"]), f"{result['probes']['linear']['C']:g}"
+    ri = result.get("robustness_index")
+    ri_text = ("; robustness index " + ", ".join(f"k={k}: {_fmt(v)}" for k, v in ri.items())) if ri else ""
+    return (f"<h3>{html.escape(name)}</h3><p class='meta'>{html.escape(result['spec'])} · embed dim "
+            f"{result['embed_dim']} · chosen k = {probes_text[0]}, C = {probes_text[1]}{ri_text}</p>"
+            f"<table class='detail'>{head}{''.join(rows)}</table>")
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------------------------
+
+
+def write_html(path: Path, report: dict[str, Any], runs: list[CheckpointRun], data: ProbeData,
+               cfg: ProbeConfig) -> Path:
+    has_domains = len(data.domains) >= 2
+    rows = summary_rows(report)
+    notes = "".join(f"<div class='note'>{html.escape(n)}</div>" for n in report["notes"])
+    splits = report["data"]["splits"]
+    meta = (f"data: {html.escape(str(data.root))} · classes {', '.join(data.classes)} (positive "
+            f"{html.escape(report['data']['positive_class'])}) · train/val/test {splits['train']}/{splits['val']}/"
+            f"{splits['test']} ({html.escape(data.split_source)}) · domains: "
+            f"{html.escape(', '.join(data.domains) or 'none')} · image size {cfg.data.image_size} px")
+    curves = _figure(curves_figure(report, "stain", "HED jitter strength (0 = clean)", 0.0),
+                     "Balanced accuracy against HED stain-jitter strength (Tellez et al.: light 0.05, strong 0.2).")
+    curves += _figure(curves_figure(report, "scale", "zoom (1x = clean)", 1.0, log_x=True),
+                      "Balanced accuracy against zoom (same output size; reflected, never constant, borders).")
+    if has_domains and cfg.domain_transfer:
+        domain = _figure(domain_matrix_figure(report, data.domains),
+                         "Linear probe fitted on one domain's clean train images (rows), scored on each domain's "
+                         "test images (columns).")
+        assoc = next((v.get("train_class_domain_association") for r in report["checkpoints"].values()
+                      for k, v in r["conditions"].items() if k == "domain/typical" and "skipped" not in v), None)
+        if assoc is not None:
+            domain += (f"<p>Class-domain association in the train split (Cramér's V): {assoc:.2f}. "
+                       "'atypical domain' scores the test images whose domain is not their class's most "
+                       "frequent one in train: a representation that encodes the domain in place of the "
+                       "class loses accuracy there.</p>")
+    elif has_domains:
+        domain = "<p>Domain transfer switched off (domain_transfer: false).</p>"
+    else:
+        domain = "<p>The data has no domain labels (a <code>domain</code> manifest column), so no domain analysis.</p>"
+    reliability = _figure(reliability_figure(runs, data.labels("test")),
+                          "Reliability diagrams of the clean test split (15 equal-width confidence bins).")
+    if cfg.umap:
+        try:
+            umap_html = _figure(umap_figure(runs, data, cfg.seed),
+                                "UMAP of each checkpoint's clean test features, by class and by domain.")
+        except Exception as err:  # UMAP is a view, not a result: a failure must not lose the report
+            log.warning("UMAP failed: %s", err)
+            umap_html = f"<p>UMAP failed: {html.escape(str(err))}</p>"
+    else:
+        umap_html = "<p>UMAP switched off (umap: false).</p>"
+    intro = ("Balanced accuracy on the test split; checkpoints ranked by the linear probe's mean over the clean, "
+             "stain and scale conditions. Probes are fitted on clean train images only; k and C are chosen on "
+             "clean validation images.")
+    page = Template(TEMPLATE.read_text()).substitute(
+        title=html.escape(Path(cfg.out_dir).name),
+        meta=meta,
+        notes=notes,
+        summary_intro=intro,
+        summary_table=summary_table(rows, has_domains),
+        curves=curves,
+        domain=domain,
+        reliability=reliability,
+        umap=umap_html,
+        details="".join(detail_table(name, result) for name, result in report["checkpoints"].items()),
+        config=html.escape(yaml.safe_dump(report["config"], sort_keys=False)),
+        fingerprints=html.escape(json.dumps({"data": report["data"]["fingerprints"],
+                                             "checkpoints": {n: r["fingerprint"]
+                                                             for n, r in report["checkpoints"].items()}},
+                                            indent=2)),
+    )
+    return atomic_write_text(path, page)
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard
+# ---------------------------------------------------------------------------------------------
+
+
+def write_tensorboard(tb_dir: Path, report: dict[str, Any], runs: list[CheckpointRun], data: ProbeData,
+                      projector: bool = True) -> None:
+    """Headline scalars per checkpoint, and the clean test features in the embedding projector."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tb_dir))
+    try:
+        for row in summary_rows(report):
+            for key, value in row.items():
+                if key != "name" and value is not None:
+                    writer.add_scalar(f"{row['name']}/{key}", value, 0)
+        for name, result in report["checkpoints"].items():
+            for k, value in (result.get("robustness_index") or {}).items():
+                if value is not None:
+                    writer.add_scalar(f"{name}/robustness_index", value, int(k))
+        if projector:
+            labels = data.labels("test")
+            domains = data.domain_of("test")
+            metadata = [[data.classes[y], d or "-"] for y, d in zip(labels, domains, strict=True)]
+            thumbnails = _thumbnails(data.splits["test"])
+            for run in runs:
+                writer.add_embedding(run.test_feats, metadata=metadata, metadata_header=["class", "domain"],
+                                     label_img=thumbnails, tag=run.name.replace("/", "_").replace(":", "_"))
+    finally:
+        writer.close()
+
+
+def _thumbnails(samples: list[Any], size: int = 32, max_images: int = 2000) -> Any:
+    """Small copies of the test images for the projector's sprite (skipped for big test sets: the
+    sprite is one image of all of them)."""
+    import torch
+
+    from roseprior.data import ImageDataset
+
+    if len(samples) > max_images:
+        return None
+    dataset = ImageDataset(samples, image_size=size)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))]).float().div_(255.0)

@@ -1,0 +1,58 @@
+"""The robustness index: does an embedding's neighbourhood follow the class or the domain?
+
+PathoROB (Kömen et al. 2025; de Jong et al. 2025): for each image's k nearest neighbours
+(cosine, L2-normalised features; neighbours from the image's own group, e.g. its slide, excluded,
+since they share both class and domain trivially), count same-class-other-domain neighbours (SO)
+and other-class-same-domain neighbours (OS). RI = sum(SO) / (sum(SO) + sum(OS)): 1.0 means no
+neighbour is pulled in by domain alone, 0.5 means domain pulls as hard as class, below 0.5 the
+embedding clusters by domain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from roseprior.knn import knn_search
+
+
+def neighbours_excluding_groups(feats: np.ndarray, groups: np.ndarray, k: int) -> np.ndarray:
+    """Indices ``(N, k)`` of each row's k nearest other rows outside its own group (-1 where fewer exist)."""
+    n = len(feats)
+    # Search deep enough that k neighbours survive dropping the row's own group (itself included).
+    _, group_sizes = np.unique(groups, return_counts=True)
+    depth = min(n, k + int(group_sizes.max()))
+    _, idx = knn_search(feats, feats, depth)
+    keep = groups[idx] != groups[:, None]
+    out = np.full((n, k), -1, dtype=np.int64)
+    for row in range(n):
+        kept = idx[row][keep[row]][:k]
+        out[row, : len(kept)] = kept
+    return out
+
+
+def robustness_index(
+    feats: np.ndarray,
+    labels: Sequence[int],
+    domains: Sequence[str],
+    groups: Sequence[str] | None = None,
+    ks: Sequence[int] = (5, 10, 20, 50),
+) -> dict[str, float | None]:
+    """RI for each k (keys ``"5"``, ``"10"``, ...); None where no neighbour is SO or OS at that k."""
+    labels_np = np.asarray(labels)
+    domains_np = np.asarray([str(d) for d in domains])
+    groups_np = np.asarray([str(g) for g in groups]) if groups is not None else np.arange(len(feats)).astype(str)
+    out: dict[str, float | None] = {}
+    if len(feats) < 2:
+        return {str(k): None for k in ks}
+    idx = neighbours_excluding_groups(np.asarray(feats, dtype=np.float32), groups_np, max(ks))
+    valid = idx >= 0
+    safe = np.where(valid, idx, 0)
+    same_class = (labels_np[safe] == labels_np[:, None]) & valid
+    same_domain = (domains_np[safe] == domains_np[:, None]) & valid
+    for k in ks:
+        so = int((same_class[:, :k] & ~same_domain[:, :k] & valid[:, :k]).sum())
+        os_ = int((~same_class[:, :k] & same_domain[:, :k] & valid[:, :k]).sum())
+        out[str(k)] = so / (so + os_) if so + os_ else None
+    return out

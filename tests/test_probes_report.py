@@ -1,0 +1,134 @@
+"""eval_probes end to end on a small synthetic set with domains: report.json, the cache on a rerun,
+TensorBoard, and report.html rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval_probes.config import ProbeConfig
+from eval_probes.run import run
+from roseprior.synth import generate
+
+pytestmark = pytest.mark.slow  # two full runs (one with UMAP) on a small synthetic set
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory) -> Path:
+    torch.set_num_threads(2)
+    tmp = tmp_path_factory.mktemp("probes")
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(tmp / "numba"))
+    data = generate(tmp / "data", n_per_class=20, size=64, domains=["site_a", "site_c"], seed=3, progress=False)
+    cfg = ProbeConfig(
+        checkpoints=["timm:test_vit", "timm:test_convnext"],
+        out_dir=str(tmp / "out"),
+        cache_dir=str(tmp / "cache"),
+        progress=False,
+        zooms=[0.5, 2.0],
+        knn_k=[1, 5, 10],
+        linear_c=[0.1, 1.0],
+        robustness_k=[5, 10],
+        umap=True,  # the one test that pays for umap's numba compile
+    )
+    cfg.data.root = str(data)
+    cfg.data.image_size = 64
+    cfg.data.split_ratios = "2:1:1"
+    cfg.stain.hed_strengths = [0.05, 0.2]
+    cfg.stain.white_balance = [[1.1, 1.0, 0.9]]
+    cfg.stain.brightness = [0.1]
+    report = run(cfg)
+    # A second run with the same checkpoints and data: every feature comes from the cache.
+    cfg.umap = False
+    cfg.out_dir = str(tmp / "out_again")
+    again = run(cfg)
+    assert again["cache"]["misses"] == 0 and again["cache"]["hits"] == report["cache"]["misses"]
+    assert _same_scores(again, report), "cached features must give the same report"
+    return tmp / "out"
+
+
+def _same_scores(a: dict, b: dict) -> bool:
+    strip = lambda r: {n: {k: v for k, v in c.items() if k != "seconds"} for n, c in r["checkpoints"].items()}  # noqa: E731
+    return strip(a) == strip(b)
+
+
+def test_report_json_has_every_condition_probe_and_metric(report_dir):
+    report = json.loads((report_dir / "report.json").read_text())
+    assert set(report["checkpoints"]) == {"timm:test_vit", "timm:test_convnext"}
+    assert report["data"]["domains"] == ["site_a", "site_c"]
+    expected = {"clean", "stain/hed_0.05", "stain/hed_0.2", "stain/wb_1.1_1_0.9", "stain/brightness_+0.1",
+                "stain/macenko->site_a", "stain/macenko->site_c", "scale/0.5", "scale/2",
+                "domain/site_a->site_a", "domain/site_a->site_c", "domain/site_c->site_a", "domain/site_c->site_c",
+                "domain/typical", "domain/atypical"}
+    for name, result in report["checkpoints"].items():
+        assert set(result["conditions"]) == expected, name
+        assert result["probes"]["knn"]["k"] in (1, 5, 10) and result["probes"]["linear"]["C"] in (0.1, 1.0)
+        for cond, entry in result["conditions"].items():
+            for probe in ("knn", "knn_majority", "linear"):
+                metrics = entry[probe]
+                assert 0.0 <= metrics["balanced_accuracy"] <= 1.0 and 0.0 <= metrics["ece"] <= 1.0, (cond, probe)
+                if cond != "clean":
+                    base = result["conditions"]["clean"][probe] if not cond.startswith("domain/site") else None
+                    if base is not None:
+                        assert metrics["drop"]["balanced_accuracy"] == pytest.approx(
+                            base["balanced_accuracy"] - metrics["balanced_accuracy"])
+        ri = result["robustness_index"]
+        assert set(ri) == {"5", "10"} and all(v is None or 0.0 <= v <= 1.0 for v in ri.values())
+    assert (report_dir / "config.yaml").is_file()
+
+
+def test_tensorboard_has_scalars_and_projector(report_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = report_dir / "tb"
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    assert "timm:test_vit/clean_linear" in events.Tags()["scalars"]
+    config = (tb / "projector_config.pbtxt").read_text()
+    assert "timm_test_vit" in config and "timm_test_convnext" in config and "sprite" in config
+
+
+def _chrome():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--window-size=1300,1000"):
+        options.add_argument(flag)
+    return webdriver, Service(CHROMEDRIVER), options
+
+
+@pytest.mark.browser
+def test_report_html_renders_in_headless_chromium(report_dir, tmp_path):
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip("headless Chromium absent: install the Debian packages chromium and chromium-driver")
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
+    webdriver, service, options = _chrome()
+    options.add_argument(f"--user-data-dir={tmp_path / 'chrome-profile'}")
+    driver = webdriver.Chrome(service=service, options=options)
+    try:
+        driver.get((report_dir / "report.html").resolve().as_uri())
+        widths = driver.execute_script(
+            "return Array.from(document.images).map(img => img.complete ? img.naturalWidth : 0)")
+        rows = driver.execute_script("return document.querySelectorAll('#summary tbody tr.checkpoint').length")
+        text = driver.execute_script("return document.body.innerText")
+        height = driver.execute_script("return document.body.scrollHeight")
+        driver.set_window_size(1300, min(height + 100, 12000))
+        driver.save_screenshot(str(report_dir / "report_screenshot.png"))
+    finally:
+        driver.quit()
+    # Curves (stain, scale), domain matrix, reliability diagrams, UMAP: every one decoded.
+    assert len(widths) == 5 and all(w > 0 for w in widths), widths
+    assert rows == 2
+    assert "timm:test_convnext" in text and "robustness index" in text.lower() and "UMAP failed" not in text
+    assert (report_dir / "report_screenshot.png").stat().st_size > 10_000
