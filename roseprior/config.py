@@ -25,17 +25,24 @@ T = TypeVar("T")
 
 
 class _Yaml12ishLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with two YAML 1.1 surprises removed.
+    """PyYAML's safe loader with YAML 1.1 surprises removed, as in YAML 1.2.
 
-    ``7:2:1`` stays a string (YAML 1.1 reads it as the base-60 number 25321) and ``1e-4`` is a
-    float (YAML 1.1 wants ``1.0e-4``): both are common in our configs (split ratios, learning rates).
+    ``7:2:1`` stays a string (YAML 1.1 reads it as the base-60 number 25321), ``1e-4`` is a float
+    (YAML 1.1 wants ``1.0e-4``) and ``off``/``yes`` stay strings (only true/false are booleans):
+    all three are common in our configs (split ratios, learning rates, ``sam: off``).
     """
 
 
+_REDEFINED = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")
+
+
 _Yaml12ishLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REDEFINED]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+_Yaml12ishLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Yaml12ishLoader.add_implicit_resolver(
     "tag:yaml.org,2002:int",
     re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"),

@@ -42,6 +42,7 @@ from roseprior.errors import ConfigError, DataError
 __all__ = [
     "add_parser",
     "find_cross_split_duplicates",
+    "group_key",
     "parse_ratios",
     "split_samples",
     "split_sizes",

@@ -131,3 +131,9 @@ def test_yaml_reads_ratios_as_text_and_exponents_as_floats(tmp_path):
     assert cfg.data.split_ratios == "7:1:2" and cfg.train.lr == pytest.approx(1e-4)
     assert cfg.data.group_by == "12:30"
     assert load_config(ToyConfig, None, ["data.split_ratios=4:1:1"]).data.split_ratios == "4:1:1"
+
+
+def test_only_true_and_false_are_booleans():
+    from roseprior.config import yaml_load
+
+    assert yaml_load("[true, False, off, yes, on, no]") == [True, False, "off", "yes", "on", "no"]

@@ -1,0 +1,77 @@
+"""Training-batch augmentation on the accelerator: rotation, flips, colour and stain jitter.
+
+Rotation is by any angle with reflection padding (``roseprior.imageops.rotate``), so there are
+no fill corners, and nothing is cropped: the users found that centre-cropping only the training
+images changed the magnification the model saw and hurt results. Evaluation images get no
+augmentation, only the resize the dataset already applied.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from roseprior import imageops
+
+from .config import AugmentConfig
+
+__all__ = ["TrainAugment"]
+
+
+class TrainAugment:
+    """Augments a ``(B, 3, H, W)`` float batch in [0, 1]; seeded, so a run is reproducible."""
+
+    def __init__(self, cfg: AugmentConfig, seed: int = 0):
+        self.cfg = cfg
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _factors(self, batch: int, strength: float) -> torch.Tensor:
+        # ColorJitter semantics: a factor uniform in [1 - s, 1 + s].
+        return 1.0 + (torch.rand(batch, generator=self.generator) * 2 - 1) * strength
+
+    def color_jitter(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-image brightness, contrast, saturation and hue factors.
+
+        torchvision's ``ColorJitter`` draws one set of factors per call (one per batch, from the
+        global RNG); calling its functional ops per image with factors from our generator keeps
+        the images independent and the run seeded.
+        """
+        cfg = self.cfg
+        if not any((cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)):
+            return x
+        batch = x.shape[0]
+        brightness = self._factors(batch, cfg.brightness)
+        contrast = self._factors(batch, cfg.contrast)
+        saturation = self._factors(batch, cfg.saturation)
+        hue = (torch.rand(batch, generator=self.generator) * 2 - 1) * cfg.hue
+        out = []
+        for i in range(batch):
+            img = x[i]
+            if cfg.brightness:
+                img = TF.adjust_brightness(img, float(brightness[i]))
+            if cfg.contrast:
+                img = TF.adjust_contrast(img, float(contrast[i]))
+            if cfg.saturation:
+                img = TF.adjust_saturation(img, float(saturation[i]))
+            if cfg.hue:
+                img = TF.adjust_hue(img, float(hue[i]))
+            out.append(img)
+        return torch.stack(out).clamp_(0.0, 1.0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        cfg = self.cfg
+        if cfg.flip:
+            x = imageops.random_flip_rot90(x, self.generator)
+        if cfg.rotate:
+            x = imageops.random_rotate(x, self.generator)
+        if cfg.hed > 0:
+            x = imageops.hed_jitter(x, cfg.hed, self.generator)
+        return self.color_jitter(x)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

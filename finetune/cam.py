@@ -1,0 +1,159 @@
+"""CAM figures for test images: the image, Grad-CAM on a CNN stage and on a decoder, guided attention.
+
+Grad-CAM comes from the grad-cam package (``pytorch_grad_cam.GradCAM``) with the backbone's own
+target layers and token-to-map reshape (``backbones.cam_target_layers`` / ``reshape_transform``);
+the guided-attention map is the decoder's attention from the class token to the patch tokens
+(mean over heads), read through the backbone's ``attention_maps``. Each row is titled with the
+true label and the predicted probability of every class; misclassified images are included on
+purpose, since they are the ones a pathologist wants to look at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from roseprior.data import ImageDataset, Sample
+
+from .config import CamConfig
+from .model import Classifier
+
+__all__ = ["attention_heatmap", "choose_layers", "grad_cam", "pick_images", "write_cam_figures"]
+
+
+def pick_images(labels: np.ndarray, probs: np.ndarray, num: int, misclassified: int, seed: int = 0) -> list[int]:
+    """Up to ``misclassified`` wrong predictions, the rest correct ones; seeded, in index order."""
+    rng = np.random.default_rng(seed)
+    wrong = np.flatnonzero(probs.argmax(1) != labels)
+    right = np.flatnonzero(probs.argmax(1) == labels)
+    take_wrong = rng.permutation(wrong)[: min(misclassified, num)]
+    take_right = rng.permutation(right)[: num - len(take_wrong)]
+    if len(take_wrong) + len(take_right) < num:  # not enough correct ones: more wrong ones
+        extra = [i for i in rng.permutation(wrong) if i not in set(take_wrong)]
+        take_wrong = np.concatenate([take_wrong, extra[: num - len(take_wrong) - len(take_right)]])
+    return sorted(int(i) for i in np.concatenate([take_wrong, take_right]))
+
+
+def choose_layers(backbone: torch.nn.Module) -> dict[str, tuple[str, Any] | None]:
+    """What to explain: ``cnn`` (a CNN stage), ``transformer`` (a decoder/block output) for Grad-CAM,
+    and ``attention`` (the decoder whose guided attention is drawn).
+
+    The CNN target is stage 3 when there is one (a grid twice as fine as stage 4's). The Grad-CAM
+    transformer target is the second-to-last decoder: the last one's output norm feeds the head
+    through the class token only, so the patch tokens there get no gradient and the map is empty.
+    timm models have no CNN/transformer split and get their last feature stage.
+    """
+    import backbones
+
+    try:
+        targets = backbones.cam_target_layers(backbone)
+    except TypeError:
+        return {"cnn": None, "transformer": None, "attention": None}
+    cnn = [k for k in targets if k.startswith("cnn.")]
+    tfm = [k for k in targets if k.startswith(("decoder", "block"))]
+    if not cnn and not tfm and targets:
+        cnn = list(targets)
+    cnn_key = ("cnn.stage3" if "cnn.stage3" in cnn else cnn[-1]) if cnn else None
+    uses_class_token = int(getattr(backbone, "num_prefix_tokens", 0)) > 0
+    tfm_key = (tfm[-2] if len(tfm) > 1 and uses_class_token else tfm[-1]) if tfm else None
+    return {
+        "cnn": (cnn_key, targets[cnn_key]) if cnn_key else None,
+        "transformer": (tfm_key, targets[tfm_key]) if tfm_key else None,
+        "attention": (tfm[-1], None) if tfm else None,
+    }
+
+
+def grad_cam(model: Classifier, images: torch.Tensor, layer: torch.nn.Module, classes: Sequence[int]) -> np.ndarray:
+    """Grad-CAM maps (B, H, W) in [0, 1] for ``classes[i]`` of image i."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    reshape = getattr(model.backbone, "reshape_transform", None)
+    with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+        return cam(input_tensor=images, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+
+
+@torch.no_grad()
+def attention_heatmap(model: Classifier, images: torch.Tensor, key: str | None) -> np.ndarray | None:
+    """Guided attention from the class token (or averaged over queries) to each patch, (B, H, W) in [0, 1]."""
+    backbone = model.backbone
+    if key is None or not callable(getattr(backbone, "attention_maps", None)):
+        return None
+    maps = backbone.attention_maps(model.normalize(images))
+    if key not in maps or maps[key] is None:
+        return None
+    attn = maps[key].float().mean(dim=1)  # (B, T, T): mean over heads
+    prefix = int(getattr(backbone, "num_prefix_tokens", 0))
+    rows = attn[:, 0, prefix:] if prefix else attn.mean(dim=1)
+    n = rows.shape[1]
+    h = int(round((n * images.shape[-2] / images.shape[-1]) ** 0.5))
+    grid = rows.reshape(-1, 1, h, n // h)
+    heat = F.interpolate(grid, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    lo = heat.amin(dim=(1, 2), keepdim=True)
+    hi = heat.amax(dim=(1, 2), keepdim=True)
+    return ((heat - lo) / (hi - lo).clamp_min(1e-12)).cpu().numpy()
+
+
+def write_cam_figures(
+    model: Classifier,
+    samples: Sequence[Sample],
+    result: dict[str, Any],
+    cfg: Any,
+    out_dir: str | Path,
+) -> list[Path]:
+    """PNG grids for a sample of test images (``result``: the test ``evaluate`` output); returns paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    cam_cfg: CamConfig = cfg.cam
+    classes = list(cfg.data.classes)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.float().cpu().eval()
+    order = np.argsort(result["indices"])  # gathered results back in dataset order
+    probs, labels, indices = result["probs"][order], result["labels"][order], result["indices"][order]
+    chosen = pick_images(labels, probs, cam_cfg.num_images, cam_cfg.misclassified, cfg.seed)
+    dataset = ImageDataset([samples[int(indices[i])] for i in chosen], image_size=cfg.data.image_size)
+    layers = choose_layers(model.backbone)
+
+    paths = []
+    per_figure = max(cam_cfg.per_figure, 1)
+    for start in range(0, len(chosen), per_figure):
+        rows = list(range(start, min(start + per_figure, len(chosen))))
+        images = torch.stack([dataset[r][0] for r in rows]).float().div(255.0)
+        predicted = probs[[chosen[r] for r in rows]].argmax(1)
+        panels: list[tuple[str, np.ndarray | None]] = [("image", None)]
+        for part in ("cnn", "transformer"):
+            if layers[part] is not None:
+                key, layer = layers[part]
+                panels.append((f"Grad-CAM {key}", grad_cam(model, images, layer, predicted)))
+        if layers["attention"] is not None:
+            heat = attention_heatmap(model, images, layers["attention"][0])
+            if heat is not None:
+                panels.append((f"guided attention {layers['attention'][0]}", heat))
+        fig, axes = plt.subplots(len(rows), len(panels), figsize=(3.0 * len(panels), 3.2 * len(rows)), squeeze=False)
+        for i, r in enumerate(rows):
+            k = chosen[r]
+            rgb = images[i].permute(1, 2, 0).numpy()
+            verdict = "correct" if probs[k].argmax() == labels[k] else "MISCLASSIFIED"
+            p_text = ", ".join(f"p({c})={probs[k][j]:.2f}" for j, c in enumerate(classes))
+            name = Path(samples[int(indices[k])].path).name
+            for j, (title, heat) in enumerate(panels):
+                ax = axes[i][j]
+                ax.imshow(rgb if heat is None else show_cam_on_image(rgb, heat[i], use_rgb=True))
+                ax.set_axis_off()
+                ax.set_title(title if j else f"{name}\ntrue {classes[labels[k]]}; {p_text}\n{verdict}", fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"cam_{start // per_figure:02d}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths

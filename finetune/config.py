@@ -1,0 +1,125 @@
+"""The finetune config: one dataclass per section; ``configs/finetune/*.yaml`` mirror them.
+
+The defaults are the paper's recipe (Adam, lr 1e-5, weight decay 0.01, cosine down to 0.25×lr,
+batch 8, 50 epochs, SAM); the YAML files only choose the backbone, image size and budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from roseprior.config import DataConfig, StageConfig, TrainConfig
+from roseprior.errors import ConfigError
+
+# rho when ``rho: null``: the SAM paper's 0.05, and 2.0 for ASAM, the value the SAM reference
+# implementation (davda54/sam) suggests with adaptive=True: ASAM's perturbation is scaled by |w|,
+# so its radius lives on a different scale.
+DEFAULT_RHO = {"sam": 0.05, "asam": 2.0}
+
+
+@dataclass
+class OptimConfig:
+    """Base optimizer (wrapped by SAM unless ``sam: off``), learning rate per part, schedule."""
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    momentum: float = 0.9  # sgd only
+    # Learning rate of each part of the model; null means ``train.lr``. The users found the CNN
+    # stages and the transformer stages differ in learning-rate sensitivity.
+    lr_cnn: float | None = None
+    lr_transformer: float | None = None
+    lr_head: float | None = None
+    # < 1 scales each earlier block's lr by layer_decay**(depth from the head); 1.0 is off.
+    layer_decay: float = 1.0
+    # timm's convention: biases, norms and tokens get no weight decay.
+    decay_norm_and_bias: bool = False
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.25  # cosine ends at min_lr_ratio × lr
+    warmup_epochs: float = 0.0
+    clip_grad: float | None = None  # max global grad norm; rescales, never changes direction
+
+
+@dataclass
+class AugmentConfig:
+    """Training-image augmentation; evaluation images only get the same resize."""
+
+    rotate: bool = True  # any angle, reflection padding: no fill corners, unchanged magnification
+    flip: bool = True  # horizontal/vertical flips and 90° turns
+    brightness: float = 0.15  # colour jitter, torchvision ColorJitter semantics
+    contrast: float = 0.3
+    saturation: float = 0.3
+    hue: float = 0.06
+    hed: float = 0.0  # HED (stain) jitter strength; 0 is off
+
+
+@dataclass
+class CamConfig:
+    """Grad-CAM figures on test images after training."""
+
+    enabled: bool = True
+    num_images: int = 8  # images in the figure set
+    misclassified: int = 4  # of which up to this many are misclassified ones
+    per_figure: int = 4  # rows per PNG
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    """How long and how: the paper's batch 8, 50 epochs, lr 1e-5, weight decay 0.01."""
+
+    epochs: int = 50
+    batch_size: int = 8
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    eval_batch_size: int | None = None  # null: 2 × batch_size
+    # Class imbalance: a class-weighted loss, a balanced sampler, or neither.
+    balance: Literal["loss", "sampler", "none"] = "loss"
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    cpu: bool = False  # force CPU even when a GPU is present
+
+
+@dataclass
+class FinetuneConfig(StageConfig):
+    """``python -m finetune``: an N/P classifier on a backbone, trained with SAM."""
+
+    out_dir: str = "runs/finetune"
+    data: DataConfig = field(default_factory=lambda: DataConfig(image_size=384))
+    # A pretrain output folder (backbone.safetensors + backbone.json), a registry or ``timm:``
+    # name (random init), or a local state-dict file.
+    init: str = "msht_tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # kwargs for backbones.create
+    # Registry name used when ``init`` is a state-dict file (the file says nothing about its model).
+    arch: str | None = None
+    drop_rate: float = 0.0  # dropout before the linear head
+    # ``false`` is accepted for "off" because YAML reads a bare ``sam: off`` as the boolean false.
+    sam: Literal["sam", "asam", "off"] | bool = "sam"
+    rho: float | None = None  # null: 0.05 for sam, 2.0 for asam
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    folds: int = 0  # K > 1: K-fold cross-validation on train+val, one shared test split
+    cam: CamConfig = field(default_factory=CamConfig)
+
+    def __post_init__(self) -> None:
+        if self.sam is False:
+            self.sam = "off"
+        elif self.sam is True:
+            raise ConfigError("'sam' must be one of sam, asam, off; got true (write sam: sam to enable it)")
+        if self.rho is not None and self.rho <= 0:
+            raise ConfigError(f"'rho' must be positive (or null for the method's default); got {self.rho}")
+        if self.folds == 1 or self.folds < 0:
+            raise ConfigError(f"'folds' must be 0 (no cross-validation) or at least 2; got {self.folds}")
+        if self.train.batch_size < 1:
+            raise ConfigError(f"'train.batch_size' must be at least 1; got {self.train.batch_size}")
+        if not 0 < self.optim.layer_decay <= 1:
+            raise ConfigError(f"'optim.layer_decay' must be in (0, 1]; got {self.optim.layer_decay}")
+        if not 0 <= self.optim.min_lr_ratio <= 1:
+            raise ConfigError(f"'optim.min_lr_ratio' must be in [0, 1]; got {self.optim.min_lr_ratio}")
+        if self.data.positive_class not in self.data.classes or len(self.data.classes) != 2:
+            raise ConfigError(
+                f"'data.classes' must be two classes including data.positive_class "
+                f"({self.data.positive_class!r}); got {self.data.classes}"
+            )
+
+    @property
+    def resolved_rho(self) -> float:
+        return self.rho if self.rho is not None else DEFAULT_RHO.get(self.sam, 0.0)

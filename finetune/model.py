@@ -1,0 +1,160 @@
+"""The N/P classifier: a backbone, the input normalisation, and a linear head; its checkpoint.
+
+The classifier takes images in [0, 1] and normalises them itself, so the training loop, Grad-CAM
+and ``finetune.predict`` all feed it the same thing and can never disagree about mean/std.
+``best.safetensors`` holds the whole classifier; ``best.json`` says how to rebuild it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from roseprior.checkpoint import atomic_write_json, save_safetensors
+from roseprior.errors import CheckpointError
+
+__all__ = ["Classifier", "load_classifier", "param_groups", "save_classifier"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Classifier(nn.Module):
+    """``logits = head(dropout(backbone.forward_embedding((x - mean) / std)))`` for x in [0, 1]."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int = 2,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        drop_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        cfg = getattr(backbone, "pretrained_cfg", None) or getattr(backbone, "default_cfg", None) or {}
+        mean = tuple(mean or cfg.get("mean") or IMAGENET_MEAN)
+        std = tuple(std or cfg.get("std") or IMAGENET_STD)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(backbone.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div(255.0)
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_drop(self.backbone.forward_embedding(self.normalize(x))))
+
+
+def _block_key(name: str) -> str:
+    """The block a parameter belongs to: its path up to the first numbered module (``cnn.layer1.0``)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) or name
+
+
+def param_groups(
+    model: Classifier,
+    lr: dict[str, float],
+    weight_decay: float,
+    layer_decay: float = 1.0,
+    decay_norm_and_bias: bool = False,
+) -> list[dict[str, Any]]:
+    """Optimizer groups with a learning rate per part (cnn/transformer/head) and per-block decay.
+
+    With ``layer_decay < 1`` block k of n (in parameter order, the head last) gets
+    ``lr[part] * layer_decay ** (n - k)``: layers near the input move least, as in BEiT/MAE
+    fine-tuning. Each group records ``base_lr`` so the schedule can scale it per step.
+    """
+    import backbones
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    blocks: list[str] = []
+    for name, _ in named:
+        key = _block_key(name)
+        if key not in blocks:
+            blocks.append(key)
+    no_decay = set(getattr(model.backbone, "no_weight_decay", lambda: set())())
+    groups: dict[tuple, dict[str, Any]] = {}
+    for name, param in named:
+        if name.startswith("backbone."):
+            part = backbones.group_of(model.backbone, name[len("backbone.") :])
+        else:
+            part = "head"
+        depth = len(blocks) - 1 - blocks.index(_block_key(name))
+        scale = layer_decay**depth if part != "head" else 1.0
+        skip_decay = not decay_norm_and_bias and (
+            param.ndim <= 1 or name[len("backbone.") :] in no_decay
+        )
+        wd = 0.0 if skip_decay else weight_decay
+        key = (part, scale, wd)
+        if key not in groups:
+            base_lr = lr[part] * scale
+            groups[key] = {"params": [], "names": [], "part": part, "lr": base_lr, "base_lr": base_lr,
+                           "weight_decay": wd}
+        groups[key]["params"].append(param)
+        groups[key]["names"].append(name)
+    return list(groups.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint: best.safetensors + best.json
+# ---------------------------------------------------------------------------------------------
+
+
+def save_classifier(model: Classifier, out_dir: str | Path, info: dict[str, Any], stem: str = "best") -> Path:
+    """Write ``stem.safetensors`` (the whole classifier) and ``stem.json`` (how to rebuild it)."""
+    out_dir = Path(out_dir)
+    backbone = model.backbone
+    meta = {
+        "format": "roseprior.finetune.classifier/1",
+        "backbone": getattr(backbone, "registry_name", None),
+        "backbone_kwargs": getattr(backbone, "registry_kwargs", {}),
+        "embed_dim": backbone.embed_dim,
+        "num_classes": model.head.out_features,
+        "mean": model.mean.flatten().tolist(),
+        "std": model.std.flatten().tolist(),
+        **info,
+    }
+    path = save_safetensors(model.state_dict(), out_dir / f"{stem}.safetensors", {"format": "pt"})
+    atomic_write_json(out_dir / f"{stem}.json", meta)
+    return path
+
+
+def load_classifier(ckpt: str | Path, stem: str = "best") -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild a classifier from a finetune output folder (or its ``best.safetensors`` path)."""
+    from safetensors.torch import load_file
+
+    import backbones
+
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise CheckpointError(f"{ckpt} not found; pass a finetune out_dir (holding {stem}.safetensors + {stem}.json)")
+    weights = ckpt / f"{stem}.safetensors" if ckpt.is_dir() else ckpt
+    meta_path = weights.with_suffix(".json")
+    if not weights.is_file() or not meta_path.is_file():
+        raise CheckpointError(
+            f"{ckpt}: expected {weights.name} and {meta_path.name} written by `python -m finetune`; "
+            "pass the run's out_dir"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+        name = meta["backbone"]
+        backbone = backbones.create(name, **meta.get("backbone_kwargs", {}))
+        model = Classifier(backbone, meta["num_classes"], meta["mean"], meta["std"])
+        model.load_state_dict(load_file(str(weights)))
+    except (KeyError, TypeError, json.JSONDecodeError, RuntimeError) as err:
+        raise CheckpointError(f"{weights}: cannot rebuild the classifier ({err})") from None
+    return model.eval(), meta

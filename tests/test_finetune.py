@@ -1,0 +1,307 @@
+"""finetune's building blocks: SAM's two-pass step, BatchNorm bookkeeping, clipping, metrics use,
+model selection, parameter groups, the lr schedule and the config."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from finetune.config import FinetuneConfig
+from finetune.sam import build_optimizer, frozen_bn_stats, plain_step, sam_step, step_for
+from finetune.train import _fold_splits, compute_metrics, is_better, lr_schedule
+from roseprior.config import load_config
+from roseprior.data import Sample
+from roseprior.errors import ConfigError
+
+CONFIGS = Path(__file__).parents[1] / "configs" / "finetune"
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+
+    torch.set_num_threads(2)
+    return Accelerator(cpu=True, mixed_precision="no")
+
+
+def bn_net(seed: int = 0, momentum: float | None = 0.1) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4, momentum=momentum),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
+
+
+def batch(seed: int = 1, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 8, 8, generator=g), torch.tensor([0, 1] * (n // 2))
+
+
+def count_passes(model: nn.Module) -> dict[str, int]:
+    counts = {"forward": 0, "backward": 0}
+    model.register_forward_hook(lambda *_: counts.__setitem__("forward", counts["forward"] + 1))
+    first = next(model.parameters())
+    first.register_hook(lambda g: counts.__setitem__("backward", counts["backward"] + 1))
+    return counts
+
+
+def bn_after_one_forward(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The BN buffers a single training-mode forward at the current weights produces."""
+    ref = copy.deepcopy(model).train()
+    with torch.no_grad():
+        ref(images)
+    return {k: v.clone() for k, v in ref.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+# ---------------------------------------------------------------------------------------------
+# SAM step
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_sam_step_two_passes_and_bn_stats_updated_once(accelerator, momentum):
+    model = bn_net(momentum=momentum).train()
+    images, targets = batch()
+    expected = bn_after_one_forward(model, images)
+    counts = count_passes(model)
+    opt = build_optimizer([{"params": list(model.parameters())}], "adam", "sam", rho=0.05, lr=1e-2)
+    sam_step(model, images, targets, nn.functional.cross_entropy, opt, accelerator)
+    assert counts == {"forward": 2, "backward": 2}
+    after = bn_buffers(model)
+    for key in expected:
+        torch.testing.assert_close(after[key], expected[key], msg=f"{key} updated more than once")
+    assert int(after["1.num_batches_tracked"]) == 1
+    # The check can fail: the second forward (at perturbed weights) would have moved the statistics.
+    twice = copy.deepcopy(model)
+    with torch.no_grad():
+        twice(images)
+    assert not torch.allclose(bn_buffers(twice)["1.running_mean"], after["1.running_mean"])
+
+
+def test_sam_off_is_one_pass(accelerator):
+    model = bn_net().train()
+    images, targets = batch()
+    expected = bn_after_one_forward(model, images)
+    counts = count_passes(model)
+    opt = build_optimizer([{"params": list(model.parameters())}], "adam", "off", lr=1e-2)
+    assert not hasattr(opt, "first_step")
+    assert step_for("off") is plain_step and step_for("sam") is sam_step and step_for("asam") is sam_step
+    before = [p.clone() for p in model.parameters()]
+    plain_step(model, images, targets, nn.functional.cross_entropy, opt, accelerator)
+    assert counts == {"forward": 1, "backward": 1}
+    torch.testing.assert_close(bn_buffers(model)["1.running_mean"], expected["1.running_mean"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_sam_with_zero_rho_equals_plain_step_and_positive_rho_differs(accelerator):
+    images, targets = batch()
+    results = {}
+    for name, sam, rho in [("plain", "off", 0.0), ("rho0", "sam", 0.0), ("rho", "sam", 0.5)]:
+        model = bn_net(seed=3).train()
+        opt = build_optimizer([{"params": list(model.parameters())}], "sgd", sam, rho=rho, lr=0.1)
+        step_for(sam)(model, images, targets, nn.functional.cross_entropy, opt, accelerator)
+        results[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(results["rho0"], results["plain"])
+    assert not torch.allclose(results["rho"], results["plain"], atol=1e-5)
+
+
+def test_sam_restores_weights_before_base_step(accelerator):
+    """With lr 0 the base step changes nothing, so w must come back exactly from w + e(w)."""
+    model = bn_net().train()
+    before = [p.clone() for p in model.parameters()]
+    opt = build_optimizer([{"params": list(model.parameters())}], "sgd", "asam", rho=2.0, lr=0.0)
+    sam_step(model, *batch(), nn.functional.cross_entropy, opt, accelerator)
+    for a, b in zip(before, model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_clipping_rescales_without_changing_direction(accelerator):
+    images, targets = batch()
+    deltas = {}
+    for clip in (None, 0.01):
+        model = bn_net(seed=5).train()
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        opt = build_optimizer([{"params": list(model.parameters())}], "sgd", "off", lr=1.0, momentum=0.0)
+        plain_step(model, images, targets, nn.functional.cross_entropy, opt, accelerator, clip_grad=clip)
+        deltas[clip] = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+    assert deltas[None].norm() > 0.01  # the clip is active
+    assert deltas[0.01].norm() == pytest.approx(0.01, rel=1e-3)
+    cosine = torch.nn.functional.cosine_similarity(deltas[None], deltas[0.01], dim=0)
+    assert cosine == pytest.approx(1.0, abs=1e-5)
+
+
+def test_frozen_bn_stats_restores_momentum_and_counter():
+    model = bn_net().train()
+    bn = model[1]
+    with frozen_bn_stats(model):
+        assert bn.momentum == 0.0
+        model(batch()[0])
+    assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 0
+    assert torch.equal(bn.running_mean, torch.zeros(4))
+
+
+def test_non_finite_loss_stops(accelerator):
+    from finetune.sam import NonFiniteLoss
+
+    model = bn_net().train()
+    opt = build_optimizer([{"params": list(model.parameters())}], "adam", "sam")
+    images, targets = batch()
+    with pytest.raises(NonFiniteLoss):
+        sam_step(model, images * float("nan"), targets, nn.functional.cross_entropy, opt, accelerator)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics as finetune uses them (P positive, whatever the class order)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_metrics_match_hand_computed_confusion_matrix():
+    # N=0, P=1. TN=5, FP=2, FN=1, TP=4.
+    labels = np.array([0] * 7 + [1] * 5)
+    p_pos = np.array([0.1, 0.2, 0.3, 0.2, 0.4, 0.7, 0.9] + [0.3, 0.8, 0.6, 0.9, 0.55])
+    probs = np.stack([1 - p_pos, p_pos], axis=1)
+    m = compute_metrics(labels, probs, positive_index=1)
+    assert m["confusion_matrix"] == [[5, 2], [1, 4]]
+    assert m["n"] == 12
+    assert m["accuracy"] == pytest.approx(9 / 12)
+    assert m["sensitivity"] == pytest.approx(4 / 5)
+    assert m["specificity"] == pytest.approx(5 / 7)
+    assert m["ppv"] == pytest.approx(4 / 6)
+    assert m["npv"] == pytest.approx(5 / 6)
+    assert m["f1"] == pytest.approx(2 * 4 / (2 * 4 + 2 + 1))
+    assert m["balanced_accuracy"] == pytest.approx((4 / 5 + 5 / 7) / 2)
+    # AUROC by counting: fraction of (P, N) pairs ranked correctly (ties count half).
+    pairs = [(p, n) for p in p_pos[7:] for n in p_pos[:7]]
+    auroc = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
+    assert m["auroc"] == pytest.approx(auroc)
+    # Classes listed as [P, N]: P is index 0, the columns swap, and the metrics must not change.
+    swapped = compute_metrics(1 - labels, probs[:, ::-1], positive_index=0)
+    for key in ("confusion_matrix", "sensitivity", "specificity", "ppv", "npv", "auroc", "ece"):
+        assert swapped[key] == pytest.approx(m[key]) if key != "confusion_matrix" else swapped[key] == m[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection, folds, schedule, groups, config
+# ---------------------------------------------------------------------------------------------
+
+
+def test_selection_prefers_balanced_accuracy_then_lower_loss():
+    assert is_better({"balanced_accuracy": 0.6}, 0.9, None)
+    assert is_better({"balanced_accuracy": 0.7}, 0.9, (0.6, 0.1))
+    assert not is_better({"balanced_accuracy": 0.5}, 0.01, (0.6, 0.9))
+    assert is_better({"balanced_accuracy": 0.6}, 0.4, (0.6, 0.5))
+    assert not is_better({"balanced_accuracy": 0.6}, 0.6, (0.6, 0.5))
+
+
+def test_folds_are_grouped_stratified_and_cover_the_pool():
+    samples = [Sample(f"img{i}.png", label=i % 2, group=f"slide{i // 4}") for i in range(48)]
+    folds = _fold_splits(samples, 3, "group", seed=0)
+    assert len(folds) == 3
+    seen_val = []
+    for train, val in folds:
+        assert {s.group for s in train}.isdisjoint({s.group for s in val})
+        assert {s.label for s in val} == {0, 1}
+        seen_val += [s.path for s in val]
+    assert sorted(seen_val) == sorted(s.path for s in samples)
+
+
+def test_cosine_schedule_ends_at_min_ratio_after_warmup():
+    cfg = FinetuneConfig()
+    cfg.optim.warmup_epochs = 1
+    sched = lr_schedule(total_steps=50, steps_per_epoch=10, cfg=cfg)
+    assert len(sched) == 50
+    assert sched[0] == pytest.approx(0.1) and sched[9] == pytest.approx(1.0)
+    assert sched[-1] == pytest.approx(0.25)
+    assert np.all(np.diff(sched[10:]) <= 1e-12)
+
+
+def test_param_groups_give_each_part_its_lr_and_layer_decay():
+    import backbones
+    from finetune.model import Classifier, param_groups
+
+    model = Classifier(backbones.create("msht_tiny", img_size=64))
+    lrs = {"cnn": 1e-5, "transformer": 2e-5, "head": 3e-4}
+    groups = param_groups(model, lrs, weight_decay=0.01)
+    covered = [p for g in groups for p in g["params"]]
+    assert len(covered) == len(list(model.parameters())) == len({id(p) for p in covered})
+    for g in groups:
+        assert g["lr"] == lrs[g["part"]]
+        assert all(n.startswith("backbone.cnn.") == (g["part"] == "cnn") for n in g["names"])
+    assert {g["part"] for g in groups} == {"cnn", "transformer", "head"}
+    decayed = param_groups(model, lrs, weight_decay=0.01, layer_decay=0.5)
+    by_name = {n: g["lr"] / lrs[g["part"]] for g in decayed for n in g["names"]}
+    assert by_name["head.weight"] == 1.0
+    assert by_name["backbone.cnn.conv1.weight"] < by_name["backbone.cnn.layer4.1.conv1.weight"] < 1.0
+    # the SAM wrapper keeps every group's lr
+    opt = build_optimizer(decayed, "adam", "sam", rho=0.05, lr=1.0)
+    assert sorted(g["lr"] for g in opt.param_groups) == sorted(g["lr"] for g in decayed)
+
+
+def test_configs_load_with_the_papers_recipe():
+    gpu = load_config(FinetuneConfig, CONFIGS / "msht_sam.yaml")
+    assert (gpu.init, gpu.sam, gpu.resolved_rho, gpu.data.image_size) == ("msht", "sam", 0.05, 384)
+    assert (gpu.optim.name, gpu.train.lr, gpu.train.weight_decay, gpu.optim.min_lr_ratio) == ("adam", 1e-5, 0.01, 0.25)
+    assert (gpu.train.batch_size, gpu.train.epochs, gpu.optim.schedule) == (8, 50, "cosine")
+    cpu = load_config(FinetuneConfig, CONFIGS / "msht_tiny_cpu.yaml", ["sam=asam"])
+    assert cpu.init == "msht_tiny" and cpu.data.root is None and cpu.resolved_rho == 2.0
+    assert load_config(FinetuneConfig, None, ["sam=asam", "rho=0.5"]).resolved_rho == 0.5
+    assert load_config(FinetuneConfig, None, ["sam=off"]).sam == "off"  # YAML reads a bare off as false
+    with pytest.raises(ConfigError, match="sam"):
+        load_config(FinetuneConfig, None, ["sam=adam"])
+    with pytest.raises(ConfigError, match="folds"):
+        load_config(FinetuneConfig, None, ["folds=1"])
+    with pytest.raises(ConfigError, match="lr_cnn"):
+        load_config(FinetuneConfig, None, ["optim.lr_cnn=fast"])
+    assert math.isclose(FinetuneConfig().resolved_rho, 0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# CAM helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pick_images_includes_misclassified_ones():
+    from finetune.cam import pick_images
+
+    labels = np.array([0, 0, 0, 1, 1, 1, 0, 1])
+    p_pos = np.array([0.9, 0.1, 0.2, 0.3, 0.8, 0.2, 0.1, 0.9])  # wrong: 0, 3, 5
+    probs = np.stack([1 - p_pos, p_pos], 1)
+    wrong = {0, 3, 5}
+    chosen = pick_images(labels, probs, num=4, misclassified=2, seed=0)
+    assert len(chosen) == 4 and len(set(chosen) & wrong) == 2
+    chosen = pick_images(labels, probs, num=6, misclassified=5, seed=0)
+    assert len(chosen) == 6 and wrong <= set(chosen)
+    assert len(pick_images(labels, probs, num=20, misclassified=1)) == len(labels)
+
+
+def test_cam_maps_are_not_empty_for_cnn_and_decoder_targets():
+    """The last decoder's output norm reaches the head through the class token only; the chosen
+    decoder target must still give a map that varies over the image."""
+    import backbones
+    from finetune.cam import attention_heatmap, choose_layers, grad_cam
+    from finetune.model import Classifier
+
+    torch.manual_seed(0)
+    model = Classifier(backbones.create("msht_tiny", img_size=128)).eval()
+    images = torch.rand(2, 3, 128, 128)  # a 4x4 token grid (64 px gives 2x2, too few to vary)
+    layers = choose_layers(model.backbone)
+    assert layers["cnn"][0].startswith("cnn.") and layers["transformer"][0].startswith("decoder")
+    for part in ("cnn", "transformer"):
+        maps = grad_cam(model, images, layers[part][1], [0, 1])
+        assert maps.shape == (2, 128, 128) and np.all(maps.reshape(2, -1).std(1) > 1e-3), part
+    heat = attention_heatmap(model, images, layers["attention"][0])
+    assert heat.shape == (2, 128, 128) and heat.min() >= 0 and heat.max() <= 1 and heat.std() > 1e-3
