@@ -1,0 +1,236 @@
+"""The pretrain config: one dataclass per section; the YAML files in configs/pretrain mirror it.
+
+Defaults live here only. ``python -m pretrain --config X.yaml key=value`` loads it with
+``roseprior.config.load_config``, which refuses unknown keys and names the valid ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from roseprior.config import StageConfig, TrainConfig
+from roseprior.errors import ConfigError
+
+__all__ = [
+    "BYOLConfig",
+    "CheckpointConfig",
+    "DINOConfig",
+    "MethodConfig",
+    "MoCoV2Config",
+    "ModelConfig",
+    "MonitorConfig",
+    "PretrainConfig",
+    "PretrainTrainConfig",
+    "SimCLRConfig",
+    "ViewsConfig",
+    "validate",
+]
+
+
+@dataclass
+class ModelConfig:
+    """The backbone (any ``backbones.create`` name) and what gets exported."""
+
+    name: str = "msht_tiny"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {norm: gn}
+    sync_batchnorm: bool = True  # SyncBatchNorm under multi-GPU DDP (PyTorch's works on GPU only)
+    export: Literal["auto", "teacher", "student"] = "auto"  # auto: the teacher when the method has one
+
+
+@dataclass
+class DINOConfig:
+    """DINO (Caron et al. 2021); defaults as the reference repo's ViT-S recipe, scaled for small data."""
+
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    batch_norm: bool = False  # BatchNorm in the head (off in DINO's ViT recipe)
+    norm_last_layer: bool = True
+    freeze_last_layer_epochs: int = 1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+
+
+@dataclass
+class SimCLRConfig:
+    hidden_dim: int = 2048
+    out_dim: int = 128
+    batch_norm: bool = True  # off for the CPU distributed test: CPU BatchNorm is per process
+    temperature: float = 0.1
+
+
+@dataclass
+class BYOLConfig:
+    hidden_dim: int = 4096
+    out_dim: int = 256
+
+
+@dataclass
+class MoCoV2Config:
+    hidden_dim: int = 2048
+    out_dim: int = 128
+    temperature: float = 0.2
+    memory_bank_size: int = 4096
+
+
+@dataclass
+class MethodConfig:
+    """Which SSL method, the momentum-teacher schedule they share, and each method's own knobs."""
+
+    name: Literal["dino", "byol", "simclr", "mocov2"] = "dino"
+    momentum_start: float = 0.996  # teacher EMA momentum, cosine to momentum_end
+    momentum_end: float = 1.0
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
+    mocov2: MoCoV2Config = field(default_factory=MoCoV2Config)
+
+
+@dataclass
+class ViewsConfig:
+    """Multi-crop, multi-magnification views, cut from each decoded image in one batched call.
+
+    ``scale_mode: magnification``: a crop of output size S at magnification m (drawn log-uniformly
+    from ``magnification``, relative to the source pixels) covers S / m source pixels, so the
+    physical scale varies continuously, as it does between the users' microscopes.
+    ``scale_mode: area``: RandomResizedCrop's rule (a fraction of the image area).
+    ``cross_magnification``: global views from the low half of the range (context, arrangement),
+    local views from the high half (nuclear detail).
+    """
+
+    global_size: int = 224
+    local_size: int = 96
+    n_global: int = 2
+    n_local: int = 6
+    scale_mode: Literal["magnification", "area"] = "magnification"
+    magnification: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    cross_magnification: bool = False
+    global_area: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_area: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    aspect_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
+    flip_rot90: bool = True  # exact dihedral symmetries: cytology has no up or left
+    color_prob: float = 0.8  # probability that a view gets the stain/acquisition jitter
+    hed_strength: float = 0.05  # Tellez et al.'s HED-light; 0.2 is HED-strong
+    white_balance: float = 0.1
+    brightness: float = 0.1
+    blur_prob: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # global 1, global 2, locals
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # pixels of the output crop
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    source_max_side: int | None = None  # downscale larger images at decode time (speed), null: keep
+    device: Literal["auto", "device", "loader"] = "auto"  # where views are cut: auto = the GPU if any, else the loader
+    cpu_threads: int | None = 1  # torch threads while cutting views on the CPU (null: leave as is)
+
+
+@dataclass
+class PretrainTrainConfig(TrainConfig):
+    """Optimisation; ``lr`` is per 256 images of global batch (DINO's linear scaling rule)."""
+
+    epochs: int = 100
+    batch_size: int = 64  # per process
+    lr: float = 5e-4
+    lr_reference_batch: int = 256  # lr * global_batch / this; 0 disables the scaling
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # max gradient norm; 0 disables
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    max_minutes: float | None = None  # wall-clock budget: stop (checkpoint, export) once it is spent
+    log_every: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    keep: int = 2  # the newest checkpoints kept; older ones are deleted
+    resume: str = "auto"  # auto: from out_dir/checkpoints when one exists; never; or a checkpoint folder
+
+
+@dataclass
+class MonitorConfig:
+    tensorboard: bool = True
+    progress: bool = True
+    knn_root: str | None = None  # a small labelled set (ImageFolder or manifest): kNN accuracy each epoch
+    knn_every_epochs: int = 1
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_max_images: int = 2000
+    knn_image_size: int = 224
+    collapse_patience: int = 50  # stop after this many collapsed steps in a row; 0 disables
+    collapse_after_steps: int = 100  # no collapse check before this step (the start is legitimately flat)
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    out_dir: str = "runs/pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+
+def _range(values: list[float], key: str, low: float = 0.0, high: float | None = None) -> None:
+    if len(values) != 2 or not values[0] <= values[1]:
+        raise ConfigError(f"'{key}' must be [low, high] with low <= high, got {values}")
+    if values[0] <= low or (high is not None and values[1] > high):
+        upper = f" and at most {high}" if high is not None else ""
+        raise ConfigError(f"'{key}' values must be above {low}{upper}, got {values}")
+
+
+def validate(cfg: PretrainConfig) -> PretrainConfig:
+    """Checks the type system cannot express; each message names the key and what to do."""
+    v, t = cfg.views, cfg.train
+    if v.n_global < 1:
+        raise ConfigError(f"'views.n_global' must be >= 1, got {v.n_global}")
+    if v.n_local < 0:
+        raise ConfigError(f"'views.n_local' must be >= 0, got {v.n_local}")
+    if v.n_global + v.n_local < 2:
+        raise ConfigError("views: need at least two views per image (views.n_global + views.n_local >= 2)")
+    for key in ("global_size", "local_size"):
+        if getattr(v, key) < 8:
+            raise ConfigError(f"'views.{key}' must be at least 8 pixels, got {getattr(v, key)}")
+    _range(v.magnification, "views.magnification")
+    _range(v.global_area, "views.global_area", high=1.0)
+    _range(v.local_area, "views.local_area", high=1.0)
+    _range(v.aspect_ratio, "views.aspect_ratio")
+    if len(v.blur_sigma) != 2 or v.blur_sigma[0] < 0 or v.blur_sigma[0] > v.blur_sigma[1]:
+        raise ConfigError(f"'views.blur_sigma' must be [low, high] with 0 <= low <= high, got {v.blur_sigma}")
+    if len(v.blur_prob) != 3 or not all(0 <= p <= 1 for p in v.blur_prob):
+        raise ConfigError(f"'views.blur_prob' must be 3 probabilities (global 1, global 2, locals), got {v.blur_prob}")
+    for key in ("hed_strength", "white_balance", "brightness", "color_prob"):
+        if not 0.0 <= getattr(v, key) <= 1.0:
+            raise ConfigError(f"'views.{key}' must be in [0, 1], got {getattr(v, key)}")
+    if len(v.mean) != 3 or len(v.std) != 3 or min(v.std) <= 0:
+        raise ConfigError("'views.mean' and 'views.std' must be 3 numbers each, std > 0")
+    if cfg.method.name in ("byol", "simclr", "mocov2") and v.n_global < 2:
+        raise ConfigError(f"method '{cfg.method.name}' needs views.n_global >= 2 (two views per image)")
+    if t.batch_size < 1:
+        raise ConfigError(f"'train.batch_size' must be >= 1, got {t.batch_size}")
+    if cfg.method.name == "simclr" and t.batch_size < 2:
+        raise ConfigError("'train.batch_size' must be >= 2 for simclr (it needs negatives)")
+    if t.epochs < 1:
+        raise ConfigError(f"'train.epochs' must be >= 1, got {t.epochs}")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"'train.max_steps' must be >= 1 or null, got {t.max_steps}")
+    if t.lr <= 0:
+        raise ConfigError(f"'train.lr' must be > 0, got {t.lr}")
+    if t.warmup_epochs < 0:
+        raise ConfigError(f"'train.warmup_epochs' must be >= 0, got {t.warmup_epochs}")
+    m = cfg.method
+    for key in ("momentum_start", "momentum_end"):
+        if not 0.0 <= getattr(m, key) <= 1.0:
+            raise ConfigError(f"'method.{key}' must be in [0, 1], got {getattr(m, key)}")
+    if cfg.checkpoint.every_steps < 1:
+        raise ConfigError(f"'checkpoint.every_steps' must be >= 1, got {cfg.checkpoint.every_steps}")
+    if cfg.checkpoint.keep < 1:
+        raise ConfigError(f"'checkpoint.keep' must be >= 1, got {cfg.checkpoint.keep}")
+    if cfg.monitor.knn_k < 1:
+        raise ConfigError(f"'monitor.knn_k' must be >= 1, got {cfg.monitor.knn_k}")
+    return cfg

@@ -1,0 +1,38 @@
+"""SimCLR (Chen et al. 2020, https://arxiv.org/abs/2002.05709): contrast two views against all others.
+
+lightly's ``NTXentLoss(gather_distributed=True)`` gathers negatives from every process with gradients,
+so 2 processes x batch B see the same negatives as 1 process x batch 2B. Uses the first two global
+views; set ``views.n_local: 0`` to skip cutting local views it would not use.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
+
+from ..config import SimCLRConfig
+from ..views import ViewBatch, multicrop_forward
+from ._common import EmbeddingHead, embedding_spread
+
+__all__ = ["SimCLR"]
+
+
+class SimCLR(nn.Module):
+    has_teacher = False
+
+    def __init__(self, backbone: nn.Module, cfg: SimCLRConfig) -> None:
+        super().__init__()
+        head = SimCLRProjectionHead(backbone.embed_dim, cfg.hidden_dim, cfg.out_dim, batch_norm=cfg.batch_norm)
+        self.student = EmbeddingHead(backbone, head)
+        self.criterion = NTXentLoss(temperature=cfg.temperature, gather_distributed=True)
+
+    def forward(self, views: ViewBatch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z0, z1 = multicrop_forward(self.student, views["global"][:2])
+        loss = self.criterion(z0.float(), z1.float())
+        spread = embedding_spread(z0)
+        return loss, {"embedding_spread": spread, "collapsed": (spread < 0.05).float()}
+
+    def export_backbone(self, which: str = "student") -> nn.Module:
+        return self.student.backbone

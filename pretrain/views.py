@@ -1,0 +1,329 @@
+"""Multi-crop, multi-magnification views cut in batches from decoded images, and the multi-crop forward.
+
+Why not lightly's ``DINOTransform``: it runs PIL ops crop by crop, image by image, on the CPU. Here
+each image is decoded once per step and every crop of the batch is cut from the decoded tensor:
+on the GPU in one ``roi_align`` call (``roseprior.imageops.crop_resize``), on the CPU with the uint8
+antialiased resize (faster there than torchvision's CPU roi_align). Flips, rotations, stain and
+acquisition jitter and blur then run on whole batches of views (``benchmarks/views.py`` measures it).
+
+Reproducibility: every random number of a sample's views comes from a generator keyed by
+``(seed, epoch, sample index)`` alone, and every op treats each view on its own, so a sample's
+views do not depend on which batch, process or data-loader worker it lands in. That is what
+lets 2 processes x batch B reproduce 1 process x batch 2B.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from skimage.color import hed_from_rgb, rgb_from_hed
+from torch.utils.data import Dataset
+
+from roseprior import imageops
+from roseprior.imageio import read_image
+
+from .config import ViewsConfig
+
+__all__ = [
+    "DecodedImages", "MultiCropViews", "ViewBatch", "collate_decoded", "crop_resize_cpu", "dihedral_sorted", "multicrop_forward", "sample_key",
+    "stain_and_acquisition_shift",
+]
+
+# Columns of the per-view uniform draws (one (n_views, _NUM_DRAWS) tensor per sample).
+_SCALE, _ASPECT, _X, _Y, _HFLIP, _UNUSED, _ROT, _COLOR, _BLUR, _SIGMA, _BRIGHT = range(11)
+_HED = slice(11, 17)  # 3 alphas, 3 betas
+_WB = slice(17, 20)
+_NUM_DRAWS = 20
+_CHUNK_VALUES = 1 << 20  # floats per chunk of views on the CPU (4 MiB: a cache-sized working set)
+
+ViewBatch = dict[str, list[torch.Tensor]]  # {"global": [(B,3,G,G)] * n_global, "local": [(B,3,L,L)] * n_local}
+
+
+def sample_key(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit generator seed from (seed, epoch, sample index); Python's int-tuple hash is stable."""
+    return hash((int(seed), int(epoch), int(index))) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class DecodedImages(Dataset):
+    """Images as uint8 (3, H, W) tensors plus their index: decoding is the only per-image work here."""
+
+    def __init__(self, paths: Sequence[str | Path], source_max_side: int | None = None) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.source_max_side = source_max_side
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = torch.from_numpy(np.ascontiguousarray(read_image(self.paths[index]))).permute(2, 0, 1)
+        side = max(image.shape[1:])
+        if self.source_max_side and side > self.source_max_side:
+            scale = self.source_max_side / side
+            size = [max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale))]
+            image = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True,
+                                  align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
+        return image, index
+
+
+def collate_decoded(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack images of different sizes into one (B, 3, Hmax, Wmax) uint8 tensor (channels-last memory).
+
+    Padding repeats the edge pixels, so a crop touching an image's edge blends with its own edge
+    and never with another fill value. Channels-last is the decoder's own layout (no transposing
+    copy) and the one the uint8 resize kernel is fastest on.
+    Returns ``(images, sizes (B, 2) as (h, w), indices (B,))``.
+    """
+    height = max(img.shape[1] for img, _ in batch)
+    width = max(img.shape[2] for img, _ in batch)
+    out = torch.empty(len(batch), height, width, 3, dtype=torch.uint8)
+    sizes = torch.empty(len(batch), 2, dtype=torch.long)
+    for i, (img, _) in enumerate(batch):
+        hwc = img.permute(1, 2, 0)
+        h, w = hwc.shape[:2]
+        out[i, :h, :w] = hwc
+        if h < height:
+            out[i, h:, :w] = hwc[-1:]
+        if w < width:
+            out[i, :, w:] = out[i, :, w - 1 : w]
+        sizes[i, 0], sizes[i, 1] = h, w
+    indices = torch.tensor([index for _, index in batch], dtype=torch.long)
+    return out.permute(0, 3, 1, 2), sizes, indices
+
+
+def crop_resize_cpu(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """(K, 3, size, size) uint8 crops of uint8 ``images`` at integer ``boxes`` (K, 5), antialiased.
+
+    The CPU path of ``imageops.crop_resize``: torchvision's CPU ``roi_align`` is single-threaded
+    float code, about 8x slower here than PyTorch's uint8 antialiased bilinear resize (an AVX2
+    kernel), even called once per crop. Boxes are rounded to whole pixels, as RandomResizedCrop's.
+    """
+    out = torch.empty(len(boxes), size, size, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+    for k, (b, x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        x1, y1 = int(round(x1)), int(round(y1))
+        x2, y2 = max(int(round(x2)), x1 + 1), max(int(round(y2)), y1 + 1)
+        crop = images[int(b) : int(b) + 1, :, y1:y2, x1:x2]
+        out[k] = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return out
+
+
+class MultiCropViews:
+    """``n_global`` + ``n_local`` augmented views of every image of a batch.
+
+    Example:
+        >>> views = MultiCropViews(ViewsConfig(global_size=64, local_size=32), seed=0)
+        >>> out = views(images, sizes, indices, epoch=0)  # images: (B, 3, H, W) uint8
+        >>> [v.shape for v in out["global"]], [v.shape for v in out["local"]]
+    """
+
+    def __init__(self, cfg: ViewsConfig, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.seed = seed
+        self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+
+    @property
+    def n_views(self) -> int:
+        return self.cfg.n_global + self.cfg.n_local
+
+    def draws(self, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        """(B, n_views, _NUM_DRAWS) uniforms; sample i's rows depend only on (seed, epoch, index_i)."""
+        out = torch.empty(len(indices), self.n_views, _NUM_DRAWS, dtype=torch.float64)
+        generator = torch.Generator()
+        for row, index in enumerate(indices.tolist()):
+            generator.manual_seed(sample_key(self.seed, epoch, index))
+            out[row] = torch.rand(self.n_views, _NUM_DRAWS, generator=generator, dtype=torch.float64)
+        return out
+
+    def _scale_range(self, is_global: bool) -> tuple[float, float]:
+        low, high = self.cfg.magnification
+        if self.cfg.cross_magnification:
+            middle = math.sqrt(low * high)  # geometric middle: magnifications are ratios
+            return (low, middle) if is_global else (middle, high)
+        return low, high
+
+    def boxes(self, u: torch.Tensor, sizes: torch.Tensor, out_size: int, is_global: bool) -> torch.Tensor:
+        """(B * V, 5) roi_align boxes, view-major, from the draws ``u`` (B, V, _NUM_DRAWS)."""
+        batch, n_views, _ = u.shape
+        h = sizes[:, 0].to(torch.float64)[:, None].expand(batch, n_views)
+        w = sizes[:, 1].to(torch.float64)[:, None].expand(batch, n_views)
+        if self.cfg.scale_mode == "magnification":
+            low, high = self._scale_range(is_global)
+            magnification = torch.exp(math.log(low) + u[..., _SCALE] * (math.log(high) - math.log(low)))
+            area = (out_size / magnification) ** 2
+        else:
+            low, high = self.cfg.global_area if is_global else self.cfg.local_area
+            area = (low + u[..., _SCALE] * (high - low)) * h * w
+        ar_low, ar_high = self.cfg.aspect_ratio
+        aspect = torch.exp(math.log(ar_low) + u[..., _ASPECT] * (math.log(ar_high) - math.log(ar_low)))
+        box_w, box_h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
+        # A crop larger than its image shrinks to fit (keeping its aspect): never any fill border.
+        shrink = torch.minimum(torch.ones_like(box_w), torch.minimum(w / box_w, h / box_h))
+        box_w, box_h = box_w * shrink, box_h * shrink
+        x1 = u[..., _X] * (w - box_w)
+        y1 = u[..., _Y] * (h - box_h)
+        index = torch.arange(batch, dtype=torch.float64)[:, None].expand(batch, n_views)
+        boxes = torch.stack([index, x1, y1, x1 + box_w, y1 + box_h], dim=-1)  # (B, V, 5)
+        return boxes.transpose(0, 1).reshape(-1, 5)
+
+    def augment(self, x: torch.Tensor, u: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Stain and acquisition jitter, then blur: per view, on the whole batch, parameters from ``u``.
+
+        ``x`` is (K, 3, S, S) float in [0, 1]; ``u`` the matching (K, _NUM_DRAWS) draws; ``sigma``
+        the blur per view, sorted so the blurred views are the last ones (a contiguous slice: the
+        per-image convolution, the costliest op, runs on those alone, without a gather).
+        """
+        cfg = self.cfg
+        u = u.to(device=x.device, dtype=torch.float32)
+        colour = (u[:, _COLOR] < cfg.color_prob)[:, None]
+        if cfg.hed_strength > 0 or cfg.white_balance > 0 or cfg.brightness > 0:
+            h, wb, b = cfg.hed_strength, cfg.white_balance, cfg.brightness
+            alpha = torch.where(colour, 1.0 - h + 2.0 * h * u[:, _HED][:, :3], 1.0)
+            beta = torch.where(colour, -h + 2.0 * h * u[:, _HED][:, 3:], 0.0)
+            gains = torch.where(colour, 1.0 - wb + 2.0 * wb * u[:, _WB], 1.0)
+            delta = torch.where(colour[:, 0], -b + 2.0 * b * u[:, _BRIGHT], 0.0)
+            x = stain_and_acquisition_shift(x, alpha, beta, gains, delta)
+        first_blurred = int((sigma <= 0).sum())
+        if first_blurred < len(x):
+            x[first_blurred:] = imageops.gaussian_blur(x[first_blurred:], sigma[first_blurred:].to(x.device))
+        return x
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+
+    def view_group(self, source: torch.Tensor, sizes: torch.Tensor, u: torch.Tensor, size: int,
+                   is_global: bool) -> torch.Tensor:
+        """(n * B, 3, size, size) normalised views, view-major, from the draws ``u`` (B, n, D).
+
+        Views are processed sorted by (blurred?, symmetry) so flips, rotations and blur act on
+        contiguous slices, and put back in order once at the end: one gather instead of one per op.
+        """
+        cfg = self.cfg
+        batch, n, _ = u.shape
+        rows = u.transpose(0, 1).reshape(n * batch, -1)  # view-major, as the boxes
+        if is_global:  # DINO: the first global view always blurred, the others rarely
+            probs = [cfg.blur_prob[0] if i == 0 else cfg.blur_prob[1] for i in range(n)]
+        else:
+            probs = [cfg.blur_prob[2]] * n
+        blur_prob = torch.tensor(probs, dtype=torch.float64).repeat_interleave(batch)
+        low, high = cfg.blur_sigma
+        sigma = torch.where(rows[:, _BLUR] < blur_prob, low + (high - low) * rows[:, _SIGMA], 0.0).float()
+        hflip = (rows[:, _HFLIP] < 0.5).long() if cfg.flip_rot90 else torch.zeros(len(rows), dtype=torch.long)
+        turns = (rows[:, _ROT] * 4).long().clamp_(max=3) if cfg.flip_rot90 else torch.zeros_like(hflip)
+        symmetry = hflip * 4 + turns
+        order = torch.argsort((sigma > 0).long() * 8 + symmetry, stable=True)
+        boxes, symmetry, rows, sigma = self.boxes(u, sizes, size, is_global)[order], symmetry[order], rows[order], sigma[order]
+        on_cpu = source.device.type == "cpu"
+        if not on_cpu:  # one roi_align call for every crop of the batch
+            all_crops = imageops.crop_resize(source.float().div_(255.0), boxes.to(torch.float32), size)
+        out = torch.empty(n * batch, 3, size, size, device=source.device)
+        # Chunks of views small enough to stay in cache through the whole chain of ops: on the CPU the
+        # chain is memory-bound, and a dozen passes over all views cost more than the ops themselves.
+        chunk = max(1, _CHUNK_VALUES // (3 * size * size)) if on_cpu else len(order)
+        for lo in range(0, len(order), chunk):
+            hi = min(lo + chunk, len(order))
+            if on_cpu:
+                crops = dihedral_sorted(crop_resize_cpu(source, boxes[lo:hi], size), symmetry[lo:hi])
+                crops = crops.float().div_(255.0)
+            else:
+                crops = dihedral_sorted(all_crops[lo:hi], symmetry[lo:hi])
+            crops = self.normalize(self.augment(crops, rows[lo:hi], sigma[lo:hi]))
+            out[order[lo:hi].to(out.device)] = crops  # back to view order, standard (not channels-last) layout
+        return out
+
+    def __call__(self, images: torch.Tensor, sizes: torch.Tensor, indices: torch.Tensor, epoch: int) -> ViewBatch:
+        cfg = self.cfg
+        batch = images.shape[0]
+        u = self.draws(indices, epoch)  # (B, V, D), CPU float64
+        source = images if images.dtype == torch.uint8 else images.mul(255.0).round_().clamp_(0, 255).byte()
+        out: ViewBatch = {}
+        groups = (("global", slice(0, cfg.n_global), cfg.global_size, True),
+                  ("local", slice(cfg.n_global, self.n_views), cfg.local_size, False))
+        with _cpu_threads(self.cfg.cpu_threads if images.device.type == "cpu" else None):
+            for name, views, size, is_global in groups:
+                n = views.stop - views.start
+                crops = self.view_group(source, sizes, u[:, views], size, is_global) if n else None
+                out[name] = list(crops.unflatten(0, (n, batch)).unbind(0)) if n else []
+        return out
+
+
+# Ruifrok & Johnston's stain matrix and its inverse (skimage's constants, as roseprior.imageops uses).
+_RGB_FROM_HED = torch.from_numpy(rgb_from_hed)
+_HED_FROM_RGB = torch.from_numpy(hed_from_rgb)
+
+
+def stain_and_acquisition_shift(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, gains: torch.Tensor,
+                                delta: torch.Tensor) -> torch.Tensor:
+    """``imageops.brightness_shift(white_balance_shift(hed_shift(x, alpha, beta), gains), delta)`` in one pass.
+
+    Same maths and clipping as the three shared ops (``tests/test_pretrain.py`` checks it against
+    them), fused because view-making runs them on every view of every step: in log space the HED
+    shift and the white-balance gain are one per-view affine map (one batched matmul), followed by
+    a single exp, instead of about fifteen full-tensor passes and allocations. ``x`` (K, 3, H, W)
+    float in [0, 1] is overwritten; the result is channels-last.
+    """
+    k, _, height, width = x.shape
+    rows = x.permute(0, 2, 3, 1)
+    rows = (rows if rows.is_contiguous() else rows.contiguous()).view(k, height * width, 3)
+    log_x = rows.clamp_min_(1e-6).log_()  # = -optical density
+    rgb_from_hed = _RGB_FROM_HED.to(x.device)
+    od_map = (_HED_FROM_RGB.to(x.device) @ (alpha.double()[..., None] * rgb_from_hed)).to(x.dtype)
+    od_bias = (beta.double() @ rgb_from_hed).to(x.dtype)
+    # log of the HED-shifted image = log_x @ od_map - od_bias; clipping at 1 is clipping at 0 in log space.
+    z = torch.baddbmm(-od_bias[:, None, :], log_x, od_map).clamp_max_(0.0)
+    z.add_(gains.to(x.dtype).log()[:, None, :]).clamp_max_(0.0).exp_()  # white balance, clipped at 1
+    z.add_(delta.to(x.dtype)[:, None, None]).clamp_(0.0, 1.0)  # brightness
+    return z.view(k, height, width, 3).permute(0, 3, 1, 2)
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None):
+    """Run the views on ``threads`` CPU threads: the many small ops of view-making lose to thread
+    synchronisation on a few shared cores (3x slower with 2 threads than 1 on the 2-core dev box)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads:
+            torch.set_num_threads(before)
+
+
+def dihedral_sorted(x: torch.Tensor, symmetry: torch.Tensor) -> torch.Tensor:
+    """Apply symmetry c (bit 2: horizontal flip, bits 0-1: quarter turns) to runs of equal c, in place.
+
+    The 8 exact symmetries of a square, no resampling. ``symmetry`` must be sorted so each run is
+    a contiguous slice. Hand-written rather than ``imageops.random_flip_rot90``, which draws its
+    own parameters per batch; here they are keyed per sample.
+    """
+    values, counts = torch.unique_consecutive(symmetry, return_counts=True)
+    start = 0
+    for c, count in zip(values.tolist(), counts.tolist(), strict=True):
+        end = start + count
+        if c:
+            y = x[start:end].flip(-1) if c >= 4 else x[start:end]
+            x[start:end] = torch.rot90(y, c % 4, (-2, -1)) if c % 4 else y
+        start = end
+    return x
+
+
+def multicrop_forward(module: nn.Module, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Run ``module`` once per run of same-size views (as DINO's MultiCropWrapper), return per view."""
+    outputs: list[torch.Tensor] = []
+    start = 0
+    while start < len(views):
+        end = start
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        batch = views[start].shape[0]
+        out = module(torch.cat(list(views[start:end])))
+        outputs.extend(out.split(batch))
+        start = end
+    return outputs

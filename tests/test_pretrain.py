@@ -1,0 +1,399 @@
+"""pretrain: views keyed per sample, the CNN-aware teacher, configs, outputs, DDP equivalence, resume.
+
+Runs are tiny (timm's ``test_vit``/``test_resnet``, 64 px global and 32 px local views, 16 synthetic
+images, a few steps). Multi-process runs are real: ``accelerate launch --multi_gpu --num_processes 2``
+on CPU (gloo), as a user would launch them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from roseprior.synth import generate
+
+    return generate(tmp_path_factory.mktemp("pretrain_data") / "set", n_per_class=8, size=96, progress=False)
+
+
+def tiny_overrides(data: Path, out: Path, method: str = "dino", **extra: object) -> list[str]:
+    values: dict[str, object] = {
+        "data.root": str(data), "out_dir": str(out), "model.name": "timm:test_vit",
+        "method.name": method, "method.dino.out_dim": 256, "method.dino.hidden_dim": 64,
+        "method.dino.bottleneck_dim": 32, "method.simclr.hidden_dim": 64, "method.simclr.out_dim": 32,
+        "method.simclr.batch_norm": False, "views.global_size": 64, "views.local_size": 32,
+        "views.n_local": 2 if method == "dino" else 0, "train.epochs": 3, "train.batch_size": 8,
+        "train.warmup_epochs": 0.5, "train.log_every": 1, "monitor.progress": False,
+        "checkpoint.every_steps": 2, "checkpoint.keep": 3, "train.lr": 0.02,  # large steps: differences show
+    }
+    values.update(extra)
+    values.setdefault("monitor.knn_image_size", 64)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_in_process(overrides: list[str]) -> int:
+    """``python -m pretrain`` in this process (saves a Python start-up per run)."""
+    from pretrain.__main__ import main
+
+    torch.set_num_threads(1)
+    return main(overrides)
+
+
+def final_state(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    newest = sorted((out / "checkpoints").glob("step_*"))[-1]
+    return load_file(str(newest / "model.safetensors"))
+
+
+def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """||a - b|| / ||a|| over every floating-point tensor (student, teacher, loss centre) together."""
+    assert a.keys() == b.keys()
+    num = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a if a[k].is_floating_point())
+    den = sum(float((a[k].double() ** 2).sum()) for k in a if a[k].is_floating_point())
+    return (num / den) ** 0.5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Views
+# ---------------------------------------------------------------------------------------------
+
+
+def _batch(n: int, h: int = 80, w: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, h, w), generator=g, dtype=torch.uint8)
+    return images, torch.tensor([[h, w]] * n)
+
+
+def test_views_depend_only_on_seed_epoch_and_index():
+    from pretrain.config import ViewsConfig
+    from pretrain.views import MultiCropViews
+
+    views = MultiCropViews(ViewsConfig(global_size=32, local_size=16, n_local=3), seed=7)
+    images, sizes = _batch(3)
+    together = views(images, sizes, torch.tensor([10, 11, 12]), epoch=0)
+    # Sample 11 alone, as another process or worker would see it, in a batch of one.
+    alone = views(images[1:2], sizes[1:2], torch.tensor([11]), epoch=0)
+    assert [v.shape for v in together["global"]] == [torch.Size([3, 3, 32, 32])] * 2
+    assert [v.shape for v in together["local"]] == [torch.Size([3, 3, 16, 16])] * 3
+    for name in ("global", "local"):
+        for v_together, v_alone in zip(together[name], alone[name], strict=True):
+            torch.testing.assert_close(v_together[1:2], v_alone, atol=1e-5, rtol=0)
+    next_epoch = views(images, sizes, torch.tensor([10, 11, 12]), epoch=1)
+    assert not torch.allclose(together["global"][0], next_epoch["global"][0])
+    assert all(torch.isfinite(v).all() for v in together["global"] + together["local"])
+
+
+def test_views_cross_magnification_puts_globals_below_locals():
+    from pretrain.config import ViewsConfig
+    from pretrain.views import MultiCropViews
+
+    cfg = ViewsConfig(global_size=32, local_size=16, n_local=4, magnification=[0.5, 2.0], cross_magnification=True)
+    views = MultiCropViews(cfg, seed=0)
+    sizes = torch.tensor([[400, 400]] * 16)  # large enough that no crop is shrunk to fit
+    u = views.draws(torch.arange(16), epoch=0)
+    g = views.boxes(u[:, :2], sizes, 32, is_global=True)
+    loc = views.boxes(u[:, 2:], sizes, 16, is_global=False)
+    mag_g = 32 / ((g[:, 3] - g[:, 1]) * (g[:, 4] - g[:, 2])).sqrt()
+    mag_l = 16 / ((loc[:, 3] - loc[:, 1]) * (loc[:, 4] - loc[:, 2])).sqrt()
+    assert mag_g.min() >= 0.5 - 1e-6 and mag_g.max() <= 1.0 + 1e-6
+    assert mag_l.min() >= 1.0 - 1e-6 and mag_l.max() <= 2.0 + 1e-6
+    assert mag_g.max() - mag_g.min() > 0.1  # drawn from a continuous range, not one scale
+
+
+def test_views_of_small_images_stay_inside_the_image():
+    """A crop larger than its image shrinks to fit: no box leaves the image (no fill borders)."""
+    from pretrain.config import ViewsConfig
+    from pretrain.views import MultiCropViews
+
+    views = MultiCropViews(ViewsConfig(global_size=64, local_size=32, magnification=[0.25, 0.5]), seed=0)
+    sizes = torch.tensor([[40, 90], [90, 40]])
+    boxes = views.boxes(views.draws(torch.arange(2), 0)[:, :2], sizes, 64, is_global=True)
+    h = sizes[boxes[:, 0].long(), 0].double()
+    w = sizes[boxes[:, 0].long(), 1].double()
+    assert (boxes[:, 1] >= 0).all() and (boxes[:, 2] >= 0).all()
+    assert (boxes[:, 3] <= w + 1e-6).all() and (boxes[:, 4] <= h + 1e-6).all()
+
+
+def test_fused_colour_shift_equals_the_shared_image_ops():
+    """The views' one-pass stain/acquisition shift is imageops' hed -> white balance -> brightness."""
+    from pretrain.views import stain_and_acquisition_shift
+    from roseprior import imageops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 20, 24, generator=g)
+    x[0, :, :3] = 0.0  # black and saturated pixels hit every clipping branch
+    x[1, :, :2] = 1.0
+    alpha = 1 + 0.2 * (2 * torch.rand(6, 3, generator=g) - 1)
+    beta = 0.2 * (2 * torch.rand(6, 3, generator=g) - 1)
+    gains = 1 + 0.5 * (2 * torch.rand(6, 3, generator=g) - 1)
+    delta = 0.3 * (2 * torch.rand(6, generator=g) - 1)
+    expected = imageops.brightness_shift(
+        imageops.white_balance_shift(imageops.hed_shift(x, alpha, beta), gains), delta)
+    torch.testing.assert_close(stain_and_acquisition_shift(x.clone(), alpha, beta, gains, delta), expected,
+                               atol=2e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher
+# ---------------------------------------------------------------------------------------------
+
+
+def test_teacher_batchnorm_buffers_follow_the_student():
+    import backbones
+    from pretrain.config import DINOConfig
+    from pretrain.methods.dino import DINO
+
+    torch.manual_seed(0)
+    method = DINO(backbones.create("timm:test_resnet"), DINOConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16))
+    method.train()
+    bn_buffers = [n for n, _ in method.teacher.named_buffers() if n.endswith("running_mean")]
+    assert bn_buffers, "test_resnet should have BatchNorm layers"
+    x = {"global": [torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)], "local": []}
+    teacher_before = {n: b.clone() for n, b in method.teacher.named_buffers()}
+    loss, _ = method(x, epoch=0)  # student BN statistics move; the teacher's own pass must not write its own
+    for name, buf in method.teacher.named_buffers():
+        if buf.is_floating_point():  # running statistics (num_batches_tracked counts, harmlessly)
+            torch.testing.assert_close(buf, teacher_before[name], msg=f"teacher forward changed {name}")
+    student = dict(method.student.named_buffers())
+    assert not torch.allclose(student[bn_buffers[0]], teacher_before[bn_buffers[0]])
+
+    momentum = 0.9
+    method.after_step(momentum)
+    for name, buf in method.teacher.named_buffers():
+        if buf.is_floating_point():
+            expected = momentum * teacher_before[name] + (1 - momentum) * student[name]
+            torch.testing.assert_close(buf, expected, msg=f"{name} is not the EMA of the student's")
+        else:
+            assert torch.equal(buf, student[name])
+    method.after_step(0.0)  # momentum 0: the teacher becomes the student, statistics included
+    for name, buf in method.teacher.named_buffers():
+        torch.testing.assert_close(buf, student[name].to(buf.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and command line
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("views.bogus=1", "valid keys under 'views'"),
+        ("method.name=swav", "must be one of"),
+        ("views.n_global=0", "views.n_global"),
+        ("views.magnification=[2.0,0.5]", "views.magnification"),
+        ("train.batch_size=many", "train.batch_size"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(override: str, expected: str, tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "--config", str(REPO / "configs/pretrain/dino_msht_tiny_cpu.yaml"),
+         f"out_dir={tmp_path / 'out'}", override],
+        capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("pretrain: error:") and expected in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_configs_load():
+    from pretrain.config import PretrainConfig, validate
+    from roseprior.config import load_config
+
+    for path in sorted((REPO / "configs" / "pretrain").glob("*.yaml")):
+        validate(load_config(PretrainConfig, path))
+
+
+def test_empty_data_folder_is_a_data_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    (tmp_path / "empty").mkdir()
+    rc = run_in_process(tiny_overrides(tmp_path / "empty", tmp_path / "out"))
+    assert rc == 2
+    assert "no images under" in capsys.readouterr().err
+
+
+def test_run_writes_the_stage_outputs(tiny_data: Path, tmp_path: Path):
+    import backbones
+
+    out = tmp_path / "run"
+    assert run_in_process(tiny_overrides(tiny_data, out, **{"train.max_steps": 2, "monitor.knn_root": str(tiny_data),
+                                                            "train.epochs": 1})) == 0
+    for name in ("backbone.safetensors", "backbone.json", "config.yaml", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    import json
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for key in ("loss", "lr", "momentum", "teacher_temp", "teacher_entropy", "images_per_second"):
+        assert key in steps[-1], key
+    assert any("knn_balanced_accuracy" in r for r in records)  # one epoch of 2 steps ended: the kNN monitor ran
+    model = backbones.load(out)
+    assert model.forward_embedding(torch.rand(2, 3, 64, 64)).shape == (2, model.embed_dim)
+    meta = json.loads((out / "backbone.json").read_text())
+    assert meta["provenance"]["method"] == "dino" and meta["provenance"]["exported"] == "teacher"
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed equivalence and resume
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["dino", "simclr"])
+def test_two_processes_match_one_process_with_the_global_batch(method: str, tiny_data: Path, tmp_path: Path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_in_process(tiny_overrides(tiny_data, one, method, **{"train.batch_size": 8, "train.max_steps": 3})) == 0
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "-m", "pretrain",
+           *tiny_overrides(tiny_data, two, method, **{"train.batch_size": 4, "train.max_steps": 3})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) x batch 4" in proc.stdout + proc.stderr
+    diff = relative_difference(final_state(one), final_state(two))
+    print(f"{method}: 2 processes x 4 vs 1 process x 8, relative difference {diff:.1e}")
+    assert diff < 1e-4, f"{method}: 2 x 4 differs from 1 x 8 by {diff:.2e}"
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_data: Path, tmp_path: Path):
+    steps = {"train.max_steps": 6, "checkpoint.every_steps": 2}
+    reference = tmp_path / "reference"
+    assert run_in_process(tiny_overrides(tiny_data, reference, **steps)) == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain", *tiny_overrides(tiny_data, killed, **steps)],
+                            env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 200
+        while not list((killed / "checkpoints").glob("step_*/meta.json")):
+            assert proc.poll() is None, "the run ended before writing a checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 200 s"
+            time.sleep(0.02)
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert alive, "the run finished before it could be killed"
+    assert not (killed / "backbone.safetensors").exists()
+
+    # Resume with the same command: ends with the same weights as the uninterrupted run.
+    assert run_in_process(tiny_overrides(tiny_data, killed, **steps)) == 0
+    diff = relative_difference(final_state(reference), final_state(killed))
+    print(f"killed at a checkpoint and resumed vs uninterrupted: relative difference {diff:.1e}")
+    assert diff < 1e-6
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_data: Path, tmp_path: Path):
+    steps = {"train.max_steps": 4, "checkpoint.every_steps": 2, "train.epochs": 3}
+    reference = tmp_path / "reference"
+    assert run_in_process(tiny_overrides(tiny_data, reference, **steps)) == 0
+    # A second run stopped at step 4 of 6 wrote step_2 and step_4; break step_4, then resume to 6.
+    partial = tmp_path / "partial"
+    assert run_in_process(tiny_overrides(tiny_data, partial, **steps)) == 0
+    newest = sorted((partial / "checkpoints").glob("step_*"))[-1]
+    assert newest.name == "step_00000004"
+    (newest / "model.safetensors").write_bytes(b"not a safetensors file")
+    longer = {**steps, "train.max_steps": 6}
+    with pytest.warns(RuntimeWarning, match="cannot be loaded"):
+        assert run_in_process(tiny_overrides(tiny_data, partial, **longer)) == 0
+    assert run_in_process(tiny_overrides(tiny_data, reference, **longer)) == 0  # resumes the intact run
+    assert relative_difference(final_state(reference), final_state(partial)) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping: non-finite loss, collapse
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", ["nan", "collapse"])
+def test_a_failing_run_stops_with_a_clear_message_and_keeps_its_checkpoint(
+    failure: str, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    from pretrain import methods
+    from pretrain.methods.dino import DINO
+
+    class FailingDINO(DINO):
+        """DINO whose third step goes wrong: a NaN loss, or a collapsed teacher from then on."""
+
+        calls = 0
+
+        def forward(self, views, epoch):
+            loss, metrics = super().forward(views, epoch)
+            FailingDINO.calls += 1
+            if FailingDINO.calls > 2 and failure == "nan":
+                loss = loss * float("nan")
+            if FailingDINO.calls > 2 and failure == "collapse":
+                metrics["collapsed"] = torch.ones(())
+            return loss, metrics
+
+    monkeypatch.setitem(methods.METHODS, "dino", FailingDINO)
+    out = tmp_path / "run"
+    rc = run_in_process(tiny_overrides(tiny_data, out, **{
+        "train.max_steps": 6, "monitor.collapse_after_steps": 0, "monitor.collapse_patience": 2}))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "step_00000002" in err  # names the last good checkpoint
+    if failure == "nan":
+        assert "loss is nan at step 2" in err
+    else:
+        assert "collapsed" in err and "at step 4" in err
+    assert (out / "checkpoints" / "step_00000002" / "meta.json").is_file()
+    assert not (out / "backbone.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["byol", "mocov2"])
+def test_baseline_methods_train_and_export_their_momentum_encoder(method: str, tiny_data: Path, tmp_path: Path):
+    import json
+
+    import backbones
+
+    out = tmp_path / method
+    overrides = tiny_overrides(tiny_data, out, method, **{
+        "train.max_steps": 2, "method.byol.hidden_dim": 64, "method.byol.out_dim": 32,
+        "method.mocov2.hidden_dim": 64, "method.mocov2.out_dim": 32, "method.mocov2.memory_bank_size": 64})
+    assert run_in_process(overrides) == 0
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    meta = json.loads((out / "backbone.json").read_text())
+    assert meta["provenance"]["method"] == method and meta["provenance"]["exported"] == "teacher"
+    assert backbones.load(out).forward_embedding(torch.rand(1, 3, 64, 64)).shape[0] == 1
+
+
+def test_time_budget_stops_early_and_still_exports(tiny_data: Path, tmp_path: Path):
+    out = tmp_path / "budget"
+    assert run_in_process(tiny_overrides(tiny_data, out, **{"train.max_minutes": 1e-6})) == 0
+    assert (out / "backbone.safetensors").is_file()
+    assert [p.name for p in (out / "checkpoints").glob("step_*")] == ["step_00000001"]
+
+
+def test_resume_with_another_global_batch_is_refused(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "run"
+    assert run_in_process(tiny_overrides(tiny_data, out, **{"train.max_steps": 2})) == 0
+    capsys.readouterr()
+    assert run_in_process(tiny_overrides(tiny_data, out, **{"train.max_steps": 4, "train.batch_size": 4})) == 2
+    err = capsys.readouterr().err
+    assert "global batch of 8" in err and "checkpoint.resume=never" in err
