@@ -149,6 +149,11 @@ def _load_folder(folder: Path, overrides: dict[str, Any]) -> tuple[nn.Module, Lo
         model = create(meta["name"], **kwargs)
     except ConfigError as err:
         raise CheckpointError(f"{folder / META_FILE}: cannot rebuild backbone: {err}") from err
+    # The input statistics the backbone was trained with travel with it, so every stage that
+    # loads it (finetune's classifier, the probes) normalises its inputs the same way.
+    saved_cfg = {k: tuple(v) for k, v in (meta.get("default_cfg") or {}).items() if k in ("mean", "std")}
+    if saved_cfg:
+        model.default_cfg = {**(getattr(model, "default_cfg", None) or {}), **saved_cfg}
     state = load_state_dict_file(folder / WEIGHTS_FILE)
     if not overrides:
         try:

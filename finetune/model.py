@@ -130,7 +130,24 @@ def save_classifier(model: Classifier, out_dir: str | Path, info: dict[str, Any]
     }
     path = save_safetensors(model.state_dict(), out_dir / f"{stem}.safetensors", {"format": "pt"})
     atomic_write_json(out_dir / f"{stem}.json", meta)
+    if stem == "best" and getattr(backbone, "registry_name", None):
+        _save_backbone(model, out_dir, info)
     return path
+
+
+def _save_backbone(model: Classifier, out_dir: Path, info: dict[str, Any]) -> None:
+    """The fine-tuned backbone alone, in the stage contract (backbone.safetensors + backbone.json),
+    so the probes and a later finetune take this run's folder like any other backbone."""
+    import backbones
+
+    backbone = model.backbone
+    saved_cfg = getattr(backbone, "default_cfg", None)
+    backbone.default_cfg = {**(saved_cfg or {}), "mean": tuple(model.mean.flatten().tolist()),
+                            "std": tuple(model.std.flatten().tolist())}
+    try:
+        backbones.save(backbone, out_dir, {"stage": "finetune", **info})
+    finally:
+        backbone.default_cfg = saved_cfg
 
 
 def load_classifier(ckpt: str | Path, stem: str = "best") -> tuple[Classifier, dict[str, Any]]:

@@ -465,8 +465,9 @@ def _run_folds(cfg, splits, accelerator, out_dir: Path) -> tuple[dict[str, Any],
         out[split]["mean"], out[split]["std"] = _summary(values)
     out["best_fold"] = best_fold
     if accelerator.is_main_process:
-        for suffix in (".safetensors", ".json"):
-            shutil.copyfile(out_dir / f"fold{best_fold}" / f"best{suffix}", out_dir / f"best{suffix}")
+        for name in ("best.safetensors", "best.json", "backbone.safetensors", "backbone.json"):
+            if (out_dir / f"fold{best_fold}" / name).exists():
+                shutil.copyfile(out_dir / f"fold{best_fold}" / name, out_dir / name)
     return out, best_test
 
 

@@ -331,7 +331,11 @@ def run(cfg: PretrainConfig) -> Path:
 
     # ====== preparing data ======
     root = resolve_root(cfg.data)
-    samples = sorted(load_unlabeled(root), key=lambda s: s.path)
+    if cfg.data.split_dir:  # a split is given: pretrain on its training images only, val/test stay unseen
+        found = load_labelled(root, cfg.data.classes, split="train", split_dir=cfg.data.split_dir)
+    else:
+        found = load_unlabeled(root)
+    samples = sorted(found, key=lambda s: s.path)
     samples = filter_readable(samples, out_dir if main else None, cfg.data.max_unreadable_fraction)
     dataset = DecodedImages([s.path for s in samples], cfg.views.source_max_side)
     global_batch = cfg.train.batch_size * world
@@ -488,6 +492,9 @@ def run(cfg: PretrainConfig) -> Path:
             "steps": step, "epochs": step / steps_per_epoch, "images": len(dataset), "data_root": str(root),
             "global_batch": global_batch, "processes": world, "seed": cfg.seed, "config": to_dict(cfg),
         }
+        # Record the normalisation the views used, so finetune and the probes feed the same.
+        export.default_cfg = {**(getattr(export, "default_cfg", None) or {}),
+                              "mean": tuple(cfg.views.mean), "std": tuple(cfg.views.std)}
         backbones.save(export, out_dir, provenance)
         accelerator.print(f"pretrain: wrote {out_dir / 'backbone.safetensors'} ({provenance['exported']} backbone)")
     accelerator.wait_for_everyone()

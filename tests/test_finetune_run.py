@@ -85,6 +85,23 @@ def test_run_writes_metrics_checkpoint_tb_and_cam(run_dir):
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
 
 
+def test_run_folder_is_a_backbone_for_the_next_stage(run_dir):
+    """The selected model's backbone is exported in the stage contract, with its input statistics."""
+    import torch
+
+    import backbones
+    from finetune.model import load_classifier
+
+    out, _, _ = run_dir
+    classifier, meta = load_classifier(out)
+    backbone = backbones.load(out)
+    assert backbone.default_cfg["mean"] == tuple(meta["mean"]) and backbone.default_cfg["std"] == tuple(meta["std"])
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(backbone.eval().forward_embedding(x), classifier.backbone.forward_embedding(x))
+    assert json.loads((out / "backbone.json").read_text())["provenance"]["stage"] == "finetune"
+
+
 def test_selection_never_reads_the_test_split(run_dir):
     _, events, splits = run_dir
     test_paths = {s.path for s in splits["test"]}

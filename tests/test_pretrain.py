@@ -7,6 +7,7 @@ on CPU (gloo), as a user would launch them.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -256,6 +257,23 @@ def test_run_writes_the_stage_outputs(tiny_data: Path, tmp_path: Path):
     assert model.forward_embedding(torch.rand(2, 3, 64, 64)).shape == (2, model.embed_dim)
     meta = json.loads((out / "backbone.json").read_text())
     assert meta["provenance"]["method"] == "dino" and meta["provenance"]["exported"] == "teacher"
+    views = meta["provenance"]["config"]["views"]
+    assert model.default_cfg["mean"] == tuple(views["mean"]) and model.default_cfg["std"] == tuple(views["std"])
+
+
+def test_with_a_split_only_training_images_are_pretrained_on(tiny_data: Path, tmp_path: Path) -> None:
+    """Given `data.split_dir`, val/test images stay unseen by SSL, so the probes' test split is honest."""
+    from roseprior.data import load_labelled
+    from roseprior.splits import split_samples, write_split_csvs
+
+    split_dir = tmp_path / "split"
+    splits = split_samples(load_labelled(tiny_data, ["N", "P"]), (0.5, 0.25, 0.25), seed=0)
+    write_split_csvs(splits, split_dir, ["N", "P"])
+    out = tmp_path / "run"
+    assert run_in_process(tiny_overrides(tiny_data, out, **{"data.split_dir": str(split_dir),
+                                                            "train.max_steps": 1})) == 0
+    meta = json.loads((out / "backbone.json").read_text())
+    assert meta["provenance"]["images"] == len(splits["train"]) < 16
 
 
 # ---------------------------------------------------------------------------------------------
