@@ -136,7 +136,7 @@ def model_table(names: list[str]) -> str:
 
 
 def run_variants(
-    name: str, size: int, batch: int, iters: int, warmup: int, device: torch.device
+    name: str, size: int, batch: int, iters: int, warmup: int, device: torch.device, compile: bool = True
 ) -> dict[str, float]:
     torch.manual_seed(0)
     model = backbones.create(name, num_classes=2).to(device)
@@ -149,13 +149,14 @@ def run_variants(
     model = model.to(memory_format=torch.contiguous_format)
     if device.type == "cuda":
         rates["bf16"] = train_step_rate(model, x, iters, warmup, autocast_dtype=torch.bfloat16)
+    if device.type == "cuda" and compile:
         compiled: Callable = torch.compile(model)
         rates["compile"] = train_step_rate(compiled, x, iters, warmup + 2)  # compile happens in warm-up
         rates["compile+bf16"] = train_step_rate(compiled, x, iters, warmup + 2, autocast_dtype=torch.bfloat16)
     return rates
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -167,29 +168,48 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: 224 px, batch 4, 2 iterations")
+    parser.add_argument("--no-compile", action="store_true", help="on a GPU, skip the torch.compile variants")
     parser.add_argument("--table", action="store_true", help="print the model table (markdown) and exit")
     args = parser.parse_args(argv)
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.table:
-        model_table(TABLE_MODELS)
-        return
     if args.quick:
         args.size, args.batch, args.iters, args.warmup = 224, 4, 2, 1
+    if REFERENCE not in args.models:
+        args.models = [*args.models, REFERENCE]
+    return args
+
+
+def measure(argv: list[str] | None = None) -> dict:
+    """Images/s of every model and variant, for the command line ``argv``; prints each model as it finishes."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    if REFERENCE not in args.models:
-        args.models = [*args.models, REFERENCE]
 
     print(f"device: {device_name(device)}; torch {torch.__version__}")
     print(f"forward+backward, {args.size}x{args.size}, batch {args.batch}, {args.iters} timed iterations")
     results: dict[str, dict[str, float]] = {}
     for name in args.models:
-        results[name] = run_variants(name, args.size, args.batch, args.iters, args.warmup, device)
+        results[name] = run_variants(
+            name, args.size, args.batch, args.iters, args.warmup, device, compile=not args.no_compile
+        )
         print(f"  {name}: " + ", ".join(f"{k} {v:.2f} img/s" for k, v in results[name].items()), flush=True)
+    return {
+        "device": device_name(device), "size": args.size, "batch": args.batch, "iters": args.iters,
+        "reference": REFERENCE, "results": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.table:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model_table(TABLE_MODELS)
+        return
+    results = measure(argv)["results"]
 
     ref = results[REFERENCE]["fp32"]
     variants = list(results[REFERENCE])

@@ -1,8 +1,14 @@
-"""Pretraining throughput: images per second of the whole step (views, teacher, student, backward, EMA).
+"""Pretraining throughput: end-to-end images/s against the same step on views already in memory.
 
-Runs ``python -m pretrain``'s loop for a few steps on a config (default: the tiny CPU config on
-the synthetic default set) and reports the loop's own images/s, split into time spent making
-views and time in the model, so a slow run shows where its time goes.
+Two numbers from one run, same config, same process:
+
+- end to end: ``python -m pretrain``'s own loop (images read from disk, decoded, cut into views,
+  teacher, student, backward, clip, optimizer, EMA), its images/s over the steps after warm-up;
+- ceiling: the same method, optimizer and step sequence on one batch of views made once and kept
+  on the device, so no data work at all.
+
+Their ratio is how much of the model's speed the data pipeline lets through (aim: >= 0.85). The
+time to make one batch of views alone is printed too, so a low ratio shows where time goes.
 
     python benchmarks/pretrain_throughput.py [--config configs/pretrain/dino_msht_tiny_cpu.yaml] [--steps 6]
     python benchmarks/pretrain_throughput.py --config configs/pretrain/dino_msht.yaml --steps 50 data.root=DIR
@@ -12,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,55 +32,163 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def time_views(cfg, batches: int) -> float:
-    """Seconds per batch to decode and cut the views alone (no model)."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _first_batch(cfg: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training batch of decoded images (the loop's first indices), moved to ``device``."""
+    from pretrain.views import DecodedImages, collate_decoded
+    from roseprior.data import load_unlabeled, resolve_root
+
+    samples = sorted(load_unlabeled(resolve_root(cfg.data)), key=lambda s: s.path)
+    dataset = DecodedImages([s.path for s in samples], cfg.views.source_max_side)
+    idx = [i % len(dataset) for i in range(cfg.train.batch_size)]
+    images, sizes, indices = collate_decoded([dataset[i] for i in idx])
+    return images.to(device), sizes, indices
+
+
+def time_views(cfg: Any, batches: int) -> float:
+    """Seconds per batch to decode and cut the views alone (no model), where the loop cuts them."""
     from pretrain.views import DecodedImages, MultiCropViews, collate_decoded
     from roseprior.data import load_unlabeled, resolve_root
 
     samples = sorted(load_unlabeled(resolve_root(cfg.data)), key=lambda s: s.path)
     dataset = DecodedImages([s.path for s in samples], cfg.views.source_max_side)
     views = MultiCropViews(cfg.views, seed=cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available() and cfg.views.device != "loader"
+    device = torch.device("cuda" if cuda else "cpu")
     start = time.perf_counter()
     for b in range(batches):
         idx = [(b * cfg.train.batch_size + i) % len(dataset) for i in range(cfg.train.batch_size)]
         images, sizes, indices = collate_decoded([dataset[i] for i in idx])
         views(images.to(device), sizes, indices, epoch=0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return (time.perf_counter() - start) / batches
 
 
-def main(argv: list[str] | None = None) -> int:
+def ceiling_rate(cfg: Any, steps: int, warmup: int) -> float:
+    """Images/s of the loop's step on one batch of views kept on the device (no data work).
+
+    Mirrors ``pretrain.loop.run``'s step (lr/wd set, forward, finite check, backward, method
+    hooks, clip, optimizer step, EMA, collapse flag) so that only the data path differs.
+    """
+    import backbones
+    from pretrain.loop import _make_accelerator, _param_groups
+    from pretrain.methods import build_method
+    from pretrain.views import MultiCropViews
+
+    accelerator = _make_accelerator(cfg)
+    device = accelerator.device
+    torch.manual_seed(cfg.seed)
+    method = build_method(cfg.method, backbones.create(cfg.model.name, **cfg.model.kwargs))
+    optimizer = torch.optim.AdamW(_param_groups(method), lr=0.0)
+    method, optimizer = accelerator.prepare(method, optimizer)
+    unwrapped = accelerator.unwrap_model(method)
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    images, sizes, indices = _first_batch(cfg, device)
+    with torch.no_grad():
+        batch_views = MultiCropViews(cfg.views, seed=cfg.seed)(images, sizes, indices, 0)
+    batch_views = {k: [v.to(device) for v in vs] for k, vs in batch_views.items()}
+    method.train()
+
+    def step() -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.train.lr * 0.1
+            if group.get("apply_wd"):
+                group["weight_decay"] = cfg.train.weight_decay
+        loss, metrics = method(batch_views, 0)
+        accelerator.reduce((~torch.isfinite(loss.detach())).float().view(1), "max").item()
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if hasattr(unwrapped, "after_backward"):
+            unwrapped.after_backward(0)
+        if cfg.train.clip_grad > 0:
+            accelerator.clip_grad_norm_(trainable, cfg.train.clip_grad)
+        optimizer.step()
+        if hasattr(unwrapped, "after_step"):
+            unwrapped.after_step(cfg.method.momentum_start)
+        collapsed = metrics.get("collapsed", torch.zeros((), device=device))
+        accelerator.reduce(collapsed.detach().float().view(1), "max").item()
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    rate = cfg.train.batch_size / statistics.median(times)
+    accelerator.free_memory()
+    return rate
+
+
+def end_to_end_rate(cfg: Any, steps: int, warmup: int) -> tuple[float, float]:
+    """(images/s after warm-up, wall seconds) of ``pretrain.loop.run`` itself on the config's data.
+
+    The loop logs cumulative images/s since its first step; with a record every step, the time at
+    step k is k * batch / rate_k, so each step's duration needs no change to the loop. Both rates
+    use the median step after warm-up: on a shared machine a neighbour's burst then moves neither.
+    """
+    from pretrain.loop import run
+
+    start = time.perf_counter()
+    run(cfg)
+    wall = time.perf_counter() - start
+    records = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    at = {r["step"]: r["step"] * cfg.train.batch_size / r["images_per_second"]
+          for r in records if "images_per_second" in r}
+    durations = [at[k] - at[k - 1] for k in sorted(at) if k > max(warmup, 1) and k - 1 in at]
+    if not durations:
+        raise RuntimeError(f"pretrain logged no step after the {warmup} warm-up steps; raise --steps")
+    return cfg.train.batch_size / statistics.median(durations), wall
+
+
+def measure(argv: list[str] | None = None) -> dict[str, Any]:
+    """Both rates and their ratio for the command line ``argv`` (see ``--help``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs/pretrain/dino_msht_tiny_cpu.yaml"))
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps, after the warm-up steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, cudnn, workers)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from pretrain.config import PretrainConfig, validate
-    from pretrain.loop import run
     from roseprior.config import load_config
 
     with tempfile.TemporaryDirectory(prefix="pretrain_throughput_") as tmp:
-        overrides = [*args.overrides, f"out_dir={tmp}", f"train.max_steps={args.steps}", "monitor.progress=false",
-                     "train.log_every=1", "checkpoint.every_steps=1000000"]
+        overrides = [*args.overrides, f"out_dir={tmp}", f"train.max_steps={args.warmup + args.steps}",
+                     "monitor.progress=false", "monitor.tensorboard=false", "train.log_every=1",
+                     "checkpoint.every_steps=1000000", "checkpoint.resume=never"]
         cfg = validate(load_config(PretrainConfig, args.config, overrides))
-        start = time.perf_counter()
-        run(cfg)
-        wall = time.perf_counter() - start
-        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    rate = records[-1]["images_per_second"]
+        ceiling = ceiling_rate(cfg, args.steps, args.warmup)
+        end_to_end, wall = end_to_end_rate(cfg, args.steps, args.warmup)
     views_s = time_views(cfg, batches=min(args.steps, 4))
-    batch = cfg.train.batch_size
-    step_s = batch / rate
-    print(f"pretrain_throughput: {cfg.method.name} on {cfg.model.name}, batch {batch}, "
-          f"{cfg.views.n_global} x {cfg.views.global_size} px + {cfg.views.n_local} x {cfg.views.local_size} px views, "
-          f"{args.steps} steps, {wall:.0f} s wall including start-up")
-    print(f"  {rate:.1f} images/s ({step_s:.2f} s/step), of which views {views_s:.2f} s/step "
-          f"({100 * views_s / step_s:.0f}%)")
+    cuda = torch.cuda.is_available()
+    return {
+        "method": cfg.method.name, "model": cfg.model.name, "batch": cfg.train.batch_size,
+        "views": f"{cfg.views.n_global} x {cfg.views.global_size} px + {cfg.views.n_local} x {cfg.views.local_size} px",
+        "steps": args.steps, "warmup": args.warmup, "num_workers": cfg.data.num_workers,
+        "end_to_end_images_per_s": end_to_end, "ceiling_images_per_s": ceiling, "ratio": end_to_end / ceiling,
+        "views_s_per_batch": views_s, "wall_s": wall, "threads": args.threads, "device": "cuda" if cuda else "cpu",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    r = measure(argv)
+    step_s = r["batch"] / r["end_to_end_images_per_s"]
+    print(f"pretrain_throughput: {r['method']} on {r['model']}, batch {r['batch']}, {r['views']} views, "
+          f"{r['warmup']} + {r['steps']} steps, {r['wall_s']:.0f} s wall including start-up")
+    print(f"  end to end (disk -> views -> step): {r['end_to_end_images_per_s']:8.1f} images/s ({step_s:.2f} s/step)")
+    print(f"  ceiling (views already in memory) : {r['ceiling_images_per_s']:8.1f} images/s")
+    print(f"  ratio (end to end / ceiling)      : {r['ratio']:.2f}  (aim >= 0.85)")
+    print(f"  making one batch of views alone   : {r['views_s_per_batch']:.2f} s ({100 * r['views_s_per_batch'] / step_s:.0f}% "
+          "of an end-to-end step)")
     return 0
 
 

@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +27,8 @@ from finetune.model import Classifier  # noqa: E402
 from finetune.sam import build_optimizer, step_for  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure(argv: list[str] | None = None) -> dict[str, Any]:
+    """Median plain and SAM step times for the command line ``argv`` (see ``--help``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="msht_tiny")
     parser.add_argument("--size", type=int, default=128)
@@ -73,10 +75,19 @@ def main(argv: list[str] | None = None) -> int:
             times[sam].append(timed(sam))
     plain, sharp = statistics.median(times["off"]), statistics.median(times["sam"])
     device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"model {args.model}, {args.size} px, batch {args.batch}, {device}, median of {args.iters} steps")
-    print(f"plain step: {plain * 1000:8.1f} ms")
-    print(f"SAM step:   {sharp * 1000:8.1f} ms")
-    print(f"SAM / plain step time: {sharp / plain:.2f}x")
+    return {
+        "model": args.model, "size": args.size, "batch": args.batch, "iters": args.iters, "device": device,
+        "cuda": accelerator.device.type == "cuda", "threads": args.threads,
+        "plain_s": plain, "sam_s": sharp, "ratio": sharp / plain,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    r = measure(argv)
+    print(f"model {r['model']}, {r['size']} px, batch {r['batch']}, {r['device']}, median of {r['iters']} steps")
+    print(f"plain step: {r['plain_s'] * 1000:8.1f} ms")
+    print(f"SAM step:   {r['sam_s'] * 1000:8.1f} ms")
+    print(f"SAM / plain step time: {r['ratio']:.2f}x")
     return 0
 
 

@@ -18,6 +18,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,7 +61,8 @@ def our_views(paths: list[Path], args: argparse.Namespace) -> float:
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure(argv: list[str] | None = None) -> dict[str, Any]:
+    """Both rates (views/s, best of ``--repeats``) for the command line ``argv`` (see ``--help``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=None, help="image folder (default: the synthetic default set)")
     parser.add_argument("--images", type=int, default=64)
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from roseprior.data import find_images
+    from roseprior.errors import DataError
 
     if args.root is None:
         from roseprior.synth import default_dataset
@@ -85,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.root)
     paths = sorted(find_images(root))[: args.images]
     if not paths:
-        print(f"benchmarks/views.py: no images under {root}", file=sys.stderr)
-        return 2
+        raise DataError(f"benchmarks/views.py: no images under {root}")
     our_views(paths[:2], args)  # warm-up (imports, allocator)
     lightly_views(paths[:2], args)
     n_views = len(paths) * (2 + args.n_local)
@@ -95,11 +97,26 @@ def main(argv: list[str] | None = None) -> int:
         ours_times.append(our_views(paths, args))
         theirs_times.append(lightly_views(paths, args))
     ours, theirs = min(ours_times), min(theirs_times)
-    print(f"views: {len(paths)} images from {root}, 2 x {args.global_size} px + {args.n_local} x {args.local_size} px "
-          f"per image, {args.threads} threads, best of {args.repeats}")
-    print(f"  lightly DINOTransform : {n_views / theirs:8.1f} views/s")
-    print(f"  pretrain MultiCropViews: {n_views / ours:8.1f} views/s (batch {args.batch})")
-    print(f"  ratio (ours / lightly): {theirs / ours:.2f}x")
+    return {
+        "images": len(paths), "root": str(root), "global_size": args.global_size, "local_size": args.local_size,
+        "n_local": args.n_local, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
+        "ours_views_per_s": n_views / ours, "lightly_views_per_s": n_views / theirs, "ratio": theirs / ours,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from roseprior.errors import DataError
+
+    try:
+        r = measure(argv)
+    except DataError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(f"views: {r['images']} images from {r['root']}, 2 x {r['global_size']} px + {r['n_local']} x "
+          f"{r['local_size']} px per image, {r['threads']} threads, best of {r['repeats']}")
+    print(f"  lightly DINOTransform : {r['lightly_views_per_s']:8.1f} views/s")
+    print(f"  pretrain MultiCropViews: {r['ours_views_per_s']:8.1f} views/s (batch {r['batch']})")
+    print(f"  ratio (ours / lightly): {r['ratio']:.2f}x")
     return 0
 
 

@@ -40,7 +40,7 @@ CPU_RECIPE = Recipe(
 GPU_RECIPE = Recipe(
     pretrain="pretrain/dino_msht.yaml",
     finetune="finetune/msht_sam.yaml",
-    probes="probes/robustness_gpu.yaml",
+    probes="probes/robustness.yaml",
 )
 
 

@@ -1,0 +1,72 @@
+"""``python -m benchmarks``: one table of ratios, a device on every row, clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env, check=False)
+
+
+def test_quick_knn_prints_a_ratio_row_naming_the_device(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    result = _bench("--quick", "--only", "knn", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("knn ")]
+    assert len(lines) == 1, result.stdout
+    line = lines[0]
+    assert "faiss vs scikit-learn" in line
+    assert re.search(r"\d+\.\d\d \(sklearn time / faiss time\)", line), line
+    assert re.search(r"(cpu: .+, \d+ threads?)|(cuda: .+)", line), line
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["benchmark"] for r in rows] == ["knn"]
+    r = rows[0]
+    assert r["error"] is None and r["ours"] > 0 and r["reference"] > 0
+    assert abs(r["ratio"] - r["reference"] / r["ours"]) < 1e-9  # sklearn time / faiss time, as labelled
+    assert f"{r['ratio']:.2f}" in line
+
+
+def test_unknown_only_name_is_a_clear_error() -> None:
+    result = _bench("--only", "knn,warp_drive", timeout=60)
+    assert result.returncode == 2
+    assert "unknown benchmark 'warp_drive'" in result.stderr
+    assert "views, pretrain, sam, knn, backbones" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_failing_benchmark_keeps_its_row_and_the_others_still_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.syspath_prepend(str(REPO))  # benchmarks/ is a folder of the checkout, not an installed package
+    import benchmarks.__main__ as bench
+    from benchmarks._table import row
+
+    def good(quick: bool, data: str | None) -> list[dict]:
+        return [row("good", "a vs b", 2.0, 1.0, "img/s", 2.0, "a / b", "> 1", "cpu: test, 1 thread")]
+
+    def bad(quick: bool, data: str | None) -> list[dict]:
+        raise RuntimeError("the accelerator caught fire")
+
+    def in_process(name: str, quick: bool, timeout: float | None, data: str | None) -> list[dict]:  # the worker, minus the fork
+        out = tmp_path / f"{name}.json"
+        bench.run_worker(name, quick, out, data)
+        return json.loads(out.read_text())
+
+    monkeypatch.setattr(bench, "BENCHMARKS", {"bad": bad, "good": good})
+    monkeypatch.setattr(bench, "run_in_subprocess", in_process)
+    code = bench.main(["--only", "bad,good", "--json", str(tmp_path / "rows.json")])
+    assert code == 1
+    table = capsys.readouterr().out
+    assert "FAILED: RuntimeError: the accelerator caught fire" in table
+    assert re.search(r"^good\s+a vs b\s+2\.00 img/s\s+1\.00 img/s\s+2\.00 \(a / b\)", table, re.M), table
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [r["benchmark"] for r in rows] == ["bad", "good"]
+    assert rows[0]["error"] and rows[1]["error"] is None
