@@ -1,0 +1,43 @@
+"""`roseprior demo`: its summary of the probe report, and its command-line front."""
+
+from __future__ import annotations
+
+import json
+
+from roseprior.cli import main
+from roseprior.demo import summarize
+
+
+def _probe(bacc: float) -> dict:
+    return {"linear": {"balanced_accuracy": bacc}, "knn": {"balanced_accuracy": bacc}}
+
+
+def test_summary_reports_clean_and_the_worst_real_shift(tmp_path):
+    report = {"checkpoints": {"pretrained": {"conditions": {
+        "clean": _probe(0.9),
+        "stain/hed_0.2": _probe(0.7),
+        "scale/0.5": _probe(0.6),
+        "domain/site_a->site_a": _probe(0.1),  # in-domain reference: not a shift
+        "domain/site_a->site_b": _probe(0.65),
+    }}}}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    (line,) = summarize(path)
+    assert line.split()[0] == "pretrained"
+    assert "clean 0.900" in line and "worst 0.600 (scale/0.5)" in line
+
+
+def test_demo_help_names_the_chain(capsys):
+    try:
+        main(["demo", "--help"])
+    except SystemExit as stop:
+        assert stop.code == 0
+    out = capsys.readouterr().out
+    for word in ("pretrain", "finetune", "probes", "--data", "--group-by"):
+        assert word in out
+
+
+def test_demo_on_a_missing_folder_is_one_line(tmp_path, capsys):
+    assert main(["demo", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err
