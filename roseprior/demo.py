@@ -37,8 +37,8 @@ CPU_RECIPE = Recipe(
     pretrain="pretrain/dino_msht_tiny_cpu.yaml",
     finetune="finetune/msht_tiny_cpu.yaml",
     probes="probes/robustness_cpu.yaml",
-    pretrain_overrides=["train.epochs=12"],
-    finetune_overrides=["train.epochs=4", "data.image_size=160"],
+    pretrain_overrides=["train.epochs=18"],
+    finetune_overrides=["train.epochs=5", "data.image_size=160"],
     probe_overrides=["data.image_size=128"],
 )
 GPU_RECIPE = Recipe(
@@ -105,7 +105,7 @@ def run_demo(out: Path, data: Path | None, group_by: str | None, gpu: bool | Non
     if data is None:
         data = out / "data"
         if not (data / "manifest.csv").exists():
-            n = "24" if quick else "160"
+            n = "24" if quick else "240"
             _run("data", [py, "-m", "roseprior", "synth", "--out", str(data), "--n-per-class", n,
                           "--size", "192" if quick else "256", "--seed", "0", "--preview"])
     elif not Path(data).exists():
