@@ -30,6 +30,17 @@ class Recipe:
     pretrain_overrides: list[str] = field(default_factory=list)
     finetune_overrides: list[str] = field(default_factory=list)
     probe_overrides: list[str] = field(default_factory=list)
+    # Step budgets (at `batch_size` images a step) turned into whole epochs for the data at hand,
+    # so a larger data set gets fewer epochs, not a longer run; None keeps the config's epochs.
+    pretrain_steps: int | None = None
+    finetune_steps: int | None = None
+    batch_size: int = 16
+
+    def epochs(self, steps: int | None, n_train: int) -> list[str]:
+        if steps is None:
+            return []
+        return [f"train.epochs={max(1, round(steps * self.batch_size / max(n_train, 1)))}",
+                f"train.batch_size={self.batch_size}"]
 
 
 # Budgets sized so the whole chain, install included, stays under 15 minutes on 2 CPU cores.
@@ -37,8 +48,9 @@ CPU_RECIPE = Recipe(
     pretrain="pretrain/dino_msht_tiny_cpu.yaml",
     finetune="finetune/msht_tiny_cpu.yaml",
     probes="probes/robustness_cpu.yaml",
-    pretrain_overrides=["train.epochs=18"],
-    finetune_overrides=["train.epochs=5", "data.image_size=160"],
+    finetune_overrides=["data.image_size=160"],
+    pretrain_steps=380,  # 18 epochs of the 336 synthetic training images
+    finetune_steps=110,  # 5 epochs of them
     probe_overrides=["data.image_size=128"],
 )
 GPU_RECIPE = Recipe(
@@ -117,17 +129,22 @@ def run_demo(out: Path, data: Path | None, group_by: str | None, gpu: bool | Non
         split_cmd += ["--group-by", group_by]
     _run("split", split_cmd)
     data_args = [f"data.root={data}", f"data.split_dir={split_dir}"]
+    with open(split_dir / "train.csv") as fh:
+        n_train = sum(1 for _ in fh) - 1
+    pre_budget = recipe.epochs(recipe.pretrain_steps, n_train)
+    fine_budget = recipe.epochs(recipe.finetune_steps, n_train)
 
     pretrain_dir = out / "pretrain"
     _run("pretrain", _stage("pretrain", recipe.pretrain,
-                            [*data_args, f"out_dir={pretrain_dir}", *recipe.pretrain_overrides, *quick_pre]))
+                            [*data_args, f"out_dir={pretrain_dir}", *pre_budget, *recipe.pretrain_overrides,
+                             *quick_pre]))
     finetune_dir, random_dir = out / "finetune", out / "finetune_random"
     _run("finetune", _stage("finetune", recipe.finetune,
-                            [*data_args, f"init={pretrain_dir}", f"out_dir={finetune_dir}",
+                            [*data_args, f"init={pretrain_dir}", f"out_dir={finetune_dir}", *fine_budget,
                              *recipe.finetune_overrides, *quick_fine]))
     _run("finetune_random", _stage("finetune", recipe.finetune,
-                                   [*data_args, f"out_dir={random_dir}", *recipe.finetune_overrides,
-                                    *quick_fine]))
+                                   [*data_args, f"out_dir={random_dir}", *fine_budget,
+                                    *recipe.finetune_overrides, *quick_fine]))
     probes_dir = out / "probes"
     model_name = json.loads((pretrain_dir / "backbone.json").read_text())["name"]
     checkpoints = [model_name, str(pretrain_dir), str(finetune_dir), str(random_dir)]

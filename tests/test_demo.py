@@ -41,3 +41,11 @@ def test_demo_on_a_missing_folder_is_one_line(tmp_path, capsys):
     assert main(["demo", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and "Traceback" not in err
+
+
+def test_step_budgets_become_epochs_for_the_data_at_hand():
+    from roseprior.demo import CPU_RECIPE
+
+    assert CPU_RECIPE.epochs(380, 336) == ["train.epochs=18", "train.batch_size=16"]
+    assert CPU_RECIPE.epochs(110, 3543)[0] == "train.epochs=1"  # never zero epochs
+    assert CPU_RECIPE.epochs(None, 100) == []
