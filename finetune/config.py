@@ -90,7 +90,7 @@ class FinetuneConfig(StageConfig):
     # Registry name used when ``init`` is a state-dict file (the file says nothing about its model).
     arch: str | None = None
     drop_rate: float = 0.0  # dropout before the linear head
-    # ``false`` is accepted for "off" because YAML reads a bare ``sam: off`` as the boolean false.
+    # ``false`` is accepted for "off" (YAML 1.1 readers turn a bare ``sam: off`` into false).
     sam: Literal["sam", "asam", "off"] | bool = "sam"
     rho: float | None = None  # null: 0.05 for sam, 2.0 for asam
     optim: OptimConfig = field(default_factory=OptimConfig)
