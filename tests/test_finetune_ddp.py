@@ -162,7 +162,7 @@ def test_two_processes_match_one_process_with_doubled_batch(two_process_run):
     accelerator = Accelerator(cpu=True, mixed_precision="no")
     assert accelerator.num_processes == 1
     single, _ = namespace["train"](accelerator, "off")
-    double = torch.load(out / "off_params.pt")
+    double = torch.load(out / "off_params.pt", weights_only=True)
     start, _ = namespace["build"](accelerator, "off")
     moved = (single - namespace["flat"](start)).abs().max()
     assert moved > 1e-4  # the runs did train
