@@ -8,7 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["EmbeddingHead", "embedding_spread", "set_teacher_mode"]
+from ..teacher import update_teacher
+
+__all__ = ["EmbeddingHead", "MomentumTeacherMethod", "embedding_spread", "set_teacher_mode", "spread_metrics"]
 
 
 class EmbeddingHead(nn.Module):
@@ -21,6 +23,26 @@ class EmbeddingHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone.forward_embedding(x))
+
+
+class MomentumTeacherMethod(nn.Module):
+    """What DINO, BYOL and MoCo share: ``self.teacher`` follows ``self.student`` (both EmbeddingHeads)
+    by EMA, stays in teacher mode whatever mode the method is put in, and is what gets exported."""
+
+    has_teacher = True
+    student: EmbeddingHead
+    teacher: EmbeddingHead
+
+    def train(self, mode: bool = True) -> MomentumTeacherMethod:
+        super().train(mode)
+        set_teacher_mode(self.teacher)
+        return self
+
+    def after_step(self, momentum: float) -> None:
+        update_teacher(self.student, self.teacher, momentum)
+
+    def export_backbone(self, which: str = "teacher") -> nn.Module:
+        return (self.teacher if which == "teacher" else self.student).backbone
 
 
 def set_teacher_mode(teacher: nn.Module) -> None:
@@ -45,3 +67,9 @@ def embedding_spread(z: torch.Tensor) -> torch.Tensor:
     if z.shape[0] < 2:
         return torch.tensor(1.0, device=z.device)
     return z.std(dim=0).mean() * math.sqrt(z.shape[-1])
+
+
+def spread_metrics(z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``embedding_spread`` and the collapse flag the loop stops on (spread below 0.05)."""
+    spread = embedding_spread(z)
+    return {"embedding_spread": spread, "collapsed": (spread < 0.05).float()}

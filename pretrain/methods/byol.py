@@ -12,15 +12,14 @@ from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 
 from ..config import BYOLConfig
-from ..teacher import make_teacher, update_teacher
+from ..teacher import make_teacher
 from ..views import ViewBatch, multicrop_forward
-from ._common import EmbeddingHead, embedding_spread, set_teacher_mode
+from ._common import EmbeddingHead, MomentumTeacherMethod, spread_metrics
 
 __all__ = ["BYOL"]
 
 
-class BYOL(nn.Module):
-    has_teacher = True
+class BYOL(MomentumTeacherMethod):
 
     def __init__(self, backbone: nn.Module, cfg: BYOLConfig) -> None:
         super().__init__()
@@ -29,22 +28,10 @@ class BYOL(nn.Module):
         self.teacher = make_teacher(self.student)
         self.criterion = NegativeCosineSimilarity()
 
-    def train(self, mode: bool = True) -> BYOL:
-        super().train(mode)
-        set_teacher_mode(self.teacher)
-        return self
-
     def forward(self, views: ViewBatch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pair = views["global"][:2]
         with torch.no_grad():
             t0, t1 = multicrop_forward(self.teacher, pair)
         p0, p1 = (self.predictor(z) for z in multicrop_forward(self.student, pair))
         loss = 0.5 * (self.criterion(p0.float(), t1.float()) + self.criterion(p1.float(), t0.float()))
-        spread = embedding_spread(p0)
-        return loss, {"embedding_spread": spread, "collapsed": (spread < 0.05).float()}
-
-    def after_step(self, momentum: float) -> None:
-        update_teacher(self.student, self.teacher, momentum)
-
-    def export_backbone(self, which: str = "teacher") -> nn.Module:
-        return (self.teacher if which == "teacher" else self.student).backbone
+        return loss, spread_metrics(p0)

@@ -17,15 +17,14 @@ from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 
 from ..config import DINOConfig
-from ..teacher import make_teacher, update_teacher
+from ..teacher import make_teacher
 from ..views import ViewBatch, multicrop_forward
-from ._common import EmbeddingHead, set_teacher_mode
+from ._common import EmbeddingHead, MomentumTeacherMethod
 
 __all__ = ["DINO"]
 
 
-class DINO(nn.Module):
-    has_teacher = True
+class DINO(MomentumTeacherMethod):
 
     def __init__(self, backbone: nn.Module, cfg: DINOConfig) -> None:
         super().__init__()
@@ -47,11 +46,6 @@ class DINO(nn.Module):
             warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs, student_temp=cfg.student_temp,
             center_momentum=cfg.center_momentum,
         )
-
-    def train(self, mode: bool = True) -> DINO:
-        super().train(mode)
-        set_teacher_mode(self.teacher)
-        return self
 
     def teacher_temperature(self, epoch: int) -> float:
         """The temperature DINOLoss uses at ``epoch`` (its linear warm-up, then constant)."""
@@ -88,9 +82,3 @@ class DINO(nn.Module):
 
     def after_backward(self, epoch: int) -> None:
         self.student.head.cancel_last_layer_gradients(epoch)
-
-    def after_step(self, momentum: float) -> None:
-        update_teacher(self.student, self.teacher, momentum)
-
-    def export_backbone(self, which: str = "teacher") -> nn.Module:
-        return (self.teacher if which == "teacher" else self.student).backbone

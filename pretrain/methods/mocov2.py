@@ -13,15 +13,14 @@ from lightly.loss import NTXentLoss
 from lightly.models.modules import MoCoProjectionHead
 
 from ..config import MoCoV2Config
-from ..teacher import make_teacher, update_teacher
+from ..teacher import make_teacher
 from ..views import ViewBatch, multicrop_forward
-from ._common import EmbeddingHead, embedding_spread, set_teacher_mode
+from ._common import EmbeddingHead, MomentumTeacherMethod, spread_metrics
 
 __all__ = ["MoCoV2"]
 
 
-class MoCoV2(nn.Module):
-    has_teacher = True
+class MoCoV2(MomentumTeacherMethod):
 
     def __init__(self, backbone: nn.Module, cfg: MoCoV2Config) -> None:
         super().__init__()
@@ -31,11 +30,6 @@ class MoCoV2(nn.Module):
             temperature=cfg.temperature, memory_bank_size=(cfg.memory_bank_size, cfg.out_dim), gather_distributed=True
         )
 
-    def train(self, mode: bool = True) -> MoCoV2:
-        super().train(mode)
-        set_teacher_mode(self.teacher)
-        return self
-
     def forward(self, views: ViewBatch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pair = views["global"][:2]
         with torch.no_grad():
@@ -43,11 +37,4 @@ class MoCoV2(nn.Module):
         q0, q1 = multicrop_forward(self.student, pair)
         # One call for both directions: both see the same bank, then both key sets enter it once.
         loss = self.criterion(torch.cat([q0, q1]).float(), torch.cat([k1, k0]).float())
-        spread = embedding_spread(q0)
-        return loss, {"embedding_spread": spread, "collapsed": (spread < 0.05).float()}
-
-    def after_step(self, momentum: float) -> None:
-        update_teacher(self.student, self.teacher, momentum)
-
-    def export_backbone(self, which: str = "teacher") -> nn.Module:
-        return (self.teacher if which == "teacher" else self.student).backbone
+        return loss, spread_metrics(q0)

@@ -14,7 +14,7 @@ from lightly.models.modules import SimCLRProjectionHead
 
 from ..config import SimCLRConfig
 from ..views import ViewBatch, multicrop_forward
-from ._common import EmbeddingHead, embedding_spread
+from ._common import EmbeddingHead, spread_metrics
 
 __all__ = ["SimCLR"]
 
@@ -31,8 +31,7 @@ class SimCLR(nn.Module):
     def forward(self, views: ViewBatch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z0, z1 = multicrop_forward(self.student, views["global"][:2])
         loss = self.criterion(z0.float(), z1.float())
-        spread = embedding_spread(z0)
-        return loss, {"embedding_spread": spread, "collapsed": (spread < 0.05).float()}
+        return loss, spread_metrics(z0)
 
     def export_backbone(self, which: str = "student") -> nn.Module:
         return self.student.backbone
