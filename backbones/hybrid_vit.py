@@ -90,12 +90,17 @@ class HybridViT(VisionTransformer):
         return dict(state_dict, pos_embed=pos)
 
     def cam_target_layers(self) -> dict[str, nn.Module]:
-        """The last block of each CNN stage and the norm applied to each encoder block's output."""
+        """The last block of each CNN stage and the norm applied to each encoder block's output.
+
+        The last block is left out: its output reaches the head through the class token alone, so
+        its patch tokens get no gradient (the usual ViT target, ``blocks[-1].norm1``, is ``block{n-1}``).
+        """
         cnn = self.patch_embed.backbone
         targets: dict[str, nn.Module] = {f"cnn.stage{i}": getattr(cnn, f"layer{i}")[-1] for i in range(1, 5)}
-        out_norms = [b.norm1 for b in self.blocks[1:]] + [self.norm]
-        for i, out_norm in enumerate(out_norms, start=1):
-            targets[f"block{i}"] = out_norm
+        for i, block in enumerate(self.blocks[1:], start=1):
+            targets[f"block{i}"] = block.norm1
+        if self.num_prefix_tokens == 0:  # mean-pooled: every token reaches the head
+            targets[f"block{len(self.blocks)}"] = self.norm
         return targets
 
     def reshape_transform(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -317,11 +317,17 @@ class MSHT(nn.Module):
         return checkpoint_filter_fn(state_dict, self)
 
     def cam_target_layers(self) -> dict[str, nn.Module]:
-        """Grad-CAM targets: the last block of each CNN stage and the norm applied to each decoder's output."""
+        """Grad-CAM targets: the last block of each CNN stage, and per decoder the norm its tokens pass next.
+
+        For every decoder but the last, that is the next decoder's input norm (its output). The last
+        decoder's output reaches the head through the class token alone, so its patch tokens get no
+        gradient there; its target is the norm that makes its guided attention's values, which the
+        class token reads in proportion to the stage-guided attention, the last place patches matter.
+        """
         targets: dict[str, nn.Module] = {
             f"cnn.stage{i}": getattr(self.cnn, f"layer{i}")[-1] for i in range(1, 5)
         }
-        out_norms = [d.norm1 for d in self.decoders[1:]] + [self.norm]
+        out_norms = [d.norm1 for d in self.decoders[1:]] + [self.decoders[-1].norm3]
         for stage, out_norm in zip(self.focus_stages, out_norms, strict=True):
             targets[f"decoder{stage}"] = out_norm
         return targets

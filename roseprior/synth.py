@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from roseprior.errors import ConfigError, DataError
-from roseprior.synth_render import Acquisition, draw_scene, render
+from roseprior.synth_render import CYTOPLASM, NUCLEUS, Acquisition, Scene, draw_scene, render
 
 __all__ = ["DOMAIN_PRESETS", "MANIFEST_COLUMNS", "add_parser", "default_dataset", "generate"]
 
@@ -107,17 +107,35 @@ def sample_acquisition(rng: np.random.Generator, domain: str) -> Acquisition:
     return Acquisition(domain=domain, **values)
 
 
-def make_image(label: str, class_index: int, index: int, size: int, seed: int, domains: list[str],
-               confound: float) -> tuple[bytes, Acquisition]:
-    """Encode one field as JPEG bytes; depends on (seed, class_index, index) and settings only."""
+def _scene(label: str, class_index: int, index: int, size: int, seed: int, domains: list[str],
+           confound: float) -> tuple[np.random.Generator, Acquisition, Scene]:
     rng = np.random.default_rng([seed, class_index, index])
     domain = _choose_domain(rng, class_index, domains, confound)
     acq = sample_acquisition(rng, domain)
-    scene = draw_scene(rng, label, size, acq.magnification)
+    return rng, acq, draw_scene(rng, label, size, acq.magnification)
+
+
+def make_image(label: str, class_index: int, index: int, size: int, seed: int, domains: list[str],
+               confound: float) -> tuple[bytes, Acquisition]:
+    """Encode one field as JPEG bytes; depends on (seed, class_index, index) and settings only."""
+    rng, acq, scene = _scene(label, class_index, index, size, seed, domains, confound)
     img = render(scene, acq, rng)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=acq.jpeg_quality)
     return buf.getvalue(), acq
+
+
+def cell_mask(label: str, index: int, size: int = 256, seed: int = 0, domains: list[str] | None = None,
+              confound: float = 0.0, classes: tuple[str, ...] = ("N", "P"), threshold: float = 0.05) -> np.ndarray:
+    """(size, size) bool: where image ``{label}/{label}_{index:05d}.jpg`` of a set has cells.
+
+    Nuclei or cytoplasm above ``threshold`` concentration, from the same scene the image was
+    rendered from (red blood cells, debris and the smear background are not cells). The ground
+    truth for checking that explanation maps (Grad-CAM, attention) sit on cells.
+    """
+    domains = _check_settings(1, size, domains, confound, tuple(classes))
+    _, _, scene = _scene(label, list(classes).index(label), index, size, seed, domains, confound)
+    return (scene.layers[NUCLEUS] > threshold) | (scene.layers[CYTOPLASM] > threshold)
 
 
 def _make_job(job: tuple) -> tuple[str, bytes, Acquisition]:
@@ -268,14 +286,28 @@ def _file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _matches_generator(folder: Path) -> bool:
+    """Whether the cached set's first image is what this generator makes now (a stale cache from an
+    older version would otherwise be used silently, and masks from ``cell_mask`` would not fit it)."""
+    settings = dict(DEFAULT_SETTINGS)
+    label = "N"
+    data, _ = make_image(label, 0, 0, settings["size"], settings["seed"],
+                         _check_settings(1, settings["size"], settings["domains"], settings["confound"], ("N", "P")),
+                         settings["confound"])
+    path = folder / label / f"{label}_00000.jpg"
+    return path.is_file() and path.read_bytes() == data
+
+
 def default_dataset() -> Path:
     """The embedded default set, generated once into ``$ROSEPRIOR_CACHE/synth-default-v1``."""
     final = cache_dir() / DEFAULT_VERSION
-    if (final / "manifest.csv").is_file():
+    if (final / "manifest.csv").is_file() and _matches_generator(final):
         return final
     with _file_lock(final.with_name(final.name + ".lock")):
         if (final / "manifest.csv").is_file():
-            return final  # another process finished it while we waited
+            if _matches_generator(final):
+                return final  # another process finished it while we waited
+            print(f"roseprior: {final} was made by an older generator; regenerating it", file=sys.stderr)
         print(f"roseprior: generating the default synthetic data set once into {final}", file=sys.stderr)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is ordinary data

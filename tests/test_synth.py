@@ -209,6 +209,32 @@ def test_default_dataset_is_built_once_and_survives_concurrent_callers(tmp_path:
     assert synth.default_dataset() == root and (root / "manifest.csv").stat().st_mtime_ns == stamp
 
 
+def test_default_dataset_from_an_older_generator_is_regenerated(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setenv("ROSEPRIOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(synth, "DEFAULT_SETTINGS", dict(n_per_class=2, size=48, domains=None, confound=0.0, seed=0))
+    root = synth.default_dataset()
+    fresh = (root / "N" / "N_00000.jpg").read_bytes()
+    (root / "N" / "N_00000.jpg").write_bytes(b"an image from an older generator")
+    assert synth.default_dataset() == root
+    assert (root / "N" / "N_00000.jpg").read_bytes() == fresh
+    assert "older generator" in capsys.readouterr().err
+
+
+def test_cell_mask_marks_the_cells_of_the_rendered_image(tmp_path: Path):
+    """Cells absorb light: the mask's pixels are darker than the rest, in every domain."""
+    from PIL import Image
+
+    root = synth.generate(tmp_path / "set", n_per_class=4, size=128, seed=3, progress=False)
+    for label in ("N", "P"):
+        for index in range(4):
+            mask = synth.cell_mask(label, index, size=128, seed=3)
+            gray = np.asarray(Image.open(root / label / f"{label}_{index:05d}.jpg").convert("L"), dtype=float)
+            assert mask.shape == (128, 128) and 0.02 < mask.mean() < 0.98
+            assert gray[mask].mean() < gray[~mask].mean() - 15, (label, index)
+    # Another seed lays out other cells: the mask belongs to its image.
+    assert (synth.cell_mask("P", 0, size=128, seed=3) != synth.cell_mask("P", 0, size=128, seed=4)).mean() > 0.05
+
+
 def test_cli_writes_a_set_and_reports_bad_input(tmp_path: Path, capsys):
     out = tmp_path / "cli"
     assert cli_main(["synth", "--out", str(out), "--n-per-class", "2", "--size", "48", "--preview"]) == 0
