@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -70,3 +72,30 @@ def test_a_failing_benchmark_keeps_its_row_and_the_others_still_run(tmp_path: Pa
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert [r["benchmark"] for r in rows] == ["bad", "good"]
     assert rows[0]["error"] and rows[1]["error"] is None
+
+
+def test_pretrain_quality_smoke_run_and_reuse(shared_data: Path, tmp_path: Path, capsys) -> None:
+    """The real-data benchmark runs end to end on a tiny budget, and --reuse re-probes without pretraining."""
+    import torch
+
+    from benchmarks import pretrain_quality
+
+    if not (shared_data / "cric_cells" / "manifest.csv").is_file():
+        pytest.skip("cric_cells not in the shared data")
+    args = ["--data", str(shared_data / "cric_cells"), "--minutes", "0.3", "--threads", "1",
+            "--max-eval-images", "80", "--out", str(tmp_path / "pq"), "--set", "train.batch_size=16"]
+    weights = tmp_path / "pq" / "pretrain" / "backbone.safetensors"
+    threads = torch.get_num_threads()  # the benchmark sets its own thread count; the suite gets its own back
+    try:
+        assert pretrain_quality.main(args) == 0
+        first = json.loads((tmp_path / "pq" / "quality.json").read_text())
+        stamp = weights.stat().st_mtime_ns
+        assert pretrain_quality.main([*args, "--reuse"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert first["method"] == "simclr" and first["eval_size"] == 64 and first["steps"] >= 1
+    for which in ("pretrained", "random_init"):
+        assert 0.0 <= first[which]["knn_balanced_accuracy"] <= 1.0 and first[which]["linear_C"] > 0
+    assert weights.stat().st_mtime_ns == stamp  # not pretrained again
+    again = json.loads((tmp_path / "pq" / "quality.json").read_text())
+    assert again["pretrained"] == first["pretrained"] and "--reuse" in capsys.readouterr().out

@@ -137,6 +137,44 @@ def test_views_of_small_images_stay_inside_the_image():
     assert (boxes[:, 3] <= w + 1e-6).all() and (boxes[:, 4] <= h + 1e-6).all()
 
 
+def test_each_view_is_its_crop_flip_colour_and_blur_from_the_shared_ops():
+    """The batched, sorted, table-driven fast path makes exactly the views a plain per-view
+    composition of the shared ops makes (crop, flip/rotate, HED/white balance/brightness, blur)."""
+    from pretrain import views as V
+    from pretrain.config import ViewsConfig
+    from roseprior import imageops
+
+    cfg = ViewsConfig(global_size=32, local_size=16, n_local=2, hed_strength=0.2, white_balance=0.2,
+                      brightness=0.2, color_prob=0.7, blur_prob=[1.0, 0.5, 0.5])
+    views = V.MultiCropViews(cfg, seed=3)
+    images, sizes = _batch(6)
+    indices = torch.arange(6) + 100
+    out = views(images, sizes, indices, epoch=2)
+    u = views.draws(indices, epoch=2).float()
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+    h, wb, b = cfg.hed_strength, cfg.white_balance, cfg.brightness
+    for group, first, size, is_global in (("global", 0, 32, True), ("local", 2, 16, False)):
+        n = len(out[group])
+        boxes = views.boxes(views.draws(indices, epoch=2)[:, first : first + n], sizes, size, is_global)
+        for v in range(n):
+            blur_prob = (cfg.blur_prob[0] if v == 0 else cfg.blur_prob[1]) if is_global else cfg.blur_prob[2]
+            for i in range(6):
+                r = u[i, first + v]
+                x = V.crop_resize_cpu(images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+                                      boxes[v * 6 + i][None], size)[0]
+                x = x.flip(-1) if r[V._HFLIP] < 0.5 else x
+                x = torch.rot90(x, min(int(r[V._ROT] * 4), 3), (-2, -1)).float()[None] / 255.0
+                if r[V._COLOR] < cfg.color_prob:
+                    x = imageops.hed_shift(x, 1 - h + 2 * h * r[V._HED][None, :3], -h + 2 * h * r[V._HED][None, 3:])
+                    x = imageops.white_balance_shift(x, 1 - wb + 2 * wb * r[V._WB][None])
+                    x = imageops.brightness_shift(x, (-b + 2 * b * r[V._BRIGHT])[None])
+                if r[V._BLUR] < blur_prob:
+                    low, high = cfg.blur_sigma
+                    x = imageops.gaussian_blur(x, float(low + (high - low) * r[V._SIGMA]))
+                expected = (x[0] - mean) / std
+                torch.testing.assert_close(out[group][v][i], expected, atol=2e-4, rtol=0, msg=f"{group} {v} {i}")
+
+
 def test_fused_colour_shift_equals_the_shared_image_ops():
     """The views' one-pass stain/acquisition shift is imageops' hed -> white balance -> brightness."""
     from pretrain.views import stain_and_acquisition_shift
