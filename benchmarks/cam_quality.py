@@ -29,13 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as `python benchmarks/cam_quality.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from finetune.cam import (  # noqa: E402
-    attention_heatmap,
-    choose_layers,
-    grad_cam,
-    localisation_scores,
-    write_cam_figures,
-)
+from finetune.cam import cam_maps, localisation_scores, write_cam_figures  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
 from roseprior.checkpoint import atomic_write_json  # noqa: E402
 from roseprior.config import load_config  # noqa: E402
@@ -56,20 +50,10 @@ def finetune(out: Path, epochs: int, threads: int) -> Path:
 
 
 def panels(model: torch.nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
-    """The finetune CAM figure's maps, (B, H, W) each, for the predicted class."""
-    layers = choose_layers(model.backbone)
+    """The finetune CAM figure's maps for the predicted class."""
     with torch.no_grad():
         predicted = model(images).argmax(1).tolist()
-    maps: dict[str, np.ndarray] = {}
-    for part in ("cnn", "transformer"):
-        if layers[part] is not None:
-            key, layer = layers[part]
-            maps[f"Grad-CAM {key}"] = grad_cam(model, images, layer, predicted)
-    if layers["attention"] is not None:
-        heat = attention_heatmap(model, images, layers["attention"][0])
-        if heat is not None:
-            maps[f"guided attention {layers['attention'][0]}"] = heat
-    return maps
+    return cam_maps(model, images, predicted)
 
 
 def score(model: torch.nn.Module, batches: list[tuple[torch.Tensor, np.ndarray]]) -> dict[str, dict[str, float]]:

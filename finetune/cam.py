@@ -24,7 +24,8 @@ from .config import CamConfig
 from .model import Classifier
 
 __all__ = [
-    "attention_heatmap", "choose_layers", "grad_cam", "localisation_scores", "pick_images", "write_cam_figures",
+    "attention_heatmap", "cam_maps", "choose_layers", "grad_cam", "localisation_scores", "pick_images",
+    "write_cam_figures",
 ]
 
 
@@ -102,6 +103,22 @@ def attention_heatmap(model: Classifier, images: torch.Tensor, key: str | None) 
     return ((heat - lo) / (hi - lo).clamp_min(1e-12)).cpu().numpy()
 
 
+def cam_maps(model: Classifier, images: torch.Tensor, classes: Sequence[int]) -> dict[str, np.ndarray]:
+    """The figure's maps, (B, H, W) each, keyed by title: Grad-CAM on the CNN stage and on the decoder
+    that ``choose_layers`` picks (for ``classes[i]`` of image i), and the guided attention."""
+    layers = choose_layers(model.backbone)
+    maps: dict[str, np.ndarray] = {}
+    for part in ("cnn", "transformer"):
+        if layers[part] is not None:
+            key, layer = layers[part]
+            maps[f"Grad-CAM {key}"] = grad_cam(model, images, layer, classes)
+    if layers["attention"] is not None:
+        heat = attention_heatmap(model, images, layers["attention"][0])
+        if heat is not None:
+            maps[f"guided attention {layers['attention'][0]}"] = heat
+    return maps
+
+
 def localisation_scores(heat: np.ndarray, mask: np.ndarray, border: float = 0.1) -> dict[str, float]:
     """Does a map (H, W) sit on the ``mask`` (H, W, bool, e.g. where the cells are) or on the borders?
 
@@ -154,7 +171,6 @@ def write_cam_figures(
     probs, labels, indices = result["probs"][order], result["labels"][order], result["indices"][order]
     chosen = pick_images(labels, probs, cam_cfg.num_images, cam_cfg.misclassified, cfg.seed)
     dataset = ImageDataset([samples[int(indices[i])] for i in chosen], image_size=cfg.data.image_size)
-    layers = choose_layers(model.backbone)
 
     paths = []
     per_figure = max(cam_cfg.per_figure, 1)
@@ -162,15 +178,7 @@ def write_cam_figures(
         rows = list(range(start, min(start + per_figure, len(chosen))))
         images = torch.stack([dataset[r][0] for r in rows]).float().div(255.0)
         predicted = probs[[chosen[r] for r in rows]].argmax(1)
-        panels: list[tuple[str, np.ndarray | None]] = [("image", None)]
-        for part in ("cnn", "transformer"):
-            if layers[part] is not None:
-                key, layer = layers[part]
-                panels.append((f"Grad-CAM {key}", grad_cam(model, images, layer, predicted)))
-        if layers["attention"] is not None:
-            heat = attention_heatmap(model, images, layers["attention"][0])
-            if heat is not None:
-                panels.append((f"guided attention {layers['attention'][0]}", heat))
+        panels: list[tuple[str, np.ndarray | None]] = [("image", None), *cam_maps(model, images, predicted).items()]
         fig, axes = plt.subplots(len(rows), len(panels), figsize=(3.0 * len(panels), 3.2 * len(rows)), squeeze=False)
         for i, r in enumerate(rows):
             k = chosen[r]
