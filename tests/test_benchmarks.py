@@ -99,3 +99,33 @@ def test_pretrain_quality_smoke_run_and_reuse(shared_data: Path, tmp_path: Path,
     assert weights.stat().st_mtime_ns == stamp  # not pretrained again
     again = json.loads((tmp_path / "pq" / "quality.json").read_text())
     assert again["pretrained"] == first["pretrained"] and "--reuse" in capsys.readouterr().out
+
+
+def test_cam_quality_scores_every_panel_of_a_synthetic_run(tmp_path: Path) -> None:
+    """benchmarks/cam_quality.py on a finetune of the synthetic default: every panel scored against the
+    cell masks, for the run and for random init, plus the figures; a run on other data is refused."""
+    import torch
+
+    from benchmarks import cam_quality
+    from finetune.__main__ import main as finetune_main
+
+    config = str(REPO / "configs" / "finetune" / "msht_tiny_cpu.yaml")
+    run = tmp_path / "ft"
+    threads = torch.get_num_threads()
+    try:
+        assert finetune_main(["--config", config, f"out_dir={run}", "data.image_size=64", "train.batch_size=8",
+                              "train.epochs=1", "train.max_steps=2", "cam.num_images=2"]) == 0
+        assert cam_quality.main(["--run", str(run), "--out", str(tmp_path / "cq"), "--threads", "1"]) == 0
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "config.yaml").write_text((run / "config.yaml").read_text().replace("root: null", "root: /elsewhere"))
+        assert cam_quality.main(["--run", str(other), "--out", str(tmp_path / "cq2")]) == 2
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads((tmp_path / "cq" / "cam_quality.json").read_text())
+    assert summary["images"] > 0 and 0.05 < summary["cell_area_fraction"] < 0.95
+    for which in ("trained", "random_init"):
+        assert set(summary[which]) == {"Grad-CAM cnn.stage3", "Grad-CAM decoder4", "guided attention decoder4"}
+        for scores in summary[which].values():
+            assert 0.0 <= scores["pointing_hit"] <= 1.0 and scores["on_mask_lift"] >= 0.0
+    assert sorted(p.name for p in (tmp_path / "cq" / "cam").glob("*.png"))
