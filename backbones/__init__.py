@@ -15,8 +15,16 @@ from __future__ import annotations
 from . import hybrid_vit as _hybrid_vit  # noqa: F401  (registers hybrid_vit)
 from . import msht as _msht  # noqa: F401  (registers msht, msht_small, msht_tiny)
 from ._registry import TIMM_PREFIX, create, is_model, list_models, register_model
-from .helpers import GROUPS, cam_target_layers, group_of, param_groups, reshape_transform
-from .weights import LoadReport, load, load_init, load_into, load_state_dict_file, save
+from .helpers import (
+    GROUPS,
+    cam_target_layers,
+    group_of,
+    input_stats,
+    param_groups,
+    reshape_transform,
+    set_input_stats,
+)
+from .weights import LoadReport, init_fingerprint, load, load_init, load_into, load_state_dict_file, save
 
 __all__ = [
     "TIMM_PREFIX",
@@ -25,6 +33,8 @@ __all__ = [
     "cam_target_layers",
     "create",
     "group_of",
+    "init_fingerprint",
+    "input_stats",
     "is_model",
     "list_models",
     "load",
@@ -35,4 +45,5 @@ __all__ = [
     "register_model",
     "reshape_transform",
     "save",
+    "set_input_stats",
 ]

@@ -22,8 +22,9 @@ from roseprior.checkpoint import atomic_write_json, save_safetensors
 from roseprior.errors import CheckpointError, ConfigError
 
 from ._registry import create
+from .helpers import set_input_stats
 
-__all__ = ["save", "load", "load_init", "load_state_dict_file", "load_into", "LoadReport"]
+__all__ = ["save", "load", "load_init", "load_state_dict_file", "load_into", "init_fingerprint", "LoadReport"]
 
 _log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def save(model: nn.Module, out_dir: str | Path, provenance: dict[str, Any] | Non
         "default_cfg": _json_safe(
             {
                 k: v
-                for k, v in (getattr(model, "default_cfg", None) or {}).items()
+                for k, v in (getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}).items()
                 if k in ("input_size", "mean", "std")
             }
         ),
@@ -150,10 +151,10 @@ def _load_folder(folder: Path, overrides: dict[str, Any]) -> tuple[nn.Module, Lo
     except ConfigError as err:
         raise CheckpointError(f"{folder / META_FILE}: cannot rebuild backbone: {err}") from err
     # The input statistics the backbone was trained with travel with it, so every stage that
-    # loads it (finetune's classifier, the probes) normalises its inputs the same way.
-    saved_cfg = {k: tuple(v) for k, v in (meta.get("default_cfg") or {}).items() if k in ("mean", "std")}
-    if saved_cfg:
-        model.default_cfg = {**(getattr(model, "default_cfg", None) or {}), **saved_cfg}
+    # loads it (finetune's classifier, predict, the probes, timm) normalises its inputs the same way.
+    saved_cfg = meta.get("default_cfg") or {}
+    if saved_cfg.get("mean") and saved_cfg.get("std"):
+        set_input_stats(model, saved_cfg["mean"], saved_cfg["std"])
     state = load_state_dict_file(folder / WEIGHTS_FILE)
     if not overrides:
         try:
@@ -336,3 +337,25 @@ def load_init(
     _log.info("init %s", report)
     built.load_report = report
     return built
+
+
+def init_fingerprint(spec: str, seed: int) -> str:
+    """What an init spec's weights depend on: the bytes of its backbone files (a folder) or weights file,
+    or, for a registry/timm name (random init), the name and the seed."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    path = Path(spec).expanduser()
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith("backbone.")) if path.is_dir() else (
+        [path] if path.is_file() else [])
+    if path.is_dir() and not files:
+        raise CheckpointError(f"{path} has no {WEIGHTS_FILE}/{META_FILE}; point it at a folder written by pretrain "
+                              "or finetune")
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    if not files:
+        digest.update(f"random-init:{spec}:seed={seed}".encode())
+    return digest.hexdigest()[:20]

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     model, meta = load_classifier(run_dir)
-    splits = load_splits(cfg)
+    splits = load_splits(cfg).splits
     samples = splits["val"] + splits["test"]
     size = cfg.data.image_size
     dataset = ImageDataset(samples, image_size=size)

@@ -44,26 +44,16 @@ tail -n 2 "$OUT/pretrain/metrics.jsonl"
 
 step "finetune: SAM from the pretrained backbone (configs/finetune/msht_sam.yaml), $STEPS steps"
 "$PY" -m finetune --config configs/finetune/msht_sam.yaml "${DATA_ARGS[@]}" init="$OUT/pretrain" \
-    out_dir="$OUT/finetune" train.max_steps="$STEPS" train.mixed_precision=bf16 data.num_workers=8
+    out_dir="$OUT/finetune" train.max_steps="$STEPS" train.precision=bf16 data.num_workers=8
 
 step "finetune: SAM from random init, $STEPS steps"
 "$PY" -m finetune --config configs/finetune/msht_sam.yaml "${DATA_ARGS[@]}" init=msht \
-    out_dir="$OUT/finetune_random" train.max_steps="$STEPS" train.mixed_precision=bf16 data.num_workers=8
+    out_dir="$OUT/finetune_random" train.max_steps="$STEPS" train.precision=bf16 data.num_workers=8
 
 step "probes: robustness protocol on the four checkpoints (configs/probes/robustness.yaml)"
 "$PY" -m eval_probes --config configs/probes/robustness.yaml "${DATA_ARGS[@]}" out_dir="$OUT/probes" \
     "checkpoints=[msht, $OUT/pretrain, $OUT/finetune, $OUT/finetune_random]" umap=false progress=false
-"$PY" - "$OUT/probes/report.json" <<'PY'
-import json, sys
-report = json.load(open(sys.argv[1]))
-for name, entry in report["checkpoints"].items():
-    conds = entry["conditions"]
-    clean = conds.get("clean", {}).get("linear", {}).get("balanced_accuracy")
-    shifted = {c: p["linear"]["balanced_accuracy"] for c, p in conds.items() if c != "clean" and "linear" in p}
-    worst = min(shifted.items(), key=lambda kv: kv[1]) if shifted else ("-", float("nan"))
-    clean = "n/a" if clean is None else f"{clean:.3f}"
-    print(f"  {name:<40} linear balanced accuracy: clean {clean}, worst shift {worst[1]:.3f} ({worst[0]})")
-PY
+"$PY" -c "from roseprior.demo import summarize; print('\n'.join(summarize(__import__('pathlib').Path('$OUT/probes/report.json'))))"
 
 step "benchmarks (real sizes, on the GPU)"
 "$PY" -m benchmarks --data "$DATA" --json "$OUT/benchmarks.json"

@@ -37,24 +37,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _first_batch(cfg: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One training batch of decoded images (the loop's first indices), moved to ``device``."""
-    from pretrain.views import DecodedImages, collate_decoded
-    from roseprior.data import load_unlabeled, resolve_root
+def _first_batch(cfg: Any) -> list[Any]:
+    """The decoded images of one training batch (the first images the loop would read)."""
+    from pretrain.loop import pretrain_images
+    from pretrain.views import DecodedImages
 
-    samples = sorted(load_unlabeled(resolve_root(cfg.data)), key=lambda s: s.path)
+    _, samples, _ = pretrain_images(cfg)
     dataset = DecodedImages([s.path for s in samples], cfg.views.source_max_side)
-    idx = [i % len(dataset) for i in range(cfg.train.batch_size)]
-    images, sizes, indices = collate_decoded([dataset[i] for i in idx])
-    return images.to(device), sizes, indices
+    return [dataset[i % len(dataset)] for i in range(cfg.train.batch_size)]
 
 
 def time_views(cfg: Any, batches: int) -> float:
     """Seconds per batch to decode and cut the views alone (no model), where the loop cuts them."""
+    from pretrain.loop import pretrain_images
     from pretrain.views import DecodedImages, MultiCropViews, collate_decoded
-    from roseprior.data import load_unlabeled, resolve_root
 
-    samples = sorted(load_unlabeled(resolve_root(cfg.data)), key=lambda s: s.path)
+    _, samples, _ = pretrain_images(cfg)
     dataset = DecodedImages([s.path for s in samples], cfg.views.source_max_side)
     views = MultiCropViews(cfg.views, seed=cfg.seed)
     cuda = torch.cuda.is_available() and cfg.views.device != "loader"
@@ -69,56 +67,41 @@ def time_views(cfg: Any, batches: int) -> float:
 
 
 def ceiling_rate(cfg: Any, steps: int, warmup: int) -> float:
-    """Images/s of the loop's step on one batch of views kept on the device (no data work).
-
-    Mirrors ``pretrain.loop.run``'s step (lr/wd set, forward, finite check, backward, method
-    hooks, clip, optimizer step, EMA, collapse flag) so that only the data path differs.
-    """
+    """Images/s of the loop's own step (``pretrain.loop.make_step``) plus its after-step hook work
+    (EMA teacher, collapse flag), on one batch of views kept on the device: no data work."""
     import backbones
-    from pretrain.loop import _make_accelerator, _param_groups
+    from pretrain.loop import ViewCollate, make_step
     from pretrain.methods import build_method
     from pretrain.views import MultiCropViews
+    from roseprior.loop import make_accelerator
 
-    accelerator = _make_accelerator(cfg)
+    accelerator = make_accelerator(cfg.train.precision)
     device = accelerator.device
     torch.manual_seed(cfg.seed)
     method = build_method(cfg.method, backbones.create(cfg.model.name, **cfg.model.kwargs))
-    optimizer = torch.optim.AdamW(_param_groups(method), lr=0.0)
+    optimizer = torch.optim.AdamW(backbones.param_groups(method, cfg.train.lr, cfg.train.weight_decay))
     method, optimizer = accelerator.prepare(method, optimizer)
     unwrapped = accelerator.unwrap_model(method)
-    trainable = [p for p in method.parameters() if p.requires_grad]
-    images, sizes, indices = _first_batch(cfg, device)
     with torch.no_grad():
-        batch_views = MultiCropViews(cfg.views, seed=cfg.seed)(images, sizes, indices, 0)
-    batch_views = {k: [v.to(device) for v in vs] for k, vs in batch_views.items()}
+        views, _ = ViewCollate(MultiCropViews(cfg.views, seed=cfg.seed))(_first_batch(cfg), 0)
+    batch = ({k: [v.to(device) for v in vs] for k, vs in views.items()},)
+    step = make_step(accelerator, method, optimizer, cfg, None)
     method.train()
 
-    def step() -> None:
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.train.lr * 0.1
-            if group.get("apply_wd"):
-                group["weight_decay"] = cfg.train.weight_decay
-        loss, metrics = method(batch_views, 0)
-        accelerator.reduce((~torch.isfinite(loss.detach())).float().view(1), "max").item()
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if hasattr(unwrapped, "after_backward"):
-            unwrapped.after_backward(0)
-        if cfg.train.clip_grad > 0:
-            accelerator.clip_grad_norm_(trainable, cfg.train.clip_grad)
-        optimizer.step()
-        if hasattr(unwrapped, "after_step"):
+    def one_step() -> None:
+        _, metrics = step(batch, 0, 0)
+        if unwrapped.has_teacher:
             unwrapped.after_step(cfg.method.momentum_start)
         collapsed = metrics.get("collapsed", torch.zeros((), device=device))
         accelerator.reduce(collapsed.detach().float().view(1), "max").item()
 
     for _ in range(warmup):
-        step()
+        one_step()
     times = []
     for _ in range(steps):
         _sync(device)
         start = time.perf_counter()
-        step()
+        one_step()
         _sync(device)
         times.append(time.perf_counter() - start)
     rate = cfg.train.batch_size / statistics.median(times)
@@ -139,8 +122,8 @@ def end_to_end_rate(cfg: Any, steps: int, warmup: int) -> tuple[float, float]:
     run(cfg)
     wall = time.perf_counter() - start
     records = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
-    at = {r["step"]: r["step"] * cfg.train.batch_size / r["images_per_second"]
-          for r in records if "images_per_second" in r}
+    at = {r["step"]: r["step"] * cfg.train.batch_size / r["train/images_per_second"]
+          for r in records if "train/images_per_second" in r}
     durations = [at[k] - at[k - 1] for k in sorted(at) if k > max(warmup, 1) and k - 1 in at]
     if not durations:
         raise RuntimeError(f"pretrain logged no step after the {warmup} warm-up steps; raise --steps")
@@ -158,14 +141,14 @@ def measure(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from pretrain.config import PretrainConfig, validate
+    from pretrain.config import PretrainConfig
     from roseprior.config import load_config
 
     with tempfile.TemporaryDirectory(prefix="pretrain_throughput_") as tmp:
         overrides = [*args.overrides, f"out_dir={tmp}", f"train.max_steps={args.warmup + args.steps}",
                      "monitor.progress=false", "monitor.tensorboard=false", "train.log_every=1",
                      "checkpoint.every_steps=1000000", "checkpoint.resume=never"]
-        cfg = validate(load_config(PretrainConfig, args.config, overrides))
+        cfg = load_config(PretrainConfig, args.config, overrides)
         ceiling = ceiling_rate(cfg, args.steps, args.warmup)
         end_to_end, wall = end_to_end_rate(cfg, args.steps, args.warmup)
     views_s = time_views(cfg, batches=min(args.steps, 4))

@@ -30,6 +30,16 @@ class Condition:
     spec: dict[str, Any]  # everything the images depend on: part of the feature cache key
     apply: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = field(repr=False)
     random: bool = False  # draws from the generator: its features depend on the batch order too
+    target_domain: str | None = None  # re-staining: the domain whose stain the images are given
+
+    @property
+    def shift(self) -> bool:
+        return self.family != "clean"
+
+    def describe(self) -> dict[str, Any]:
+        """The condition as ``report.json`` lists it (everything but the function)."""
+        return {"name": self.name, "family": self.family, "value": self.value, "shift": self.shift,
+                "target_domain": self.target_domain, "spec": self.spec}
 
     def generator(self, seed: int, device: torch.device | str = "cpu") -> torch.Generator:
         digest = hashlib.sha256(f"{seed}:{self.name}".encode()).digest()
@@ -65,7 +75,7 @@ def restain(domain: str, normalizer: imageops.StainNormalizer, target_ids: list[
     """Every test image re-stained to ``domain``'s target (fitted on a few of its train images)."""
     return Condition(f"stain/{normalizer.method}->{domain}", "stain", None,
                      {"op": f"{normalizer.method}_restain", "domain": domain, "targets": target_ids},
-                     lambda x, g: normalizer(x))
+                     lambda x, g: normalizer(x), target_domain=domain)
 
 
 def scale(factor: float) -> Condition:

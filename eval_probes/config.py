@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from roseprior.config import StageConfig
+from roseprior.config import StageConfig, check
+from roseprior.probes import ProbeProtocol
 
 
 @dataclass
@@ -28,8 +29,8 @@ class ProbeConfig(StageConfig):
     # (random init), ``timm:<name>`` (random init; weights are never downloaded) or a state-dict file.
     checkpoints: list[str] = field(default_factory=lambda: ["msht_tiny", "timm:resnet18"])
     names: list[str] | None = None  # display names, one per checkpoint (default: derived from the spec)
-    # Input normalisation for every checkpoint; null follows each checkpoint's own (its backbone.json
-    # provenance, else the model's default_cfg, else ImageNet's).
+    # Input normalisation for every checkpoint; null follows each checkpoint's own
+    # (``backbones.input_stats``: what its backbone.json says it was trained with, else the architecture's).
     mean: list[float] | None = None
     std: list[float] | None = None
     batch_size: int = 32
@@ -43,12 +44,8 @@ class ProbeConfig(StageConfig):
     domain_transfer: bool = True  # train on one domain, test on each other (when domains exist)
     shortcut_split: bool = True  # test images whose domain is typical vs atypical for their class
 
-    # kNN probe.
-    knn_k: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
-    knn_temperature: float = 0.07
-    # Linear probe: logistic regression, C chosen on validation from this log grid.
-    linear_c: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
-    linear_max_iter: int = 1000
+    # The kNN and linear probes (k and C chosen on validation): the protocol every stage scores with.
+    protocol: ProbeProtocol = field(default_factory=ProbeProtocol)
     # Robustness index (needs domain labels).
     robustness_k: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
 
@@ -56,3 +53,17 @@ class ProbeConfig(StageConfig):
     umap: bool = True  # umap-learn compiles with numba on first use (~40 s): switch off for fast runs
     tensorboard: bool = True
     projector: bool = True  # TensorBoard embedding projector of the clean test features
+
+    def __post_init__(self) -> None:
+        check(bool(self.checkpoints), "checkpoints", "must list at least one checkpoint (a folder, msht_tiny, "
+              "timm:<name>)", self.checkpoints)
+        check(len(self.data.classes) == 2 and self.data.positive_class in self.data.classes, "data.classes",
+              "must be two classes including data.positive_class (the probes report binary metrics)",
+              self.data.classes)
+        check(self.names is None or (len(self.names) == len(self.checkpoints) and len(set(self.names)) == len(
+            self.names)), "names", f"must give one distinct name per checkpoint ({len(self.checkpoints)})", self.names)
+        stats_ok = (self.mean is None and self.std is None) or (
+            self.mean is not None and self.std is not None and len(self.mean) == len(self.std) == 3 and min(self.std) > 0)
+        check(stats_ok, "mean", "and std must both be three numbers (std > 0), or both null to use each "
+              "checkpoint's own normalisation", (self.mean, self.std))
+        check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)

@@ -38,9 +38,9 @@ PROBE_LABELS = {"knn": "kNN (weighted)", "knn_majority": "kNN (majority)", "line
 
 
 def _ba(entry: dict[str, Any] | None, probe: str) -> float | None:
-    if not entry or probe not in entry:
-        return None
-    return entry[probe].get("balanced_accuracy")
+    """Balanced accuracy of ``probe`` in one condition's result (None when skipped or absent)."""
+    score = ((entry or {}).get("scores") or {}).get(probe)
+    return score.get("balanced_accuracy") if score else None
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -48,23 +48,27 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
+def domain_cell(conds: dict[str, Any], source: str, target: str) -> dict[str, Any] | None:
+    """The domain-transfer result fitted on ``source`` and scored on ``target``."""
+    return next((c for c in conds.values() if c["family"] == "domain" and c.get("source_domain") == source
+                 and c.get("target_domain") == target), None)
+
+
 def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per checkpoint, ranked by mean linear-probe balanced accuracy over clean, stain and scale."""
     rows = []
     for name, result in report["checkpoints"].items():
-        conds = result["conditions"]
-        shifted = {k: v for k, v in conds.items() if k.startswith(("stain/", "scale/"))}
-        row: dict[str, Any] = {"name": name}
+        conds = result["conditions"].values()
+        by_family = {f: [c for c in conds if c["family"] == f and c["shift"]] for f in ("stain", "scale", "domain")}
+        row: dict[str, Any] = {"name": name, "test_overlap": (result.get("test_overlap") or {}).get("test_images", 0)}
         for probe in ("knn", "linear"):
-            row[f"clean_{probe}"] = _ba(conds.get("clean"), probe)
-            row[f"stain_{probe}"] = _mean([_ba(v, probe) for k, v in shifted.items() if k.startswith("stain/")])
-            row[f"scale_{probe}"] = _mean([_ba(v, probe) for k, v in shifted.items() if k.startswith("scale/")])
-            row[f"worst_{probe}"] = min((b for b in (_ba(v, probe) for v in shifted.values()) if b is not None),
-                                        default=None)
-            row[f"atypical_{probe}"] = _ba(conds.get("domain/atypical"), probe)
-            cross = [_ba(v, probe) for k, v in conds.items() if k.startswith("domain/") and "->" in k
-                     and k.split("/", 1)[1].split("->")[0] != k.split("->")[1]]
-            row[f"cross_domain_{probe}"] = _mean(cross)
+            row[f"clean_{probe}"] = _ba(result["conditions"].get("clean"), probe)
+            row[f"stain_{probe}"] = _mean([_ba(c, probe) for c in by_family["stain"]])
+            row[f"scale_{probe}"] = _mean([_ba(c, probe) for c in by_family["scale"]])
+            row[f"worst_{probe}"] = min((b for b in (_ba(c, probe) for c in by_family["stain"] + by_family["scale"])
+                                         if b is not None), default=None)
+            row[f"atypical_{probe}"] = _mean([_ba(c, probe) for c in by_family["domain"] if c["subset"] == "atypical"])
+            row[f"cross_domain_{probe}"] = _mean([_ba(c, probe) for c in by_family["domain"] if c["source_domain"]])
         ri = result.get("robustness_index") or {}
         row["ri"] = ri.get("20", next(iter(ri.values()), None)) if ri else None
         row["rank_score"] = _mean([row["clean_linear"], row["stain_linear"], row["scale_linear"]])
@@ -135,7 +139,7 @@ def domain_matrix_figure(report: dict[str, Any], domains: list[str], probe: str 
         matrix = np.full((len(domains), len(domains)), np.nan)
         for i, a in enumerate(domains):
             for j, b in enumerate(domains):
-                value = _ba(conds.get(f"domain/{a}->{b}"), probe)
+                value = _ba(domain_cell(conds, a, b), probe)
                 matrix[i, j] = np.nan if value is None else value
         image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="RdYlGn")
         for i in range(len(domains)):
@@ -162,7 +166,7 @@ def reliability_figure(runs: list[CheckpointRun], y_test: np.ndarray) -> str:
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
         for run in runs:
             bins = [b for b in reliability_bins(y_test, run.clean_probs[probe], n_bins=15) if b["count"]]
-            ece = run.result["conditions"]["clean"][probe]["ece"]
+            ece = run.result["conditions"]["clean"]["scores"][probe]["ece"]
             ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
                     label=f"{run.name} (ECE {ece:.3f})" if ece is not None else run.name)
         ax.set_title(PROBE_LABELS[probe])
@@ -236,7 +240,9 @@ def summary_table(rows: list[dict[str, Any]], has_domains: bool) -> str:
         head.append("<th>robustness<br>index (k=20)</th>")
     body = []
     for rank, row in enumerate(rows, start=1):
-        cells = [f"<td class='name'>{rank}</td><td class='name'>{html.escape(row['name'])}</td>"]
+        seen = (f"<br><span class='bad'>trained on {row['test_overlap']} test images: not held-out</span>"
+                if row["test_overlap"] else "")
+        cells = [f"<td class='name'>{rank}</td><td class='name'>{html.escape(row['name'])}{seen}</td>"]
         for key, _ in columns:
             cells.append(f"<td>{_fmt(row[f'{key}_knn'])}</td><td>{_fmt(row[f'{key}_linear'])}</td>")
         if has_domains:
@@ -253,13 +259,13 @@ def detail_table(name: str, result: dict[str, Any]) -> str:
     ) + "</tr>"
     rows = []
     for cond, entry in result["conditions"].items():
-        if "skipped" in entry:
+        if entry["skipped"]:
             rows.append(f"<tr><td class='name'>{html.escape(cond)}</td>"
                         f"<td class='name' colspan='{5 * len(probes)}'>skipped: {html.escape(entry['skipped'])}</td></tr>")
             continue
         cells = [f"<td class='name'>{html.escape(cond)}</td>"]
         for p in probes:
-            m = entry[p]
+            m = entry["scores"][p]
             drop = (m.get("drop") or {}).get("balanced_accuracy")
             css = "" if drop is None else (" class='bad'" if drop > 0.05 else (" class='good'" if drop < -0.05 else ""))
             cells.append(f"<td>{_fmt(m['balanced_accuracy'])}</td><td{css}>{_fmt(drop)}</td>"
@@ -296,8 +302,8 @@ def write_html(path: Path, report: dict[str, Any], runs: list[CheckpointRun], da
         domain = _figure(domain_matrix_figure(report, data.domains),
                          "Linear probe fitted on one domain's clean train images (rows), scored on each domain's "
                          "test images (columns).")
-        assoc = next((v.get("train_class_domain_association") for r in report["checkpoints"].values()
-                      for k, v in r["conditions"].items() if k == "domain/typical" and "skipped" not in v), None)
+        assoc = next((c["notes"].get("train_class_domain_association") for r in report["checkpoints"].values()
+                      for c in r["conditions"].values() if c.get("subset") and not c["skipped"]), None)
         if assoc is not None:
             domain += (f"<p>Class-domain association in the train split (Cramér's V): {assoc:.2f}. "
                        "'atypical domain' scores the test images whose domain is not their class's most "

@@ -1,19 +1,21 @@
 """The probe protocol end to end: features per checkpoint and condition, probes, scores, report.
 
-Every checkpoint goes through the same steps with the same fitted-probe protocol:
-  1. clean train/val/test features (cached);
+Every checkpoint goes through the same steps with the same fitted-probe protocol (``roseprior.probes``):
+  1. clean train/val/test features (``roseprior.features``, cached);
   2. kNN and linear probes fitted on clean train, k and C chosen on clean val;
   3. the test split scored under each condition (clean, stain, scale), the drop from clean;
   4. with domain labels: probes refitted per training domain and scored on each test domain,
      the test split divided into images whose domain is typical/atypical of their class in train
      (a shortcut tied to domain fails on the atypical ones), and the robustness index.
+A checkpoint that was fine-tuned (or pretrained) on images of the probe's test split is marked.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,90 +28,26 @@ from eval_probes import conditions as cond_lib
 from eval_probes.conditions import CLEAN, Condition
 from eval_probes.config import ProbeConfig
 from eval_probes.data import ProbeData, class_domain_association, load_probe_data, typical_domain
-from eval_probes.features import (
-    FeatureCache,
-    cached_features,
-    checkpoint_fingerprint,
-    data_fingerprint,
-    provenance_stats,
-    resolve_device,
-)
-from eval_probes.probes import KnnProbe, LinearProbe, fit_knn, fit_linear
+from eval_probes.features import FeatureCache, cached_features, data_fingerprint, resolve_device
+from eval_probes.results import PROBES, ConditionResult, ProbeScore
 from eval_probes.robustness import robustness_index
 from roseprior.data import ImageDataset, Sample
 from roseprior.errors import CheckpointError, ConfigError, DataError
+from roseprior.probes import FittedProbes, fit_probes
 
 log = logging.getLogger(__name__)
 
-METRICS = ("balanced_accuracy", "auroc", "f1", "ece")
-PROBES = ("knn", "knn_majority", "linear")
 RESTAIN_TARGETS = 4  # train images per domain the stain target is fitted on
 
 
-# ---------------------------------------------------------------------------------------------
-# Scoring
-# ---------------------------------------------------------------------------------------------
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def score(y: np.ndarray, probs: np.ndarray, positive: int) -> dict[str, Any]:
-    """Balanced accuracy, AUROC, F1 and ECE (15 bins) of the positive class's probability."""
-    from roseprior.metrics import binary_metrics
-
-    metrics = binary_metrics((np.asarray(y) == positive).astype(int), probs[:, positive])
-    out: dict[str, Any] = {k: _finite(metrics.get(k)) for k in METRICS}
-    out["n"] = len(y)
-    return out
-
-
-def with_drops(scores: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    """Add ``drop``: reference minus this condition for each metric (positive = worse, except ECE)."""
-    drop = {}
-    for key in METRICS:
-        a, b = reference.get(key), scores.get(key)
-        drop[key] = None if a is None or b is None else a - b
-    return {**scores, "drop": drop}
-
-
-@dataclass
-class FittedProbes:
-    knn: KnnProbe
-    linear: LinearProbe
-
-    def predict(self, feats: np.ndarray) -> dict[str, np.ndarray]:
-        return {
-            "knn": self.knn.predict_proba(feats, vote="weighted"),
-            "knn_majority": self.knn.predict_proba(feats, vote="majority"),
-            "linear": self.linear.predict_proba(feats),
-        }
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "knn": {"k": self.knn.k, "temperature": self.knn.temperature,
-                    "val_balanced_accuracy": {str(k): v for k, v in self.knn.val_scores.items()}},
-            "linear": {"C": self.linear.c,
-                       "val_balanced_accuracy": {f"{c:g}": v for c, v in self.linear.val_scores.items()}},
-        }
-
-
-def fit_probes(cfg: ProbeConfig, train: np.ndarray, y_train: np.ndarray, val: np.ndarray,
-               y_val: np.ndarray, num_classes: int) -> FittedProbes:
-    return FittedProbes(
-        fit_knn(train, y_train, val, y_val, num_classes, cfg.knn_k, cfg.knn_temperature),
-        fit_linear(train, y_train, val, y_val, cfg.linear_c, cfg.linear_max_iter, cfg.seed),
-    )
-
-
-def score_all(probes: FittedProbes, feats: np.ndarray, y: np.ndarray, positive: int) -> tuple[dict, dict]:
+def score_all(probes: FittedProbes, feats: np.ndarray, y: np.ndarray, positive: int,
+              reference: dict[str, ProbeScore] | None = None) -> tuple[dict[str, ProbeScore], dict[str, np.ndarray]]:
+    """Each probe's scores on ``feats`` (with the drop from ``reference`` when given), and its probabilities."""
     probs = probes.predict(feats)
-    return {name: score(y, p, positive) for name, p in probs.items()}, probs
+    scores = {name: ProbeScore.of(y, p, positive) for name, p in probs.items()}
+    if reference is not None:
+        scores = {name: s.against(reference[name]) for name, s in scores.items()}
+    return scores, probs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,11 +82,9 @@ def build_conditions(cfg: ProbeConfig, data: ProbeData) -> tuple[list[Condition]
                 continue
             conditions.append(cond_lib.restain(domain, normalizer, [data_fingerprint(picked)]))
     conditions += [cond_lib.scale(z) for z in cfg.zooms if z != 1.0]
-    seen: set[str] = set()
-    for c in conditions:
-        if c.name in seen:
-            raise ConfigError(f"condition {c.name} is listed twice; remove the duplicate from the config")
-        seen.add(c.name)
+    repeated = [name for name, n in Counter(c.name for c in conditions).items() if n > 1]
+    if repeated:
+        raise ConfigError(f"condition {repeated[0]} is listed twice; remove the duplicate from the config")
     return conditions, notes
 
 
@@ -169,9 +105,6 @@ class CheckpointRun:
 
 def display_names(cfg: ProbeConfig) -> list[str]:
     if cfg.names is not None:
-        if len(cfg.names) != len(cfg.checkpoints) or len(set(cfg.names)) != len(cfg.names):
-            raise ConfigError(f"names must give one distinct name per checkpoint ({len(cfg.checkpoints)}), "
-                              f"got {cfg.names}")
         return list(cfg.names)
     names: list[str] = []
     for spec in cfg.checkpoints:
@@ -193,16 +126,6 @@ def check_specs(specs: list[str]) -> None:
                               "backbone (e.g. msht_tiny), nor a timm:<name>")
 
 
-def input_stats_for(cfg: ProbeConfig, spec: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """The config's mean/std when set (checked), else None: each checkpoint's own (see features.input_stats)."""
-    if cfg.mean is None and cfg.std is None:
-        return None
-    if cfg.mean is None or cfg.std is None or len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
-        raise ConfigError(f"mean and std must both be three numbers (std > 0), got mean={cfg.mean} std={cfg.std}; "
-                          "or leave both null to use each checkpoint's own normalisation")
-    return tuple(cfg.mean), tuple(cfg.std)
-
-
 def _model_loader(spec: str, seed: int) -> Callable[[], torch.nn.Module]:
     model: list[torch.nn.Module] = []
 
@@ -220,111 +143,124 @@ def _model_loader(spec: str, seed: int) -> Callable[[], torch.nn.Module]:
     return load
 
 
+def seen_test_images(spec: str, data: ProbeData) -> dict[str, Any] | None:
+    """How many of the probe's test images the checkpoint trained (or selected) on, from its run folder's
+    ``training_images.csv``; None when it records none (a registry name, a foreign file)."""
+    from roseprior.splits import read_image_list
+
+    path = Path(spec).expanduser()
+    seen = read_image_list(path) if path.is_dir() else None
+    if seen is None:
+        return None
+    hits = Counter(seen[real] for real in (os.path.realpath(s.path) for s in data.splits["test"]) if real in seen)
+    return {"test_images": sum(hits.values()), "of": len(data.splits["test"]), "as": dict(hits)}
+
+
 def evaluate_checkpoint(cfg: ProbeConfig, data: ProbeData, conditions: list[Condition], spec: str, name: str,
                         cache: FeatureCache, device: torch.device) -> CheckpointRun:
+    import backbones
+    from roseprior.progress import Progress
+
     start = time.perf_counter()
-    ckpt_fp = checkpoint_fingerprint(spec, cfg.seed)
+    ckpt_fp = backbones.init_fingerprint(spec, cfg.seed)
     load_model = _model_loader(spec, cfg.seed)
+    stats = (tuple(cfg.mean), tuple(cfg.std)) if cfg.mean is not None else None  # None: the checkpoint's own
 
-    stats = input_stats_for(cfg, spec) or provenance_stats(spec)  # None: the model's default_cfg
-
-    # One bar per checkpoint over every image it needs: clean train/val/test, then test per condition.
-    from tqdm.auto import tqdm
-
+    # One progress display per checkpoint over every image it needs: clean train/val/test, then test per condition.
     total = sum(len(data.splits[s]) for s in ("train", "val", "test")) + len(data.splits["test"]) * (len(conditions) - 1)
-    bar = tqdm(total=total, desc=f"features {name}", unit="img", disable=not cfg.progress, mininterval=2.0)
+    bar = Progress(total, f"features {name}", unit="img", enabled=cfg.progress)
 
     def features(split: str, condition: Condition) -> np.ndarray:
         return cached_features(cache, load_model, ckpt_fp, data.splits[split], data.fingerprints[split], condition,
                                cfg.data.image_size, cfg.seed, cfg.batch_size, device, cfg.data.num_workers,
-                               desc=f"{split} {condition.name}", progress=bar, stats=stats)
+                               progress=bar, stats=stats)
 
-    clean_cond = conditions[0]
     with bar:
-        feats = {split: features(split, clean_cond) for split in ("train", "val", "test")}
+        feats = {split: features(split, conditions[0]) for split in ("train", "val", "test")}
         y = {split: data.labels(split) for split in ("train", "val", "test")}
-        num_classes = len(data.classes)
-        probes = fit_probes(cfg, feats["train"], y["train"], feats["val"], y["val"], num_classes)
-
-        results: dict[str, dict[str, Any]] = {}
+        probes = fit_probes(cfg.protocol, feats["train"], y["train"], feats["val"], y["val"], len(data.classes),
+                            cfg.seed)
         clean_scores, clean_probs = score_all(probes, feats["test"], y["test"], data.positive)
-        results[CLEAN] = clean_scores
-        for condition in conditions[1:]:
-            scores, _ = score_all(probes, features("test", condition), y["test"], data.positive)
-            results[condition.name] = {p: with_drops(scores[p], clean_scores[p]) for p in PROBES}
+        results = {CLEAN: ConditionResult(CLEAN, "clean", False, clean_scores)}
+        for c in conditions[1:]:
+            scores, _ = score_all(probes, features("test", c), y["test"], data.positive, clean_scores)
+            results[c.name] = ConditionResult(c.name, c.family, c.shift, scores, value=c.value,
+                                              target_domain=c.target_domain)
 
+    if len(data.domains) >= 2:
+        if cfg.domain_transfer:
+            results.update(domain_transfer(cfg, data, feats, y))
+        if cfg.shortcut_split:
+            results.update(shortcut_split(data, probes, feats["test"], y, clean_scores))
+    used_stats = stats or backbones.input_stats(load_model())
     result: dict[str, Any] = {
         "spec": spec,
         "fingerprint": ckpt_fp,
         "embed_dim": int(feats["test"].shape[1]),
-        "normalize": {"mean": list(stats[0]), "std": list(stats[1])} if stats else "model default_cfg",
+        "normalize": {"mean": list(used_stats[0]), "std": list(used_stats[1])},
+        "test_overlap": seen_test_images(spec, data),
         "probes": probes.describe(),
-        "conditions": results,
+        "conditions": {k: v.to_json() for k, v in results.items()},
     }
     if len(data.domains) >= 2:
-        result["conditions"].update(domain_transfer(cfg, data, feats, y, probes) if cfg.domain_transfer else {})
-        if cfg.shortcut_split:
-            result["conditions"].update(shortcut_split(data, probes, feats["test"], y, clean_scores))
         groups = data.groups("test", cfg.data.group_by)
         result["robustness_index"] = robustness_index(feats["test"], y["test"], data.domain_of("test"), groups,
                                                       cfg.robustness_k)
         result["robustness_index_groups"] = (cfg.data.group_by or "group") if groups else None
     result["seconds"] = round(time.perf_counter() - start, 2)
     log.info("eval_probes: %s done in %.0f s (clean linear balanced accuracy %.3f)", name, result["seconds"],
-             clean_scores["linear"]["balanced_accuracy"] or 0.0)
+             clean_scores["linear"].balanced_accuracy or 0.0)
     return CheckpointRun(name, result, feats["test"], clean_probs)
 
 
-def domain_transfer(cfg: ProbeConfig, data: ProbeData, feats: dict[str, np.ndarray], y: dict[str, np.ndarray],
-                    probes: FittedProbes) -> dict[str, dict[str, Any]]:
-    """``domain/<a>-><b>``: probes fitted on domain a's clean train (k, C on a's val), scored on b's test."""
-    out: dict[str, dict[str, Any]] = {}
+def domain_transfer(cfg: ProbeConfig, data: ProbeData, feats: dict[str, np.ndarray],
+                    y: dict[str, np.ndarray]) -> dict[str, ConditionResult]:
+    """``domain/<a>-><b>``: probes fitted on domain a's clean train (k, C on a's val), scored on b's test,
+    with the drop from the in-domain score a->a."""
+    out: dict[str, ConditionResult] = {}
     dom = {split: data.domain_of(split) for split in ("train", "val", "test")}
-    num_classes = len(data.classes)
     for a in data.domains:
         tr, va = dom["train"] == a, dom["val"] == a
-        if len(np.unique(y["train"][tr])) < num_classes:
-            for b in data.domains:
-                out[f"domain/{a}->{b}"] = {"skipped": f"the train split of domain {a} lacks a class"}
-            continue
-        fitted = fit_probes(cfg, feats["train"][tr], y["train"][tr], feats["val"][va], y["val"][va], num_classes)
-        per_b = {}
-        for b in data.domains:
-            te = dom["test"] == b
-            if not te.any():
-                per_b[b] = None
-                continue
-            per_b[b], _ = score_all(fitted, feats["test"][te], y["test"][te], data.positive)
-        for b, scores in per_b.items():
-            key = f"domain/{a}->{b}"
-            if scores is None:
-                out[key] = {"skipped": f"no test images from domain {b}"}
-            elif per_b.get(a) is not None:  # drop against the in-domain score a->a
-                out[key] = {p: with_drops(scores[p], per_b[a][p]) for p in PROBES}
-            else:
-                out[key] = scores
+        results = {b: ConditionResult(f"domain/{a}->{b}", "domain", a != b, source_domain=a, target_domain=b)
+                   for b in data.domains}
+        if len(np.unique(y["train"][tr])) < len(data.classes):
+            for r in results.values():
+                r.skipped = f"the train split of domain {a} lacks a class"
+        else:
+            fitted = fit_probes(cfg.protocol, feats["train"][tr], y["train"][tr], feats["val"][va], y["val"][va],
+                                len(data.classes), cfg.seed)
+            for b, r in results.items():
+                te = dom["test"] == b
+                if te.any():
+                    r.scores, _ = score_all(fitted, feats["test"][te], y["test"][te], data.positive)
+                else:
+                    r.skipped = f"no test images from domain {b}"
+            in_domain = results[a].scores
+            for r in results.values():
+                if in_domain and r.scores:
+                    r.scores = {p: s.against(in_domain[p]) for p, s in r.scores.items()}
+        out.update({r.name: r for r in results.values()})
     return out
 
 
 def shortcut_split(data: ProbeData, probes: FittedProbes, test_feats: np.ndarray, y: dict[str, np.ndarray],
-                   clean_scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
+                   clean_scores: dict[str, ProbeScore]) -> dict[str, ConditionResult]:
     """``domain/typical`` and ``domain/atypical``: test images whose domain is / is not their class's
     most frequent domain in train. With confounded training data the atypical ones are the flipped
     domain, where a probe that learnt the domain instead of the class fails."""
     typical = typical_domain(y["train"], data.domain_of("train"))
     test_dom = data.domain_of("test")
     is_typical = np.array([typical.get(int(label)) == d for label, d in zip(y["test"], test_dom, strict=True)])
-    association = class_domain_association(y["train"], data.domain_of("train"))
-    out: dict[str, dict[str, Any]] = {}
-    for key, mask in (("domain/typical", is_typical), ("domain/atypical", ~is_typical)):
-        if not mask.any():
-            out[key] = {"skipped": "no test images in this subset"}
-            continue
-        scores, _ = score_all(probes, test_feats[mask], y["test"][mask], data.positive)
-        entry: dict[str, Any] = {p: with_drops(scores[p], clean_scores[p]) for p in PROBES}
-        entry["train_class_domain_association"] = round(association, 4)
-        entry["typical_domain"] = {data.classes[c]: d for c, d in typical.items()}
-        out[key] = entry
+    notes = {"train_class_domain_association": round(class_domain_association(y["train"], data.domain_of("train")), 4),
+             "typical_domain": {data.classes[c]: d for c, d in typical.items()}}
+    out: dict[str, ConditionResult] = {}
+    for subset, mask in (("typical", is_typical), ("atypical", ~is_typical)):
+        r = ConditionResult(f"domain/{subset}", "domain", subset == "atypical", subset=subset, notes=notes)
+        if mask.any():
+            r.scores, _ = score_all(probes, test_feats[mask], y["test"][mask], data.positive, clean_scores)
+        else:
+            r.skipped = "no test images in this subset"
+        out[r.name] = r
     return out
 
 
@@ -339,8 +275,6 @@ def run(cfg: ProbeConfig) -> dict[str, Any]:
     from roseprior.checkpoint import atomic_write_json
     from roseprior.config import save_config, to_dict
 
-    if not cfg.checkpoints:
-        raise ConfigError("checkpoints is empty: list at least one checkpoint (a folder, msht_tiny, timm:<name>)")
     check_specs(cfg.checkpoints)
     names = display_names(cfg)
     torch.manual_seed(cfg.seed)
@@ -355,6 +289,12 @@ def run(cfg: ProbeConfig) -> dict[str, Any]:
 
     runs = [evaluate_checkpoint(cfg, data, conditions, spec, name, cache, device)
             for spec, name in zip(cfg.checkpoints, names, strict=True)]
+    for r in runs:
+        overlap = r.result["test_overlap"]
+        if overlap and overlap["test_images"]:
+            notes.append(f"{r.name} was trained on {overlap['test_images']} of the {overlap['of']} test images "
+                         f"({', '.join(f'{n} as {k}' for k, n in overlap['as'].items())}): its scores here are not "
+                         "held-out. Probe with the data.split_dir / split settings it was trained with")
     report = {
         "config": to_dict(cfg),
         "data": {
@@ -363,10 +303,12 @@ def run(cfg: ProbeConfig) -> dict[str, Any]:
             "positive_class": data.classes[data.positive],
             "splits": {k: len(v) for k, v in data.splits.items()},
             "split_source": data.split_source,
+            "split_fingerprint": data.split_fingerprint,
             "domains": data.domains,
             "fingerprints": data.fingerprints,
         },
-        "conditions": [{"name": c.name, "family": c.family, "value": c.value, "spec": c.spec} for c in conditions],
+        "conditions": [c.describe() for c in conditions],
+        "probes": list(PROBES),
         "notes": notes,
         "cache": {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses},
         "checkpoints": {r.name: r.result for r in runs},

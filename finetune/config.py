@@ -1,7 +1,8 @@
 """The finetune config: one dataclass per section; ``configs/finetune/*.yaml`` mirror them.
 
 The defaults are the paper's recipe (Adam, lr 1e-5, weight decay 0.01, cosine down to 0.25×lr,
-batch 8, 50 epochs, SAM); the YAML files only choose the backbone, image size and budget.
+batch 8, 50 epochs, SAM); the YAML files only choose the backbone, image size and budget. Building
+the dataclasses runs the checks, so a config made in Python is validated as one loaded from YAML.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from roseprior.config import DataConfig, StageConfig, TrainConfig
+from roseprior.config import CheckpointConfig, DataConfig, StageConfig, TrainConfig, check
 from roseprior.errors import ConfigError
 
 # rho when ``rho: null``: the SAM paper's 0.05, and 2.0 for ASAM, the value the SAM reference
@@ -20,7 +21,7 @@ DEFAULT_RHO = {"sam": 0.05, "asam": 2.0}
 
 @dataclass
 class OptimConfig:
-    """Base optimizer (wrapped by SAM unless ``sam: off``), learning rate per part, schedule."""
+    """Base optimizer (wrapped by SAM unless ``sam: off``) and a learning rate per part of the model."""
 
     name: Literal["adam", "adamw", "sgd"] = "adam"
     momentum: float = 0.9  # sgd only
@@ -33,10 +34,9 @@ class OptimConfig:
     layer_decay: float = 1.0
     # timm's convention: biases, norms and tokens get no weight decay.
     decay_norm_and_bias: bool = False
-    schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = 0.25  # cosine ends at min_lr_ratio × lr
-    warmup_epochs: float = 0.0
-    clip_grad: float | None = None  # max global grad norm; rescales, never changes direction
+
+    def __post_init__(self) -> None:
+        check(0 < self.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]", self.layer_decay)
 
 
 @dataclass
@@ -64,17 +64,16 @@ class CamConfig:
 
 @dataclass
 class FinetuneTrainConfig(TrainConfig):
-    """How long and how: the paper's batch 8, 50 epochs, lr 1e-5, weight decay 0.01."""
+    """How long and how: the paper's batch 8, 50 epochs, lr 1e-5, weight decay 0.01, cosine to 0.25×lr."""
 
     epochs: int = 50
     batch_size: int = 8
     lr: float = 1e-5
+    min_lr_ratio: float = 0.25
     weight_decay: float = 0.01
     eval_batch_size: int | None = None  # null: 2 × batch_size
     # Class imbalance: a class-weighted loss, a balanced sampler, or neither.
     balance: Literal["loss", "sampler", "none"] = "loss"
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    cpu: bool = False  # force CPU even when a GPU is present
 
 
 @dataclass
@@ -98,6 +97,7 @@ class FinetuneConfig(StageConfig):
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     folds: int = 0  # K > 1: K-fold cross-validation on train+val, one shared test split
     cam: CamConfig = field(default_factory=CamConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=200))
 
     def __post_init__(self) -> None:
         if self.sam is False:
@@ -108,12 +108,9 @@ class FinetuneConfig(StageConfig):
             raise ConfigError(f"'rho' must be positive (or null for the method's default); got {self.rho}")
         if self.folds == 1 or self.folds < 0:
             raise ConfigError(f"'folds' must be 0 (no cross-validation) or at least 2; got {self.folds}")
-        if self.train.batch_size < 1:
-            raise ConfigError(f"'train.batch_size' must be at least 1; got {self.train.batch_size}")
-        if not 0 < self.optim.layer_decay <= 1:
-            raise ConfigError(f"'optim.layer_decay' must be in (0, 1]; got {self.optim.layer_decay}")
-        if not 0 <= self.optim.min_lr_ratio <= 1:
-            raise ConfigError(f"'optim.min_lr_ratio' must be in [0, 1]; got {self.optim.min_lr_ratio}")
+        if self.train.precision == "fp16" and self.sam != "off":
+            raise ConfigError("'train.precision' fp16 needs loss scaling, which SAM's two-pass step does not "
+                              "support; use bf16 or no")
         if self.data.positive_class not in self.data.classes or len(self.data.classes) != 2:
             raise ConfigError(
                 f"'data.classes' must be two classes including data.positive_class "

@@ -18,14 +18,13 @@ from torch import nn
 from roseprior.checkpoint import atomic_write_json, save_safetensors
 from roseprior.errors import CheckpointError
 
-__all__ = ["Classifier", "load_classifier", "param_groups", "save_classifier"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
+__all__ = ["Classifier", "load_classifier", "save_classifier"]
 
 class Classifier(nn.Module):
-    """``logits = head(dropout(backbone.forward_embedding((x - mean) / std)))`` for x in [0, 1]."""
+    """``logits = head(dropout(backbone.forward_embedding((x - mean) / std)))`` for x in [0, 1].
+
+    mean/std default to the backbone's own input statistics (``backbones.input_stats``).
+    """
 
     def __init__(
         self,
@@ -36,10 +35,11 @@ class Classifier(nn.Module):
         drop_rate: float = 0.0,
     ):
         super().__init__()
+        import backbones
+
         self.backbone = backbone
-        cfg = getattr(backbone, "pretrained_cfg", None) or getattr(backbone, "default_cfg", None) or {}
-        mean = tuple(mean or cfg.get("mean") or IMAGENET_MEAN)
-        std = tuple(std or cfg.get("std") or IMAGENET_STD)
+        own_mean, own_std = backbones.input_stats(backbone)  # what the backbone was trained with
+        mean, std = tuple(mean or own_mean), tuple(std or own_std)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.head_drop = nn.Dropout(drop_rate)
@@ -54,59 +54,6 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_drop(self.backbone.forward_embedding(self.normalize(x))))
-
-
-def _block_key(name: str) -> str:
-    """The block a parameter belongs to: its path up to the first numbered module (``cnn.layer1.0``)."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return ".".join(parts[:-1]) or name
-
-
-def param_groups(
-    model: Classifier,
-    lr: dict[str, float],
-    weight_decay: float,
-    layer_decay: float = 1.0,
-    decay_norm_and_bias: bool = False,
-) -> list[dict[str, Any]]:
-    """Optimizer groups with a learning rate per part (cnn/transformer/head) and per-block decay.
-
-    With ``layer_decay < 1`` block k of n (in parameter order, the head last) gets
-    ``lr[part] * layer_decay ** (n - k)``: layers near the input move least, as in BEiT/MAE
-    fine-tuning. Each group records ``base_lr`` so the schedule can scale it per step.
-    """
-    import backbones
-
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    blocks: list[str] = []
-    for name, _ in named:
-        key = _block_key(name)
-        if key not in blocks:
-            blocks.append(key)
-    no_decay = set(getattr(model.backbone, "no_weight_decay", lambda: set())())
-    groups: dict[tuple, dict[str, Any]] = {}
-    for name, param in named:
-        if name.startswith("backbone."):
-            part = backbones.group_of(model.backbone, name[len("backbone.") :])
-        else:
-            part = "head"
-        depth = len(blocks) - 1 - blocks.index(_block_key(name))
-        scale = layer_decay**depth if part != "head" else 1.0
-        skip_decay = not decay_norm_and_bias and (
-            param.ndim <= 1 or name[len("backbone.") :] in no_decay
-        )
-        wd = 0.0 if skip_decay else weight_decay
-        key = (part, scale, wd)
-        if key not in groups:
-            base_lr = lr[part] * scale
-            groups[key] = {"params": [], "names": [], "part": part, "lr": base_lr, "base_lr": base_lr,
-                           "weight_decay": wd}
-        groups[key]["params"].append(param)
-        groups[key]["names"].append(name)
-    return list(groups.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,14 +87,8 @@ def _save_backbone(model: Classifier, out_dir: Path, info: dict[str, Any]) -> No
     so the probes and a later finetune take this run's folder like any other backbone."""
     import backbones
 
-    backbone = model.backbone
-    saved_cfg = getattr(backbone, "default_cfg", None)
-    backbone.default_cfg = {**(saved_cfg or {}), "mean": tuple(model.mean.flatten().tolist()),
-                            "std": tuple(model.std.flatten().tolist())}
-    try:
-        backbones.save(backbone, out_dir, {"stage": "finetune", **info})
-    finally:
-        backbone.default_cfg = saved_cfg
+    backbones.set_input_stats(model.backbone, model.mean.flatten().tolist(), model.std.flatten().tolist())
+    backbones.save(model.backbone, out_dir, {"stage": "finetune", **info})
 
 
 def load_classifier(ckpt: str | Path, stem: str = "best") -> tuple[Classifier, dict[str, Any]]:

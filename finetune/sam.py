@@ -16,7 +16,6 @@ Every step function has the signature of ``StepFn`` and returns the first pass's
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -26,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
 from roseprior.errors import ConfigError
+from roseprior.loop import NonFiniteLoss, check_finite
 
 __all__ = ["NonFiniteLoss", "StepFn", "build_optimizer", "frozen_bn_stats", "plain_step", "sam_step"]
 
@@ -36,10 +36,6 @@ BASE_OPTIMIZERS: dict[str, type[Optimizer]] = {
     "adamw": torch.optim.AdamW,
     "sgd": torch.optim.SGD,
 }
-
-
-class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or infinite; the run stops rather than write a broken checkpoint."""
 
 
 class StepFn(Protocol):
@@ -112,12 +108,6 @@ def _raw(optimizer: Optimizer) -> Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _check_finite(loss: torch.Tensor) -> None:
-    value = loss.detach().float().item()
-    if not math.isfinite(value):
-        raise NonFiniteLoss(f"loss is {value}; lower the learning rate or enable optim.clip_grad")
-
-
 def _clip(accelerator, model: nn.Module, clip_grad: float | None) -> None:
     # clip_grad_norm_ multiplies every gradient by one factor: the direction is kept.
     if clip_grad is not None and clip_grad > 0:
@@ -137,7 +127,7 @@ def plain_step(
     optimizer.zero_grad(set_to_none=True)
     logits = model(images)
     loss = criterion(logits, targets)
-    _check_finite(loss)
+    check_finite(accelerator, loss)
     accelerator.backward(loss)
     _clip(accelerator, model, clip_grad)
     optimizer.step()
@@ -163,7 +153,7 @@ def sam_step(
     with accelerator.no_sync(model):
         logits = model(images)
         loss = criterion(logits, targets)
-        _check_finite(loss)
+        check_finite(accelerator, loss)
         accelerator.backward(loss)
     # No clipping here: e(w) = rho · g / ||g|| does not depend on the gradient's scale.
     sam.first_step(zero_grad=True)
@@ -171,7 +161,7 @@ def sam_step(
     # Pass 2 at w + e(w): gradients all-reduced, running statistics untouched.
     with frozen_bn_stats(model):
         perturbed_loss = criterion(model(images), targets)
-    _check_finite(perturbed_loss)
+    check_finite(accelerator, perturbed_loss)
     accelerator.backward(perturbed_loss)
     _clip(accelerator, model, clip_grad)
     sam.second_step(zero_grad=True)

@@ -1,14 +1,14 @@
-"""The finetune loop: DINO's linear story on accelerate, with SAM's two-pass step plugged in.
+"""The finetune run: SAM's two-pass step on the shared training loop (``roseprior.loop``).
 
-``run(cfg)`` reads the splits, trains (once, or once per fold), selects the checkpoint on the
-validation split only (best balanced accuracy, ties to the lower validation loss), and only then
-builds the test loader and evaluates the selected checkpoint on it, once. It writes
-``best.safetensors`` + ``best.json``, ``metrics.json``, ``config.yaml``, ``tb/`` and ``cam/``.
+``run(cfg)`` resolves the splits (``roseprior.splits.resolve_splits``, as every stage does),
+trains (once, or once per fold), selects the checkpoint on the validation split only (best
+balanced accuracy, ties to the lower validation loss), and only then builds the test loader and
+evaluates the selected checkpoint on it, once. It writes ``best.safetensors`` + ``best.json``,
+``metrics.json``, ``config.yaml``, ``tb/``, ``cam/`` and resumable ``checkpoints/``.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import shutil
@@ -20,16 +20,24 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from roseprior.checkpoint import atomic_write_json
-from roseprior.config import save_config
-from roseprior.data import ImageDataset, Sample, filter_readable, load_labelled, resolve_root
+from roseprior.data import ImageDataset, Sample
 from roseprior.errors import ConfigError, DataError
+from roseprior.loop import (
+    RUN_FILE,
+    Hooks,
+    TrainLoop,
+    check_same_run,
+    make_accelerator,
+    run_identity,
+    seeded_permutation,
+)
+from roseprior.splits import resolve_splits, write_image_list
 
 from .augment import TrainAugment
 from .config import FinetuneConfig
-from .model import Classifier, param_groups, save_classifier
+from .model import Classifier, save_classifier
 from .sam import build_optimizer, step_for
 
 __all__ = ["FitResult", "compute_metrics", "evaluate", "fit", "is_better", "load_splits", "run"]
@@ -55,58 +63,33 @@ class FitResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def _has_own_split(root: Path) -> bool:
-    """Whether the data already says which image is train/val/test (folders or a split column)."""
-    if root.is_dir() and (root / "train").is_dir():
-        return True
-    manifest = root if root.is_file() else root / "manifest.csv"
-    if manifest.is_file():
-        with open(manifest, newline="", encoding="utf-8-sig") as fh:
-            header = next(csv.reader(fh), [])
-        return "split" in [c.strip() for c in header]
-    return False
+def load_splits(cfg: FinetuneConfig, out_dir: Path | None = None):
+    """train/val/test by the rule every stage shares (``resolve_splits``), unreadable images dropped."""
+    return resolve_splits(cfg.data).readable(out_dir, cfg.data.max_unreadable_fraction)
 
 
-def load_splits(cfg: FinetuneConfig, out_dir: Path | None = None) -> dict[str, list[Sample]]:
-    """train/val/test samples: the data's own split (721/712 folders, split_dir, a split column),
-    else a seeded ``split_samples`` with ``data.split_ratios`` and ``data.group_by``."""
-    from roseprior.splits import split_samples
-
-    data = cfg.data
-    root = resolve_root(data)
-    if data.split_dir is not None or _has_own_split(root):
-        splits = {s: load_labelled(root, data.classes, split=s, split_dir=data.split_dir) for s in ("train", "val", "test")}
-    else:
-        splits = split_samples(load_labelled(root, data.classes), data.split_ratios, data.group_by, cfg.seed)
-    for name in ("train", "val"):
-        if not splits[name]:
-            raise DataError(f"{root}: the {name} split is empty; check data.root and data.split_ratios")
-    # One decoding pass over every split, one skipped_files.csv in out_dir.
-    everything = [s for name in ("train", "val", "test") for s in splits[name]]
-    readable = {s.path for s in filter_readable(everything, out_dir, data.max_unreadable_fraction)}
-    return {name: [s for s in samples if s.path in readable] for name, samples in splits.items()}
+def _eval_loader(samples: Sequence[Sample], cfg: FinetuneConfig) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(ImageDataset(samples, image_size=cfg.data.image_size),
+                                       batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size,
+                                       num_workers=cfg.data.num_workers)
 
 
-def _loader(samples: Sequence[Sample], cfg: FinetuneConfig, train: bool) -> torch.utils.data.DataLoader:
-    dataset = ImageDataset(samples, image_size=cfg.data.image_size)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    batch_size = cfg.train.batch_size if train else (cfg.train.eval_batch_size or 2 * cfg.train.batch_size)
-    sampler = None
-    if train and cfg.train.balance == "sampler":
-        counts = Counter(s.label for s in samples)
-        weights = torch.tensor([1.0 / counts[s.label] for s in samples], dtype=torch.double)
-        sampler = torch.utils.data.WeightedRandomSampler(weights, len(samples), replacement=True, generator=generator)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=train and sampler is None,
-        sampler=sampler,
-        generator=generator if train and sampler is None else None,
-        num_workers=cfg.data.num_workers,
-        # BatchNorm cannot train on a batch of one; a ragged last batch is dropped when training.
-        drop_last=train and len(samples) > batch_size,
-        persistent_workers=cfg.data.num_workers > 0,
-    )
+def _stack(items: list[Any], epoch: int) -> Any:
+    return torch.utils.data.default_collate(items)
+
+
+def _train_order(samples: Sequence[Sample], cfg: FinetuneConfig) -> Any:
+    """Each epoch's sample order: a seeded permutation, or class-balanced draws with replacement."""
+    if cfg.train.balance != "sampler":
+        return seeded_permutation(cfg.seed)
+    counts = Counter(s.label for s in samples)
+    weights = torch.tensor([1.0 / counts[s.label] for s in samples], dtype=torch.double)
+
+    def order(n: int, epoch: int) -> np.ndarray:
+        generator = torch.Generator().manual_seed(hash((cfg.seed, epoch, -2)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return torch.multinomial(weights, n, replacement=True, generator=generator).numpy()
+
+    return order
 
 
 def _class_weights(samples: Sequence[Sample], num_classes: int) -> torch.Tensor:
@@ -136,18 +119,12 @@ def build_classifier(cfg: FinetuneConfig) -> Classifier:
     return Classifier(backbone, num_classes=len(cfg.data.classes), drop_rate=cfg.drop_rate)
 
 
-def lr_schedule(total_steps: int, steps_per_epoch: int, cfg: FinetuneConfig) -> np.ndarray:
-    """Per-step lr factor (DINO's schedule-as-array): linear warmup, then cosine to min_lr_ratio."""
-    optim = cfg.optim
-    warmup = min(int(optim.warmup_epochs * steps_per_epoch), total_steps)
-    ramp = np.linspace(1.0 / max(warmup, 1), 1.0, warmup) if warmup else np.zeros(0)
-    rest = total_steps - warmup
-    if optim.schedule == "constant":
-        tail = np.ones(rest)
-    else:
-        t = np.arange(rest) / max(rest - 1, 1)
-        tail = optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + np.cos(math.pi * t))
-    return np.concatenate([ramp, tail])
+def identity(cfg: FinetuneConfig, data_fingerprint: str) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues (``roseprior.loop``)."""
+    import backbones
+
+    return {"data": data_fingerprint, "init": cfg.init, "init_fingerprint": backbones.init_fingerprint(cfg.init, cfg.seed),
+            "model": cfg.model, "arch": cfg.arch, "sam": cfg.sam}
 
 
 def _part_lrs(cfg: FinetuneConfig) -> dict[str, float]:
@@ -159,15 +136,18 @@ def _part_lrs(cfg: FinetuneConfig) -> dict[str, float]:
     }
 
 
-def make_accelerator(cfg: FinetuneConfig):
-    from accelerate import Accelerator
+def build_optimizer_for(model: Classifier, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """Per-part learning rates (and layer decay) on the base optimizer, SAM-wrapped unless ``sam: off``."""
+    import backbones
 
-    use_cpu = cfg.train.cpu or not torch.cuda.is_available()
-    precision = cfg.train.mixed_precision
-    if precision == "auto":
-        precision = "no" if use_cpu else "bf16"
-    # bf16 needs no loss scaler: accelerate applies autocast only, no GradScaler.
-    return Accelerator(cpu=use_cpu, mixed_precision=precision)
+    def part_of(name: str) -> str:
+        inner = name.removeprefix("backbone.")
+        return backbones.group_of(model.backbone, inner) if name.startswith("backbone.") else "head"
+
+    groups = backbones.param_groups(model, _part_lrs(cfg), cfg.train.weight_decay, cfg.optim.layer_decay,
+                                    cfg.optim.decay_norm_and_bias, part_of=part_of)
+    return build_optimizer(groups, cfg.optim.name, cfg.sam, cfg.resolved_rho, cfg.train.lr, cfg.train.weight_decay,
+                           cfg.optim.momentum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,126 +203,76 @@ def evaluate(model: nn.Module, loader, accelerator) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(
-    model, loader, criterion, optimizer, accelerator, step_fn, augment, schedule, state, cfg, epoch, writer
-) -> float:
-    """One pass over the training loader; ``state['step']`` is the global step (indexes the schedule)."""
-    model.train()
-    total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch",
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True, leave=False)
-    for images, targets, _ in bar:
-        step = state["step"]
-        if step >= len(schedule):
-            break
-        # ====== hyperparameters for this step ======
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * schedule[step]
-        # ====== augment, forward-backward (once or twice), step ======
-        images = augment(images)
-        loss, _ = step_fn(model, images, targets, criterion, optimizer, accelerator, cfg.optim.clip_grad)
-        state["step"] += 1
-        # ====== logging ======
-        value = loss.item()
-        total, count = total + value, count + 1
-        bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        if writer is not None and step % max(cfg.train.log_every, 1) == 0:
-            writer.add_scalar("train/loss_step", value, step)
-    bar.close()
-    return total / max(count, 1)
-
-
-def fit(
-    cfg: FinetuneConfig,
-    train_samples: Sequence[Sample],
-    val_samples: Sequence[Sample],
-    accelerator,
-    out_dir: Path,
-    tb_dir: Path | None = None,
-) -> FitResult:
+def fit(cfg: FinetuneConfig, train_samples: Sequence[Sample], val_samples: Sequence[Sample], accelerator: Any,
+        out_dir: Path, run_identity: dict[str, Any]) -> FitResult:
     """Train on ``train_samples`` and select a checkpoint on ``val_samples``; no other data is read."""
     num_classes = len(cfg.data.classes)
     positive_index = cfg.data.classes.index(cfg.data.positive_class)
-
-    # ====== data ======
-    train_loader = _loader(train_samples, cfg, train=True)
-    val_loader = _loader(val_samples, cfg, train=False)
+    loop = TrainLoop(accelerator, cfg.train, cfg.checkpoint, out_dir, identity=run_identity, seed=cfg.seed,
+                     name="finetune")
+    loop.plan(len(train_samples))
 
     # ====== model, loss, optimizer ======
     model = build_classifier(cfg)
     weight = _class_weights(train_samples, num_classes) if cfg.train.balance == "loss" else None
-    criterion = nn.CrossEntropyLoss(weight=weight)
-    groups = param_groups(model, _part_lrs(cfg), cfg.train.weight_decay, cfg.optim.layer_decay,
-                          cfg.optim.decay_norm_and_bias)
-    optimizer = build_optimizer(groups, cfg.optim.name, cfg.sam, cfg.resolved_rho, cfg.train.lr,
-                                cfg.train.weight_decay, cfg.optim.momentum)
-    criterion = criterion.to(accelerator.device)  # not prepared: DDP refuses a module without parameters
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-
-    # ====== schedule, step function, augmentation ======
-    steps_per_epoch = len(train_loader)
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    schedule = lr_schedule(total_steps, steps_per_epoch, cfg)
-    step_fn = step_for(cfg.sam)
+    criterion = nn.CrossEntropyLoss(weight=weight).to(accelerator.device)  # not prepared: DDP refuses no-param modules
+    optimizer = build_optimizer_for(model, cfg)
+    model, optimizer, val_loader = accelerator.prepare(model, optimizer, _eval_loader(val_samples, cfg))
+    unwrapped = accelerator.unwrap_model(model)
     augment = TrainAugment(cfg.augment, seed=cfg.seed * 1009 + accelerator.process_index)
-    writer = _writer(tb_dir) if accelerator.is_main_process and tb_dir is not None else None
-    accelerator.print(
-        f"finetune: {len(train_samples)} train / {len(val_samples)} val images, {steps_per_epoch} steps/epoch, "
-        f"{total_steps} steps, sam={cfg.sam}" + (f" rho={cfg.resolved_rho}" if cfg.sam != "off" else "")
-    )
 
-    # ====== training, with selection on the validation split ======
-    state = {"step": 0}
-    best: tuple[float, float] | None = None
-    best_epoch, best_metrics, best_loss = -1, {}, math.inf
-    epoch = 0
-    for epoch in range(cfg.train.epochs):
-        train_loss = train_one_epoch(model, train_loader, criterion, optimizer, accelerator, step_fn, augment,
-                                     schedule, state, cfg, epoch, writer)
+    # ====== resume, then the loader from where we are ======
+    loop.start(cfg, unwrapped, optimizer, augment=augment)
+    loader = loop.loader(ImageDataset(train_samples, image_size=cfg.data.image_size), _stack,
+                         _train_order(train_samples, cfg), cfg.data.num_workers)
+    accelerator.print(
+        f"finetune: {len(train_samples)} train / {len(val_samples)} val images, {loop.steps_per_epoch} steps/epoch, "
+        f"{loop.run_steps} steps, sam={cfg.sam}" + (f" rho={cfg.resolved_rho}" if cfg.sam != "off" else ""))
+
+    # ====== the step, and selection on the validation split at the end of each epoch ======
+    sam_or_plain = step_for(cfg.sam)
+    epoch_loss = {"sum": 0.0, "n": 0}
+
+    def step(batch: Any, index: int, epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        images, targets, _ = batch
+        loss, _ = sam_or_plain(model, augment(images), targets, criterion, optimizer, accelerator, cfg.train.clip_grad)
+        epoch_loss["sum"], epoch_loss["n"] = epoch_loss["sum"] + loss.item(), epoch_loss["n"] + 1
+        return loss, {}
+
+    def end_of_epoch(epoch: int, partial: bool) -> dict[str, Any]:
         val = evaluate(model, val_loader, accelerator)
         metrics = compute_metrics(val["labels"], val["probs"], positive_index)
-        if is_better(metrics, val["loss"], best):
-            best = (metrics["balanced_accuracy"], val["loss"])
-            best_epoch, best_metrics, best_loss = epoch, metrics, val["loss"]
+        best = loop.state.get("best")
+        improved = is_better(metrics, val["loss"], (best["balanced_accuracy"], best["loss"]) if best else None)
+        if improved:
+            loop.state["best"] = {"epoch": epoch, "balanced_accuracy": metrics["balanced_accuracy"],
+                                  "loss": val["loss"], "metrics": metrics}
             if accelerator.is_main_process:
-                save_classifier(accelerator.unwrap_model(model), out_dir, {
+                save_classifier(unwrapped, out_dir, {
                     "init": cfg.init, "classes": cfg.data.classes, "positive_class": cfg.data.positive_class,
-                    "image_size": cfg.data.image_size, "epoch": epoch, "step": state["step"],
+                    "image_size": cfg.data.image_size, "epoch": epoch, "step": loop.step,
                     "selected_by": "val balanced_accuracy, ties: lower val loss",
                     "val": {k: metrics[k] for k in SCALAR_KEYS if k in metrics},
                 })
+            accelerator.wait_for_everyone()
+        train_loss = epoch_loss["sum"] / max(epoch_loss["n"], 1)
+        epoch_loss.update(sum=0.0, n=0)
         accelerator.print(
-            f"epoch {epoch + 1}: train loss {train_loss:.4f}, val loss {val['loss']:.4f}, "
-            f"val balanced acc {metrics['balanced_accuracy']:.4f}, auroc {_fmt(metrics['auroc'])}"
-            + (" (best)" if best_epoch == epoch else "")
-        )
-        if writer is not None:
-            writer.add_scalar("train/loss", train_loss, epoch)
-            writer.add_scalar("val/loss", val["loss"], epoch)
-            for group in optimizer.param_groups:
-                writer.add_scalar(f"lr/{group['part']}", group["lr"], epoch)
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    writer.add_scalar(f"val/{key}", value, epoch)
-            writer.flush()
-        if state["step"] >= total_steps:
-            break
-    if writer is not None:
-        writer.close()
+            f"epoch {epoch + 1}{' (partial)' if partial else ''}: train loss {train_loss:.4f}, val loss "
+            f"{val['loss']:.4f}, val balanced acc {metrics['balanced_accuracy']:.4f}, auroc {_fmt(metrics['auroc'])}"
+            + (" (best)" if improved else ""))
+        return {"val/loss": val["loss"], **{f"val/{k}": v for k, v in metrics.items()
+                                            if isinstance(v, (int, float)) and math.isfinite(v)}}
+
+    loop.run(loader, step, Hooks(end_of_epoch=end_of_epoch))
 
     # ====== the selected weights back into the model ======
+    best = loop.state.get("best")
+    if best is None or not (out_dir / "best.safetensors").is_file():
+        raise DataError(f"{out_dir}: no epoch finished, so no model was selected; raise train.epochs or train.max_steps")
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
     _load_weights(unwrapped, out_dir / "best.safetensors")
-    return FitResult(unwrapped, best_epoch, best_metrics, best_loss, state["step"])
-
-
-def _writer(tb_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(tb_dir))
+    return FitResult(unwrapped, best["epoch"], best["metrics"], best["loss"], loop.step)
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
@@ -354,7 +284,7 @@ def _load_weights(model: nn.Module, path: Path) -> None:
 def evaluate_test(cfg: FinetuneConfig, model: nn.Module, test_samples: Sequence[Sample], accelerator) -> dict[str, Any]:
     """The selected checkpoint on the test split: the one and only time the test split is read."""
     positive_index = cfg.data.classes.index(cfg.data.positive_class)
-    loader = accelerator.prepare(_loader(test_samples, cfg, train=False))
+    loader = accelerator.prepare(_eval_loader(test_samples, cfg))
     result = evaluate(model, loader, accelerator)
     result["metrics"] = compute_metrics(result["labels"], result["probs"], positive_index)
     return result
@@ -399,34 +329,39 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Everything ``python -m finetune`` does; returns what it writes to ``metrics.json``."""
     from accelerate.utils import set_seed
 
-    accelerator = make_accelerator(cfg)
-    set_seed(cfg.seed)
-    out_dir = Path(cfg.out_dir)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir)
-    splits = load_splits(cfg, out_dir if accelerator.is_main_process else None)
+    accelerator = make_accelerator(cfg.train.precision)
+    out_dir, main = Path(cfg.out_dir), accelerator.is_main_process
+    resolved = resolve_splits(cfg.data)
+    ident = identity(cfg, resolved.fingerprint)
+    folder_identity = run_identity("finetune", accelerator, cfg.train, {**ident, **({"folds": cfg.folds} if cfg.folds else {})})
+    if cfg.checkpoint.resume != "never":  # before anything is written into out_dir
+        check_same_run(out_dir / RUN_FILE, folder_identity)
+    split = resolved.readable(out_dir if main else None, cfg.data.max_unreadable_fraction)
+    splits = split.splits
     if not splits["test"]:
         raise DataError("the test split is empty; check data.root and data.split_ratios")
+    set_seed(cfg.seed)
     common = {
         "classes": cfg.data.classes, "positive_class": cfg.data.positive_class, "init": cfg.init,
         "sam": cfg.sam, "rho": cfg.resolved_rho if cfg.sam != "off" else None,
-        "sizes": {k: len(v) for k, v in splits.items()},
+        "sizes": {k: len(v) for k, v in splits.items()}, "split": split.describe(),
     }
 
     if cfg.folds:
-        metrics, test_result = _run_folds(cfg, splits, accelerator, out_dir)
+        metrics, test_result = _run_folds(cfg, splits, accelerator, out_dir, ident)
         metrics.update(common)
+        if main:
+            atomic_write_json(out_dir / RUN_FILE, {"identity": folder_identity})
     else:
-        result = fit(cfg, splits["train"], splits["val"], accelerator, out_dir, out_dir / "tb")
+        result = fit(cfg, splits["train"], splits["val"], accelerator, out_dir, ident)
         test_result = evaluate_test(cfg, result.model, splits["test"], accelerator)
         metrics = {
             "val": result.val_metrics, "test": test_result["metrics"], "best_epoch": result.best_epoch,
             "val_loss": result.val_loss, "steps": result.steps, **common,
         }
-        model = result.model
-    if accelerator.is_main_process:
+    if main:
         atomic_write_json(out_dir / "metrics.json", metrics)
+        write_image_list(out_dir, {"train": splits["train"], "val": splits["val"]})
         accelerator.print(_format_metrics(metrics))
         if cfg.cam.enabled:
             from .cam import write_cam_figures
@@ -440,7 +375,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     return metrics
 
 
-def _run_folds(cfg, splits, accelerator, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _run_folds(cfg, splits, accelerator, out_dir: Path, run_identity: dict[str, Any]) -> tuple[dict, dict]:
     pool = splits["train"] + splits["val"]
     folds = _fold_splits(pool, cfg.folds, cfg.data.group_by, cfg.seed)
     val_all, test_all, best_fold, best_key, best_test = [], [], -1, None, None
@@ -450,7 +385,7 @@ def _run_folds(cfg, splits, accelerator, out_dir: Path) -> tuple[dict[str, Any],
         fold_dir = out_dir / f"fold{k}"
         if accelerator.is_main_process:
             fold_dir.mkdir(parents=True, exist_ok=True)
-        result = fit(cfg, train, val, accelerator, fold_dir, out_dir / "tb" / f"fold{k}")
+        result = fit(cfg, train, val, accelerator, fold_dir, {**run_identity, "fold": f"{k + 1}/{cfg.folds}"})
         test = evaluate_test(cfg, result.model, splits["test"], accelerator)
         out["val"][f"fold{k}"] = result.val_metrics
         out["test"][f"fold{k}"] = test["metrics"]

@@ -1,7 +1,8 @@
 """The pretrain config: one dataclass per section; the YAML files in configs/pretrain mirror it.
 
 Defaults live here only. ``python -m pretrain --config X.yaml key=value`` loads it with
-``roseprior.config.load_config``, which refuses unknown keys and names the valid ones.
+``roseprior.config.load_config``, which refuses unknown keys and names the valid ones; building the
+dataclasses runs the checks below, so a config made in Python is validated the same way.
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from roseprior.config import StageConfig, TrainConfig
+from roseprior.config import CheckpointConfig, StageConfig, TrainConfig, check
 from roseprior.errors import ConfigError
 
 __all__ = [
     "BYOLConfig",
-    "CheckpointConfig",
     "DINOConfig",
     "MethodConfig",
     "MoCoV2Config",
@@ -24,7 +24,6 @@ __all__ = [
     "PretrainTrainConfig",
     "SimCLRConfig",
     "ViewsConfig",
-    "validate",
 ]
 
 
@@ -125,6 +124,26 @@ class ViewsConfig:
     device: Literal["auto", "device", "loader"] = "auto"  # where views are cut: auto = the GPU if any, else the loader
     cpu_threads: int | None = 1  # torch threads while cutting views on the CPU (null: leave as is)
 
+    def __post_init__(self) -> None:
+        check(self.n_global >= 1, "views.n_global", "must be >= 1", self.n_global)
+        check(self.n_local >= 0, "views.n_local", "must be >= 0", self.n_local)
+        check(self.n_global + self.n_local >= 2, "views.n_global", "plus views.n_local must be >= 2 (two views per "
+              "image)", self.n_global)
+        for key in ("global_size", "local_size"):
+            check(getattr(self, key) >= 8, f"views.{key}", "must be at least 8 pixels", getattr(self, key))
+        _range(self.magnification, "views.magnification")
+        _range(self.global_area, "views.global_area", high=1.0)
+        _range(self.local_area, "views.local_area", high=1.0)
+        _range(self.aspect_ratio, "views.aspect_ratio")
+        check(len(self.blur_sigma) == 2 and 0 <= self.blur_sigma[0] <= self.blur_sigma[1], "views.blur_sigma",
+              "must be [low, high] with 0 <= low <= high", self.blur_sigma)
+        check(len(self.blur_prob) == 3 and all(0 <= p <= 1 for p in self.blur_prob), "views.blur_prob",
+              "must be 3 probabilities (global 1, global 2, locals)", self.blur_prob)
+        for key in ("hed_strength", "white_balance", "brightness", "color_prob"):
+            check(0.0 <= getattr(self, key) <= 1.0, f"views.{key}", "must be in [0, 1]", getattr(self, key))
+        check(len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0, "views.mean",
+              "and views.std must be 3 numbers each, std > 0", (self.mean, self.std))
+
 
 @dataclass
 class PretrainTrainConfig(TrainConfig):
@@ -134,35 +153,29 @@ class PretrainTrainConfig(TrainConfig):
     batch_size: int = 64  # per process
     lr: float = 5e-4
     lr_reference_batch: int = 256  # lr * global_batch / this; 0 disables the scaling
-    min_lr: float = 1e-6
+    min_lr_ratio: float = 0.002  # DINO: 5e-4 -> 1e-6
     warmup_epochs: float = 10.0
     weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    clip_grad: float = 3.0  # max gradient norm; 0 disables
-    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    max_minutes: float | None = None  # wall-clock budget: stop (checkpoint, export) once it is spent
-    log_every: int = 10
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 500
-    keep: int = 2  # the newest checkpoints kept; older ones are deleted
-    resume: str = "auto"  # auto: from out_dir/checkpoints when one exists; never; or a checkpoint folder
+    weight_decay_end: float = 0.4  # cosine from weight_decay to this, as DINO
+    clip_grad: float | None = 3.0
 
 
 @dataclass
 class MonitorConfig:
     tensorboard: bool = True
     progress: bool = True
-    knn_root: str | None = None  # a small labelled set (ImageFolder or manifest): kNN accuracy each epoch
+    # A labelled set (ImageFolder or manifest): every knn_every_epochs, the exported backbone is
+    # scored on it with the probes' kNN protocol (k chosen on its val split, scored on its test split).
+    knn_root: str | None = None
     knn_every_epochs: int = 1
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    knn_max_images: int = 2000
+    knn_max_images: int = 2000  # per split, seeded subsample
     knn_image_size: int = 224
     collapse_patience: int = 50  # stop after this many collapsed steps in a row; 0 disables
     collapse_after_steps: int = 100  # no collapse check before this step (the start is legitimately flat)
+
+    def __post_init__(self) -> None:
+        check(self.knn_every_epochs >= 1, "monitor.knn_every_epochs", "must be >= 1", self.knn_every_epochs)
+        check(self.knn_max_images >= 2, "monitor.knn_max_images", "must be >= 2", self.knn_max_images)
 
 
 @dataclass
@@ -175,6 +188,19 @@ class PretrainConfig(StageConfig):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
+    def __post_init__(self) -> None:
+        """Checks across sections; each message names the key and what to do."""
+        name = self.method.name
+        if name in ("byol", "simclr", "mocov2") and self.views.n_global < 2:
+            raise ConfigError(f"method '{name}' needs views.n_global >= 2 (two views per image)")
+        if name == "simclr" and self.train.batch_size < 2:
+            raise ConfigError("'train.batch_size' must be >= 2 for simclr (it needs negatives)")
+        for key in ("momentum_start", "momentum_end"):
+            check(0.0 <= getattr(self.method, key) <= 1.0, f"method.{key}", "must be in [0, 1]",
+                  getattr(self.method, key))
+        if self.model.export == "teacher" and name == "simclr":
+            raise ConfigError("model.export=teacher but method 'simclr' has no teacher; use auto or student")
+
 
 def _range(values: list[float], key: str, low: float = 0.0, high: float | None = None) -> None:
     if len(values) != 2 or not values[0] <= values[1]:
@@ -182,55 +208,3 @@ def _range(values: list[float], key: str, low: float = 0.0, high: float | None =
     if values[0] <= low or (high is not None and values[1] > high):
         upper = f" and at most {high}" if high is not None else ""
         raise ConfigError(f"'{key}' values must be above {low}{upper}, got {values}")
-
-
-def validate(cfg: PretrainConfig) -> PretrainConfig:
-    """Checks the type system cannot express; each message names the key and what to do."""
-    v, t = cfg.views, cfg.train
-    if v.n_global < 1:
-        raise ConfigError(f"'views.n_global' must be >= 1, got {v.n_global}")
-    if v.n_local < 0:
-        raise ConfigError(f"'views.n_local' must be >= 0, got {v.n_local}")
-    if v.n_global + v.n_local < 2:
-        raise ConfigError("views: need at least two views per image (views.n_global + views.n_local >= 2)")
-    for key in ("global_size", "local_size"):
-        if getattr(v, key) < 8:
-            raise ConfigError(f"'views.{key}' must be at least 8 pixels, got {getattr(v, key)}")
-    _range(v.magnification, "views.magnification")
-    _range(v.global_area, "views.global_area", high=1.0)
-    _range(v.local_area, "views.local_area", high=1.0)
-    _range(v.aspect_ratio, "views.aspect_ratio")
-    if len(v.blur_sigma) != 2 or v.blur_sigma[0] < 0 or v.blur_sigma[0] > v.blur_sigma[1]:
-        raise ConfigError(f"'views.blur_sigma' must be [low, high] with 0 <= low <= high, got {v.blur_sigma}")
-    if len(v.blur_prob) != 3 or not all(0 <= p <= 1 for p in v.blur_prob):
-        raise ConfigError(f"'views.blur_prob' must be 3 probabilities (global 1, global 2, locals), got {v.blur_prob}")
-    for key in ("hed_strength", "white_balance", "brightness", "color_prob"):
-        if not 0.0 <= getattr(v, key) <= 1.0:
-            raise ConfigError(f"'views.{key}' must be in [0, 1], got {getattr(v, key)}")
-    if len(v.mean) != 3 or len(v.std) != 3 or min(v.std) <= 0:
-        raise ConfigError("'views.mean' and 'views.std' must be 3 numbers each, std > 0")
-    if cfg.method.name in ("byol", "simclr", "mocov2") and v.n_global < 2:
-        raise ConfigError(f"method '{cfg.method.name}' needs views.n_global >= 2 (two views per image)")
-    if t.batch_size < 1:
-        raise ConfigError(f"'train.batch_size' must be >= 1, got {t.batch_size}")
-    if cfg.method.name == "simclr" and t.batch_size < 2:
-        raise ConfigError("'train.batch_size' must be >= 2 for simclr (it needs negatives)")
-    if t.epochs < 1:
-        raise ConfigError(f"'train.epochs' must be >= 1, got {t.epochs}")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError(f"'train.max_steps' must be >= 1 or null, got {t.max_steps}")
-    if t.lr <= 0:
-        raise ConfigError(f"'train.lr' must be > 0, got {t.lr}")
-    if t.warmup_epochs < 0:
-        raise ConfigError(f"'train.warmup_epochs' must be >= 0, got {t.warmup_epochs}")
-    m = cfg.method
-    for key in ("momentum_start", "momentum_end"):
-        if not 0.0 <= getattr(m, key) <= 1.0:
-            raise ConfigError(f"'method.{key}' must be in [0, 1], got {getattr(m, key)}")
-    if cfg.checkpoint.every_steps < 1:
-        raise ConfigError(f"'checkpoint.every_steps' must be >= 1, got {cfg.checkpoint.every_steps}")
-    if cfg.checkpoint.keep < 1:
-        raise ConfigError(f"'checkpoint.keep' must be >= 1, got {cfg.checkpoint.keep}")
-    if cfg.monitor.knn_k < 1:
-        raise ConfigError(f"'monitor.knn_k' must be >= 1, got {cfg.monitor.knn_k}")
-    return cfg

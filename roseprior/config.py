@@ -29,8 +29,20 @@ class _Yaml12ishLoader(yaml.SafeLoader):
 
     ``7:2:1`` stays a string (YAML 1.1 reads it as the base-60 number 25321), ``1e-4`` is a float
     (YAML 1.1 wants ``1.0e-4``) and ``off``/``yes`` stay strings (only true/false are booleans):
-    all three are common in our configs (split ratios, learning rates, ``sam: off``).
+    all three are common in our configs (split ratios, learning rates, ``sam: off``). A key given
+    twice in one mapping is refused: PyYAML would silently keep only the last block.
     """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {first_line[key] + 1}); "
+                    "keep one of them", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _REDEFINED = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")
@@ -62,17 +74,26 @@ def yaml_load(text: str) -> Any:
     """Parse config YAML (safe loader; ratios like 7:2:1 stay strings, 1e-4 is a float)."""
     return yaml.load(text, Loader=_Yaml12ishLoader)  # noqa: S506 - a SafeLoader subclass
 
-__all__ = ["ConfigError", "DataConfig", "StageConfig", "TrainConfig", "load_config", "save_config"]
+__all__ = [
+    "CheckpointConfig", "ConfigError", "DataConfig", "StageConfig", "TrainConfig", "add_config_args", "load_config",
+    "save_config", "to_dict",
+]
 
 
 # ---------------------------------------------------------------------------------------------
-# Sections shared by the stages
+# Sections shared by the stages: one key per concept, validated where it is declared
 # ---------------------------------------------------------------------------------------------
+
+
+def check(condition: bool, key: str, rule: str, value: Any) -> None:
+    """Refuse ``value`` of ``key`` unless ``condition``; the message names the key and the rule."""
+    if not condition:
+        raise ConfigError(f"'{key}' {rule}; got {value!r}")
 
 
 @dataclass
 class DataConfig:
-    """Where the images come from. ``root: null`` means the synthetic default set."""
+    """Where the images come from and how they are split. ``root: null`` means the synthetic default set."""
 
     root: str | None = None
     classes: list[str] = field(default_factory=lambda: ["N", "P"])
@@ -83,19 +104,61 @@ class DataConfig:
     split_dir: str | None = None  # folder with train.csv/val.csv/test.csv from `roseprior split`
     split_ratios: str = "7:2:1"  # train:val:test, used when the data has no split of its own
     group_by: str | None = None  # manifest column whose groups never straddle splits (slide, field)
-    split_seed: int = 0  # kept apart from the training seed so the test split never moves with it
+    split_seed: int = 0  # the only seed splits depend on: the test split never moves with a training seed
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.max_unreadable_fraction <= 1.0, "data.max_unreadable_fraction", "must be in [0, 1]",
+              self.max_unreadable_fraction)
+        check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
+        check(self.image_size >= 8, "data.image_size", "must be at least 8 pixels", self.image_size)
+        check(len(self.classes) == len(set(self.classes)) >= 1, "data.classes", "must list distinct class names",
+              self.classes)
 
 
 @dataclass
 class TrainConfig:
-    """What every training stage has: how long to run and when to stop early."""
+    """How every training stage optimises: budget, schedule, precision; ``batch_size`` is per process."""
 
     epochs: int = 1
     max_steps: int | None = None  # stop after this many optimiser steps (smoke runs)
+    max_minutes: float | None = None  # wall-clock budget: stop, checkpoint and export once it is spent
     batch_size: int = 32
     lr: float = 1e-3
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0  # the cosine ends at min_lr_ratio x lr
+    warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs
     weight_decay: float = 0.04
+    clip_grad: float | None = None  # max global gradient norm (rescales, keeps the direction); null: off
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU, fp32 on the CPU
     log_every: int = 10
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
+        check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null", self.max_steps)
+        check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0 or null",
+              self.max_minutes)
+        check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        check(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
+        check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0", self.warmup_epochs)
+        check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        check(self.clip_grad is None or self.clip_grad >= 0, "train.clip_grad", "must be >= 0 or null", self.clip_grad)
+        check(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable checkpoints of a training run (``out_dir/checkpoints/step_*``): safetensors and JSON only."""
+
+    every_steps: int = 500
+    keep: int = 2  # the newest checkpoints kept; older ones are deleted
+    # auto: continue from out_dir/checkpoints when one exists (refused if it is another run's);
+    # never: start over, replacing this folder's earlier outputs; or a checkpoint folder to start from.
+    resume: str = "auto"
+
+    def __post_init__(self) -> None:
+        check(self.every_steps >= 1, "checkpoint.every_steps", "must be >= 1", self.every_steps)
+        check(self.keep >= 1, "checkpoint.keep", "must be >= 1", self.keep)
 
 
 @dataclass
@@ -113,7 +176,11 @@ class StageConfig:
 
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build ``schema`` from a YAML file plus ``key=value`` overrides, refusing unknown keys."""
+    """Build ``schema`` from a YAML file plus ``key=value`` overrides, refusing unknown keys.
+
+    Building the dataclasses runs their ``__post_init__`` checks, so a config made in Python is
+    validated exactly as one loaded here.
+    """
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -124,7 +191,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         try:
             loaded = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         raw = loaded
@@ -163,21 +230,63 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(schema: type[T], raw: dict[str, Any], source: str = "config", prefix: str = "") -> T:
-    """Validate ``raw`` against the dataclass ``schema`` and build it."""
+def from_dict(schema: type[T], raw: dict[str, Any], source: str = "config", prefix: str = "",
+              root: type | None = None, base: Any = None) -> T:
+    """Validate ``raw`` against the dataclass ``schema`` and build it.
+
+    ``base`` is the section's default (a field's ``default_factory()``, e.g. finetune's
+    ``DataConfig(image_size=384)``): keys not in ``raw`` keep its values, not the class defaults.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {raw!r}")
     hints = get_type_hints(schema)
-    names = [f.name for f in dataclasses.fields(schema)]
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    names = list(fields)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in names:
             where = f"under '{prefix.rstrip('.')}'" if prefix else "at the top level"
+            guess = _nearest_key(root or schema, f"{prefix}{key}")
+            hint = f" (did you mean '{guess}'?)" if guess else ""
             raise ConfigError(
-                f"{source}: unknown key '{prefix}{key}'; valid keys {where}: {', '.join(names)}"
+                f"{source}: unknown key '{prefix}{key}'{hint}; valid keys {where}: {', '.join(names)}"
             )
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", source)
-    return schema(**kwargs)
+        section_default = fields[key].default_factory
+        if dataclasses.is_dataclass(hints[key]) and section_default is not dataclasses.MISSING:
+            kwargs[key] = from_dict(hints[key], value if value is not None else {}, source, f"{prefix}{key}.",
+                                    root or schema, base=section_default())
+        else:
+            kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", source, root or schema)
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else schema(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def dotted_keys(schema: type, prefix: str = "") -> list[str]:
+    """Every field of a config dataclass as a dotted key (``train.max_steps``), sections included."""
+    keys = []
+    for f, tp in zip(dataclasses.fields(schema), get_type_hints(schema).values(), strict=True):
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(tp):
+            keys += dotted_keys(tp, f"{prefix}{f.name}.")
+    return keys
+
+
+def _nearest_key(schema: type, key: str) -> str | None:
+    """The valid dotted key a typo most likely meant: a close spelling, or the same name in another section."""
+    import difflib
+
+    keys = dotted_keys(schema)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if len(same_leaf) == 1:
+        return same_leaf[0]
+    close_leaf = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in keys], n=1, cutoff=0.8)
+    return next((k for k in keys if close_leaf and k.rsplit(".", 1)[-1] == close_leaf[0]), None)
 
 
 def _type_name(tp: Any) -> str:
@@ -186,12 +295,12 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
-def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+def _coerce(tp: Any, value: Any, key: str, source: str, root: type | None = None) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value if value is not None else {}, source, prefix=f"{key}.")
+        return from_dict(tp, value if value is not None else {}, source, prefix=f"{key}.", root=root)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -200,7 +309,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(arg, value, key, source)
+                return _coerce(arg, value, key, source, root)
             except ConfigError:
                 continue
         raise ConfigError(f"{source}: '{key}' expects {_type_name(tp)}, got {value!r}")
@@ -215,16 +324,17 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         (item_tp,) = get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: '{key}' expects a list, got {value!r}")
-        return [_coerce(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return [_coerce(item_tp, v, f"{key}[{i}]", source, root) for i, v in enumerate(value)]
     if origin in (tuple, typing.Tuple):  # noqa: UP006
         args = get_args(tp)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: '{key}' expects a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
+            return tuple(_coerce(args[0], v, f"{key}[{i}]", source, root) for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{source}: '{key}' expects {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value, strict=True)))
+        return tuple(_coerce(a, v, f"{key}[{i}]", source, root)
+                     for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin in (dict, typing.Dict):  # noqa: UP006
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' expects a mapping, got {value!r}")
@@ -265,13 +375,20 @@ def save_config(cfg: Any, out_dir: str | Path) -> Path:
     from roseprior.checkpoint import atomic_write_text
 
     path = Path(out_dir) / "config.yaml"
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, config_yaml(cfg))
     return path
 
 
+def config_yaml(cfg: Any) -> str:
+    """The config as the YAML text ``config.yaml`` holds (and ``--print-config`` prints)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def add_config_args(parser: Any, default: str | None = None) -> None:
-    """The argument shape every stage entry point takes: ``--config FILE [key=value ...]``."""
+    """The argument shape every stage entry point takes: ``--config FILE [--print-config] [key=value ...]``."""
     parser.add_argument("--config", default=default, help="YAML config file (see configs/)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file + overrides + defaults) and exit")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="override any config field, dotted keys"
     )

@@ -15,7 +15,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +187,8 @@ def load_labelled(
       2. ``root`` a .csv file: that manifest (``split`` filters on its ``split`` column);
       3. ``split`` given: the folder ``root/{split}``, else ``root/manifest.csv``'s ``split`` column;
       4. ``root/manifest.csv``: that manifest, paths relative to ``root``;
-      5. class folders ``root/{class}/...``, or ``root/{train,val,test}/{class}/...`` (all splits).
+      5. class folders ``root/{class}/...``, ``root/{train,val,test}/{class}/...`` (all splits), or
+         ``root/{domain}/{class}/...`` (one folder per site: ``Sample.domain`` is the folder name).
     """
     classes = _check_classes(classes)
     if split is not None and split not in SPLITS:
@@ -233,10 +234,22 @@ def _check_classes(classes: Sequence[str]) -> list[str]:
 def _load_folder(root: Path, classes: list[str]) -> list[Sample]:
     if (root / MANIFEST_NAME).is_file():
         return read_manifest(root / MANIFEST_NAME, classes)
+    has_class_folders = any((root / c).is_dir() for c in classes)
     split_dirs = [s for s in SPLITS if (root / s).is_dir()]
-    if split_dirs and not any((root / c).is_dir() for c in classes):
-        return [s for name in split_dirs for s in _load_class_folders(root / name, classes)]
+    if split_dirs and not has_class_folders:
+        return [s for name in split_dirs for s in _load_folder(root / name, classes)]
+    domains = [] if has_class_folders else _domain_folders(root, classes)
+    if domains:
+        return [replace(s, domain=d.name) for d in domains for s in _load_class_folders(d, classes)]
     return _load_class_folders(root, classes)
+
+
+def _domain_folders(root: Path, classes: list[str]) -> list[Path]:
+    """``root/<domain>/<class>/...`` (one folder per site or scanner): the domain folders, else []."""
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in SPLITS)
+    if len(folders) >= 2 and all(all((d / c).is_dir() for c in classes) for d in folders):
+        return folders
+    return []
 
 
 def _load_class_folders(root: Path, classes: list[str]) -> list[Sample]:

@@ -79,26 +79,16 @@ def _stage(module: str, config: str, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", module, "--config", str(CONFIG_DIR / config), *overrides]
 
 
-def _is_shift(condition: str) -> bool:
-    """Stain, scale and cross-domain conditions; ``domain/a->a`` is the in-domain reference."""
-    if condition.startswith("domain/") and "->" in condition:
-        source, target = condition[len("domain/"):].split("->", 1)
-        return source != target
-    return condition != "clean"
-
-
 def summarize(report_path: Path) -> list[str]:
     """One line per checkpoint: clean and worst-shift balanced accuracy (linear probe)."""
     report = json.loads(report_path.read_text())
     lines = []
     for name, entry in report.get("checkpoints", {}).items():
         conditions = entry.get("conditions", {})
-        clean = conditions.get("clean", {}).get("linear", {}).get("balanced_accuracy")
-        shifted = [
-            (cond, probes["linear"]["balanced_accuracy"])
-            for cond, probes in conditions.items()
-            if _is_shift(cond) and probes.get("linear", {}).get("balanced_accuracy") is not None
-        ]
+        clean = conditions.get("clean", {}).get("scores", {}).get("linear", {}).get("balanced_accuracy")
+        shifted = [(cond, result["scores"]["linear"]["balanced_accuracy"]) for cond, result in conditions.items()
+                   if result["shift"] and (result.get("scores") or {}).get("linear", {}).get("balanced_accuracy")
+                   is not None]
         worst = min(shifted, key=lambda item: item[1]) if shifted else ("-", float("nan"))
         clean_text = f"{clean:.3f}" if clean is not None else "n/a"
         lines.append(f"{name:<28} clean {clean_text}   worst {worst[1]:.3f} ({worst[0]})")

@@ -33,19 +33,26 @@ import random
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from roseprior.data import SPLITS, Sample, load_labelled
+from roseprior.data import MANIFEST_NAME, SPLITS, Sample, load_labelled
 from roseprior.errors import ConfigError, DataError
 
 __all__ = [
+    "SplitSet",
     "add_parser",
+    "is_labelled",
+    "read_image_list",
+    "resolve_splits",
+    "split_fingerprint",
     "find_cross_split_duplicates",
     "group_key",
     "parse_ratios",
     "split_samples",
     "split_sizes",
+    "write_image_list",
     "write_link_tree",
     "write_split_csvs",
 ]
@@ -243,6 +250,128 @@ def assign_groups(
                     move(b, split_a)
                     improved = True
     return where
+
+
+# ---------------------------------------------------------------------------------------------
+# The resolver every stage uses
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitSet:
+    """The train/val/test lists of one data set under one set of split settings, and how they were made."""
+
+    splits: dict[str, list[Sample]]
+    source: str  # how the lists were obtained (shown in reports)
+    fingerprint: str = ""  # of the (split, path, label) lists: equal fingerprints, equal splits
+
+    def __post_init__(self) -> None:
+        self.fingerprint = self.fingerprint or split_fingerprint(self.splits)
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(self.splits[name]) for name in SPLITS}
+
+    def describe(self) -> dict[str, object]:
+        """What a run records in its provenance."""
+        return {"source": self.source, "fingerprint": self.fingerprint, "sizes": self.sizes()}
+
+    def readable(self, out_dir: str | Path | None, max_fraction: float) -> SplitSet:
+        """The same split without the images that do not decode (one pass, listed in
+        ``out_dir/skipped_files.csv``); train and val must keep images. The fingerprint stays the
+        split's own, so every stage records the same one."""
+        from roseprior.data import filter_readable
+
+        everything = [s for name in SPLITS for s in self.splits[name]]
+        readable = {s.path for s in filter_readable(everything, out_dir, max_fraction)}
+        kept = {name: [s for s in self.splits[name] if s.path in readable] for name in SPLITS}
+        for name in ("train", "val"):
+            if not kept[name]:
+                raise DataError(f"the {name} split is empty ({self.source}); add images or change data.split_ratios")
+        return SplitSet(kept, self.source, self.fingerprint)
+
+
+def split_fingerprint(splits: dict[str, list[Sample]]) -> str:
+    """A digest of which image (absolute path) with which label is in which split."""
+    digest = hashlib.sha256()
+    for name in SPLITS:
+        for path, label in sorted((os.path.abspath(s.path), s.label) for s in splits.get(name, [])):
+            digest.update(f"{name}\0{path}\0{label}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def resolve_splits(data_cfg, root: str | Path | None = None) -> SplitSet:
+    """The one rule by which every stage gets train/val/test for ``data_cfg`` (a ``DataConfig``).
+
+    In order: ``data.split_dir`` (CSVs from ``roseprior split``); the data's own split (``train/``,
+    ``val/``, ``test/`` folders, or a manifest ``split`` column); else ``split_samples`` with
+    ``data.split_ratios`` and ``data.group_by``, seeded by ``data.split_seed`` alone, so the same
+    data and settings give the same lists in pretrain, finetune, the probes and the benchmarks.
+    With no validation images, a fifth of train (grouped alike) becomes validation. Nothing is
+    decoded or written here: ``SplitSet.readable`` drops unreadable images.
+    """
+    from roseprior.data import resolve_root
+
+    root = Path(root) if root is not None else resolve_root(data_cfg)
+    classes, seed = list(data_cfg.classes), data_cfg.split_seed
+    if data_cfg.split_dir:
+        splits = {name: load_labelled(root, classes, split=name, split_dir=data_cfg.split_dir) for name in SPLITS}
+        source = f"split files in {data_cfg.split_dir}"
+    elif root.is_dir() and (root / "train").is_dir() and not any((root / c).is_dir() for c in classes):
+        splits = {name: load_labelled(root, classes, split=name) if (root / name).is_dir() else [] for name in SPLITS}
+        source = f"split folders under {root}"
+    else:
+        samples = load_labelled(root, classes)
+        own = {s.extra.get("split", "").strip() for s in samples}
+        if own <= set(SPLITS) and "train" in own:
+            splits = {name: [s for s in samples if s.extra["split"].strip() == name] for name in SPLITS}
+            source = f"the 'split' column of {root}"
+        else:
+            splits = split_samples(samples, data_cfg.split_ratios, group_by=data_cfg.group_by, seed=seed)
+            source = (f"{data_cfg.split_ratios} split of {root}"
+                      + (f" grouped by {data_cfg.group_by}" if data_cfg.group_by else "") + f", split_seed {seed}")
+    if not splits["val"] and splits["train"]:
+        inner = split_samples(splits["train"], "4:1:0", group_by=data_cfg.group_by, seed=seed)
+        splits["train"], splits["val"] = inner["train"], inner["val"]
+        source += "; val carved from train (4:1)"
+    return SplitSet(splits, source)
+
+
+IMAGE_LIST = "training_images.csv"
+
+
+def write_image_list(out_dir: str | Path, parts: dict[str, Sequence[Sample]]) -> Path:
+    """``out_dir/training_images.csv`` (path, split): the images a run trained or selected on, so the
+    probes can tell when a checkpoint has seen their test images."""
+    from roseprior.checkpoint import atomic_write_text
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "split"])
+    writer.writerows([os.path.realpath(s.path), name] for name, samples in parts.items() for s in samples)
+    return atomic_write_text(Path(out_dir) / IMAGE_LIST, buffer.getvalue())
+
+
+def read_image_list(folder: str | Path) -> dict[str, str] | None:
+    """``{real path: split}`` from a run folder's ``training_images.csv``; None when it has none."""
+    path = Path(folder) / IMAGE_LIST
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {row["path"]: row["split"] for row in csv.DictReader(fh)}
+
+
+def is_labelled(root: Path, classes: Sequence[str]) -> bool:
+    """Whether ``root`` is a labelled set (split files aside): class folders, split folders, folders of
+    class folders per domain, or a manifest with a ``label`` column."""
+    manifest = root if root.is_file() else root / MANIFEST_NAME
+    if manifest.is_file():
+        with open(manifest, newline="", encoding="utf-8-sig") as fh:
+            return "label" in [c.strip() for c in next(csv.reader(fh), [])]
+    if not root.is_dir():
+        return False
+    if (root / "train").is_dir() or any((root / c).is_dir() for c in classes):
+        return True
+    return any(all((d / c).is_dir() for c in classes) for d in root.iterdir() if d.is_dir())
 
 
 # ---------------------------------------------------------------------------------------------

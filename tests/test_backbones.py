@@ -423,18 +423,29 @@ def test_attention_maps_and_grad_cam_targets():
 # ====== parameter groups ======
 
 
+def _parts(model) -> dict[str, set[str]]:
+    """Parameter names per part, as the optimizer groups give them."""
+    groups = backbones.param_groups(model, {"cnn": 1.0, "transformer": 2.0, "head": 3.0}, 0.1,
+                                    part_of=lambda name: backbones.group_of(model, name))
+    parts: dict[str, set[str]] = {}
+    for g in groups:
+        parts.setdefault(g["part"], set()).update(g["names"])
+        assert g["lr"] == {"cnn": 1.0, "transformer": 2.0, "head": 3.0}[g["part"]]
+    return parts
+
+
 def test_param_groups_split_cnn_transformer_head():
     model = _tiny(num_classes=2)
-    groups = backbones.param_groups(model)
-    assert list(groups) == ["cnn", "transformer", "head"]
-    names = {g: {n for n, _ in ps} for g, ps in groups.items()}
+    names = _parts(model)
+    assert set(names) == {"cnn", "transformer", "head"}
     assert names["head"] == {"head.weight", "head.bias"}
     assert all(n.startswith("cnn.") for n in names["cnn"])
     assert "pos_embed" in names["transformer"] and "focus.0.gaze_proj.weight" in names["transformer"]
     assert sum(len(v) for v in names.values()) == len(list(model.parameters()))
-    assert set(backbones.param_groups(backbones.create("timm:resnet18", num_classes=2))) == {"cnn", "head"}
-    vit = backbones.create("timm:vit_tiny_patch16_224", num_classes=2)
-    assert set(backbones.param_groups(vit)) == {"transformer", "head"}
+    no_decay = {n for g in backbones.param_groups(model, 1.0, 0.1) if g["weight_decay"] == 0 for n in g["names"]}
+    assert "pos_embed" in no_decay and "head.bias" in no_decay and "head.weight" not in no_decay  # timm's convention
+    assert set(_parts(backbones.create("timm:resnet18", num_classes=2))) == {"cnn", "head"}
+    assert set(_parts(backbones.create("timm:vit_tiny_patch16_224", num_classes=2))) == {"transformer", "head"}
     hybrid_groups = {
         backbones.group_of(backbones.create("hybrid_vit", depth=1), "patch_embed.backbone.conv1.weight")
     }

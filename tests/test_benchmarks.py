@@ -83,7 +83,7 @@ def test_pretrain_quality_smoke_run_and_reuse(shared_data: Path, tmp_path: Path,
     if not (shared_data / "cric_cells" / "manifest.csv").is_file():
         pytest.skip("cric_cells not in the shared data")
     args = ["--data", str(shared_data / "cric_cells"), "--minutes", "0.3", "--threads", "1",
-            "--max-eval-images", "80", "--out", str(tmp_path / "pq"), "--set", "train.batch_size=16"]
+            "--max-images", "300", "--out", str(tmp_path / "pq"), "--set", "train.batch_size=16"]
     weights = tmp_path / "pq" / "pretrain" / "backbone.safetensors"
     threads = torch.get_num_threads()  # the benchmark sets its own thread count; the suite gets its own back
     try:
@@ -96,6 +96,13 @@ def test_pretrain_quality_smoke_run_and_reuse(shared_data: Path, tmp_path: Path,
     assert first["method"] == "simclr" and first["eval_size"] == 64 and first["steps"] >= 1
     for which in ("pretrained", "random_init"):
         assert 0.0 <= first[which]["knn_balanced_accuracy"] <= 1.0 and first[which]["linear_C"] > 0
+        assert set(first[which]["zoom"]) == {"0.5", "2"}
+    # the product's split: 7:2:1 of whole fields, the probes' test split unseen by pretraining
+    assert first["split"]["source"].startswith("7:2:1 split") and "source_image" in first["split"]["source"]
+    seen = {row.split(",")[0] for row in (tmp_path / "pq" / "pretrain" / "training_images.csv").read_text().split()[1:]}
+    report = json.loads((tmp_path / "pq" / "probes" / "report.json").read_text())
+    assert all(c["test_overlap"]["test_images"] == 0 for c in report["checkpoints"].values() if c["test_overlap"])
+    assert seen and report["checkpoints"]["pretrained"]["test_overlap"] is not None
     assert weights.stat().st_mtime_ns == stamp  # not pretrained again
     again = json.loads((tmp_path / "pq" / "quality.json").read_text())
     assert again["pretrained"] == first["pretrained"] and "--reuse" in capsys.readouterr().out

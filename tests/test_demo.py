@@ -8,18 +8,19 @@ from roseprior.cli import main
 from roseprior.demo import summarize
 
 
-def _probe(bacc: float) -> dict:
-    return {"linear": {"balanced_accuracy": bacc}, "knn": {"balanced_accuracy": bacc}}
+def _result(name: str, family: str, shift: bool, bacc: float) -> dict:
+    from eval_probes.results import ConditionResult, ProbeScore
+
+    scores = {p: ProbeScore(bacc, None, None, None, 10) for p in ("knn", "linear")}
+    return ConditionResult(name, family, shift, scores).to_json()
 
 
 def test_summary_reports_clean_and_the_worst_real_shift(tmp_path):
-    report = {"checkpoints": {"pretrained": {"conditions": {
-        "clean": _probe(0.9),
-        "stain/hed_0.2": _probe(0.7),
-        "scale/0.5": _probe(0.6),
-        "domain/site_a->site_a": _probe(0.1),  # in-domain reference: not a shift
-        "domain/site_a->site_b": _probe(0.65),
-    }}}}
+    conditions = [("clean", "clean", False, 0.9), ("stain/hed_0.2", "stain", True, 0.7),
+                  ("scale/0.5", "scale", True, 0.6),
+                  ("domain/site_a->site_a", "domain", False, 0.1),  # in-domain reference: not a shift
+                  ("domain/site_a->site_b", "domain", True, 0.65)]
+    report = {"checkpoints": {"pretrained": {"conditions": {c[0]: _result(*c) for c in conditions}}}}
     path = tmp_path / "report.json"
     path.write_text(json.dumps(report))
     (line,) = summarize(path)

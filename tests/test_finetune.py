@@ -14,7 +14,7 @@ from torch import nn
 
 from finetune.config import FinetuneConfig
 from finetune.sam import build_optimizer, frozen_bn_stats, plain_step, sam_step, step_for
-from finetune.train import _fold_splits, compute_metrics, is_better, lr_schedule
+from finetune.train import _fold_splits, build_optimizer_for, compute_metrics, is_better
 from roseprior.config import load_config
 from roseprior.data import Sample
 from roseprior.errors import ConfigError
@@ -220,42 +220,53 @@ def test_folds_are_grouped_stratified_and_cover_the_pool():
 
 
 def test_cosine_schedule_ends_at_min_ratio_after_warmup():
+    from roseprior.loop import lr_factors
+
     cfg = FinetuneConfig()
-    cfg.optim.warmup_epochs = 1
-    sched = lr_schedule(total_steps=50, steps_per_epoch=10, cfg=cfg)
+    cfg.train.warmup_epochs = 1
+    sched = lr_factors(cfg.train, total_steps=50, steps_per_epoch=10)
     assert len(sched) == 50
-    assert sched[0] == pytest.approx(0.1) and sched[9] == pytest.approx(1.0)
+    assert sched[0] == pytest.approx(0.0) and sched[9] == pytest.approx(0.9) and sched[10] == pytest.approx(1.0)
     assert sched[-1] == pytest.approx(0.25)
     assert np.all(np.diff(sched[10:]) <= 1e-12)
+    cfg.train.schedule = "constant"
+    assert np.all(lr_factors(cfg.train, 50, 10)[10:] == 1.0)
 
 
 def test_param_groups_give_each_part_its_lr_and_layer_decay():
     import backbones
-    from finetune.model import Classifier, param_groups
+    from finetune.model import Classifier
 
     model = Classifier(backbones.create("msht_tiny", img_size=64))
     lrs = {"cnn": 1e-5, "transformer": 2e-5, "head": 3e-4}
-    groups = param_groups(model, lrs, weight_decay=0.01)
+    cfg = load_config(FinetuneConfig, None, ["sam=off", "optim.lr_cnn=1e-5", "optim.lr_transformer=2e-5",
+                                             "optim.lr_head=3e-4", "train.weight_decay=0.01"])
+    groups = build_optimizer_for(model, cfg).param_groups
     covered = [p for g in groups for p in g["params"]]
     assert len(covered) == len(list(model.parameters())) == len({id(p) for p in covered})
     for g in groups:
-        assert g["lr"] == lrs[g["part"]]
+        assert g["lr"] == lrs[g["part"]] == g["base_lr"]
         assert all(n.startswith("backbone.cnn.") == (g["part"] == "cnn") for n in g["names"])
+        # no weight decay on biases and norms (1-d parameters) or tokens, the configured decay elsewhere
+        assert g["weight_decay"] == 0.01 or g["weight_decay"] == 0.0
+        assert g["weight_decay"] == 0.0 or all(p.ndim > 1 for p in g["params"])
     assert {g["part"] for g in groups} == {"cnn", "transformer", "head"}
-    decayed = param_groups(model, lrs, weight_decay=0.01, layer_decay=0.5)
+    cfg.optim.layer_decay = 0.5
+    decayed = build_optimizer_for(model, cfg).param_groups
     by_name = {n: g["lr"] / lrs[g["part"]] for g in decayed for n in g["names"]}
     assert by_name["head.weight"] == 1.0
     assert by_name["backbone.cnn.conv1.weight"] < by_name["backbone.cnn.layer4.1.conv1.weight"] < 1.0
     # the SAM wrapper keeps every group's lr
-    opt = build_optimizer(decayed, "adam", "sam", rho=0.05, lr=1.0)
+    cfg.sam = "sam"
+    opt = build_optimizer_for(model, cfg)
     assert sorted(g["lr"] for g in opt.param_groups) == sorted(g["lr"] for g in decayed)
 
 
 def test_configs_load_with_the_papers_recipe():
     gpu = load_config(FinetuneConfig, CONFIGS / "msht_sam.yaml")
     assert (gpu.init, gpu.sam, gpu.resolved_rho, gpu.data.image_size) == ("msht", "sam", 0.05, 384)
-    assert (gpu.optim.name, gpu.train.lr, gpu.train.weight_decay, gpu.optim.min_lr_ratio) == ("adam", 1e-5, 0.01, 0.25)
-    assert (gpu.train.batch_size, gpu.train.epochs, gpu.optim.schedule) == (8, 50, "cosine")
+    assert (gpu.optim.name, gpu.train.lr, gpu.train.weight_decay, gpu.train.min_lr_ratio) == ("adam", 1e-5, 0.01, 0.25)
+    assert (gpu.train.batch_size, gpu.train.epochs, gpu.train.schedule) == (8, 50, "cosine")
     cpu = load_config(FinetuneConfig, CONFIGS / "msht_tiny_cpu.yaml", ["sam=asam"])
     assert cpu.init == "msht_tiny" and cpu.data.root is None and cpu.resolved_rho == 2.0
     assert load_config(FinetuneConfig, None, ["sam=asam", "rho=0.5"]).resolved_rho == 0.5

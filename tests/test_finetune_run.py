@@ -48,17 +48,17 @@ def run_dir(tiny_data, tmp_path_factory) -> tuple[Path, list, dict]:
         return result
 
     splits_seen: dict = {}
-    original_load = train_mod.load_splits
+    original_resolve = train_mod.resolve_splits
 
-    def logged_load(*args, **kwargs):
-        splits = original_load(*args, **kwargs)
-        splits_seen.update(splits)
-        return splits
+    def logged_resolve(*args, **kwargs):
+        split = original_resolve(*args, **kwargs)
+        splits_seen.update(split.splits)
+        return split
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ImageDataset, "__getitem__", logged_getitem)
         mp.setattr(train_mod, "fit", logged_fit)
-        mp.setattr(train_mod, "load_splits", logged_load)
+        mp.setattr(train_mod, "resolve_splits", logged_resolve)
         code = main([
             "--config", str(Path(__file__).parents[1] / "configs" / "finetune" / "msht_tiny_cpu.yaml"),
             f"data.root={tiny_data}", f"out_dir={out}", "data.image_size=64", "train.batch_size=4",

@@ -1,6 +1,6 @@
 """pretrain: views keyed per sample, the CNN-aware teacher, configs, outputs, DDP equivalence, resume.
 
-Runs are tiny (timm's ``test_vit``/``test_resnet``, 64 px global and 32 px local views, 16 synthetic
+Runs are tiny (timm's ``test_vit``/``test_resnet``, 64 px global and 32 px local views, 18 synthetic
 images, a few steps). Multi-process runs are real: ``accelerate launch --multi_gpu --num_processes 2``
 on CPU (gloo), as a user would launch them.
 """
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(300)
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from roseprior.synth import generate
 
-    return generate(tmp_path_factory.mktemp("pretrain_data") / "set", n_per_class=8, size=96, progress=False)
+    return generate(tmp_path_factory.mktemp("pretrain_data") / "set", n_per_class=12, size=96, progress=False)
 
 
 def tiny_overrides(data: Path, out: Path, method: str = "dino", **extra: object) -> list[str]:
@@ -260,11 +260,11 @@ def test_bad_config_is_one_line_naming_the_key(override: str, expected: str, tmp
 
 
 def test_shipped_configs_load():
-    from pretrain.config import PretrainConfig, validate
+    from pretrain.config import PretrainConfig
     from roseprior.config import load_config
 
     for path in sorted((REPO / "configs" / "pretrain").glob("*.yaml")):
-        validate(load_config(PretrainConfig, path))
+        load_config(PretrainConfig, path)
 
 
 def test_empty_data_folder_is_a_data_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -286,11 +286,12 @@ def test_run_writes_the_stage_outputs(tiny_data: Path, tmp_path: Path):
     import json
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
+    steps = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
-    for key in ("loss", "lr", "momentum", "teacher_temp", "teacher_entropy", "images_per_second"):
+    for key in ("train/loss", "lr/all", "train/momentum", "train/teacher_temp", "train/teacher_entropy",
+                "train/images_per_second"):
         assert key in steps[-1], key
-    assert any("knn_balanced_accuracy" in r for r in records)  # one epoch of 2 steps ended: the kNN monitor ran
+    assert any("knn/balanced_accuracy" in r for r in records)  # one epoch of 2 steps ended: the kNN monitor ran
     model = backbones.load(out)
     assert model.forward_embedding(torch.rand(2, 3, 64, 64)).shape == (2, model.embed_dim)
     meta = json.loads((out / "backbone.json").read_text())
@@ -311,7 +312,7 @@ def test_with_a_split_only_training_images_are_pretrained_on(tiny_data: Path, tm
     assert run_in_process(tiny_overrides(tiny_data, out, **{"data.split_dir": str(split_dir),
                                                             "train.max_steps": 1})) == 0
     meta = json.loads((out / "backbone.json").read_text())
-    assert meta["provenance"]["images"] == len(splits["train"]) < 16
+    assert meta["provenance"]["images"] == len(splits["train"]) < 18
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +433,7 @@ def test_baseline_methods_train_and_export_their_momentum_encoder(method: str, t
         "train.max_steps": 2, "method.byol.hidden_dim": 64, "method.byol.out_dim": 32,
         "method.mocov2.hidden_dim": 64, "method.mocov2.out_dim": 32, "method.mocov2.memory_bank_size": 64})
     assert run_in_process(overrides) == 0
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     meta = json.loads((out / "backbone.json").read_text())
     assert meta["provenance"]["method"] == method and meta["provenance"]["exported"] == "teacher"
@@ -452,4 +453,4 @@ def test_resume_with_another_global_batch_is_refused(tiny_data: Path, tmp_path: 
     capsys.readouterr()
     assert run_in_process(tiny_overrides(tiny_data, out, **{"train.max_steps": 4, "train.batch_size": 4})) == 2
     err = capsys.readouterr().err
-    assert "global batch of 8" in err and "checkpoint.resume=never" in err
+    assert "global_batch: 8 there, 4 now" in err and "checkpoint.resume=never" in err

@@ -15,12 +15,12 @@ from PIL import Image
 
 from eval_probes import conditions as cond_lib
 from eval_probes.config import ProbeConfig
-from eval_probes.features import FeatureCache, cached_features, checkpoint_fingerprint, data_fingerprint
-from eval_probes.probes import fit_knn, fit_linear
+from eval_probes.features import FeatureCache, cached_features, data_fingerprint
 from eval_probes.robustness import robustness_index
 from roseprior.config import load_config
 from roseprior.data import Sample
 from roseprior.errors import ConfigError
+from roseprior.probes import fit_knn, fit_linear
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,6 +137,7 @@ def _write_images(folder: Path, n: int, seed: int = 0) -> list[Sample]:
 
 def test_cache_hits_and_is_invalidated_by_checkpoint_and_data_changes(tmp_path):
     import backbones
+    from backbones import init_fingerprint as checkpoint_fingerprint
 
     torch.manual_seed(0)
     model = backbones.create("timm:test_vit")
@@ -151,7 +152,7 @@ def test_cache_hits_and_is_invalidated_by_checkpoint_and_data_changes(tmp_path):
 
     def features(ckpt_fp: str, data_fp: str, condition=None) -> np.ndarray:
         return cached_features(cache, loader, ckpt_fp, samples, data_fp, condition or cond_lib.clean(),
-                               image_size=32, seed=0, batch_size=2, device="cpu", progress=False)
+                               image_size=32, seed=0, batch_size=2, device="cpu")
 
     ckpt_fp, data_fp = checkpoint_fingerprint(str(ckpt), 0), data_fingerprint(samples)
     first = features(ckpt_fp, data_fp)
@@ -207,7 +208,7 @@ def test_conditions_keep_size_and_random_ones_are_reproducible():
 def test_shipped_configs_load_and_unknown_keys_are_refused():
     for path in sorted((REPO / "configs" / "probes").glob("*.yaml")):
         cfg = load_config(ProbeConfig, path)
-        assert cfg.checkpoints and math.isclose(cfg.knn_temperature, 0.07)
+        assert cfg.checkpoints and math.isclose(cfg.protocol.knn_temperature, 0.07)
     with pytest.raises(ConfigError, match="knn_kk"):
         load_config(ProbeConfig, None, ["knn_kk=[1]"])
 
@@ -241,13 +242,22 @@ def test_folders_per_domain_give_domain_labels(tmp_path):
     assert {s.domain for s in data.splits["train"]} == {"scanner1", "scanner2"}
 
 
-def test_normalisation_follows_the_checkpoint_provenance(tmp_path):
-    import backbones
-    from eval_probes.features import input_stats
+def test_input_statistics_travel_with_the_backbone_folder(tmp_path):
+    """Regression: a backbone saved with its training statistics is loaded with them, and timm, the
+    classifier and the probes all see them (they were lost to timm's ImageNet pretrained_cfg)."""
+    import timm
 
-    model = backbones.create("timm:test_vit")
-    plain = backbones.save(model, tmp_path / "plain")
-    trained = backbones.save(model, tmp_path / "trained",
-                             provenance={"config": {"views": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}})
-    assert input_stats(model, str(trained)) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    assert input_stats(model, str(plain)) == input_stats(model)  # the model's own default_cfg
+    import backbones
+    from finetune.model import Classifier
+
+    model = backbones.set_input_stats(backbones.create("msht_tiny"), [0.6, 0.5, 0.4], [0.2, 0.3, 0.25])
+    saved = backbones.save(model, tmp_path / "trained")
+    loaded = backbones.load_init(str(saved))
+    expected = ((0.6, 0.5, 0.4), (0.2, 0.3, 0.25))
+    assert backbones.input_stats(loaded) == expected
+    config = timm.data.resolve_data_config(model=loaded)
+    assert (tuple(config["mean"]), tuple(config["std"])) == expected
+    classifier = Classifier(loaded)
+    assert tuple(round(v, 6) for v in classifier.mean.flatten().tolist()) == expected[0]
+    plain = backbones.load_init(str(backbones.save(backbones.create("msht_tiny"), tmp_path / "plain")))
+    assert backbones.input_stats(plain) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # the architecture's

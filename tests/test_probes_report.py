@@ -13,6 +13,7 @@ import torch
 
 from eval_probes.config import ProbeConfig
 from eval_probes.run import run
+from roseprior.probes import ProbeProtocol
 from roseprior.synth import generate
 
 pytestmark = pytest.mark.slow  # two full runs (one with UMAP) on a small synthetic set
@@ -33,8 +34,7 @@ def report_dir(tmp_path_factory) -> Path:
         cache_dir=str(tmp / "cache"),
         progress=False,
         zooms=[0.5, 2.0],
-        knn_k=[1, 5, 10],
-        linear_c=[0.1, 1.0],
+        protocol=ProbeProtocol(knn_k=[1, 5, 10], linear_c=[0.1, 1.0]),
         robustness_k=[5, 10],
         umap=True,  # the one test that pays for umap's numba compile
     )
@@ -71,14 +71,22 @@ def test_report_json_has_every_condition_probe_and_metric(report_dir):
         assert set(result["conditions"]) == expected, name
         assert result["probes"]["knn"]["k"] in (1, 5, 10) and result["probes"]["linear"]["C"] in (0.1, 1.0)
         for cond, entry in result["conditions"].items():
+            assert entry["name"] == cond and entry["skipped"] is None
+            shift = {"clean": False, "stain": True, "scale": True}.get(entry["family"])
+            if entry["family"] == "domain":
+                shift = entry["subset"] == "atypical" if entry["subset"] else entry["source_domain"] != entry["target_domain"]
+            assert entry["shift"] is shift, cond
             for probe in ("knn", "knn_majority", "linear"):
-                metrics = entry[probe]
+                metrics = entry["scores"][probe]
                 assert 0.0 <= metrics["balanced_accuracy"] <= 1.0 and 0.0 <= metrics["ece"] <= 1.0, (cond, probe)
-                if cond != "clean":
-                    base = result["conditions"]["clean"][probe] if not cond.startswith("domain/site") else None
-                    if base is not None:
-                        assert metrics["drop"]["balanced_accuracy"] == pytest.approx(
-                            base["balanced_accuracy"] - metrics["balanced_accuracy"])
+                if entry["family"] in ("stain", "scale") or entry["subset"]:  # drops are against clean
+                    base = result["conditions"]["clean"]["scores"][probe]
+                    assert metrics["drop"]["balanced_accuracy"] == pytest.approx(
+                        base["balanced_accuracy"] - metrics["balanced_accuracy"])
+                if entry["source_domain"]:  # drops are against the in-domain a->a score
+                    own = result["conditions"][f"domain/{entry['source_domain']}->{entry['source_domain']}"]
+                    assert metrics["drop"]["balanced_accuracy"] == pytest.approx(
+                        own["scores"][probe]["balanced_accuracy"] - metrics["balanced_accuracy"])
         ri = result["robustness_index"]
         assert set(ri) == {"5", "10"} and all(v is None or 0.0 <= v <= 1.0 for v in ri.values())
     assert (report_dir / "config.yaml").is_file()

@@ -24,7 +24,6 @@ import pytest
 import torch
 
 from eval_probes.config import ProbeConfig
-from eval_probes.features import input_stats
 from eval_probes.run import run
 from roseprior.data import ImageDataset, load_labelled
 from roseprior.synth import generate
@@ -39,7 +38,7 @@ def _train_backbone(data: Path, out: Path, steps: int = 40) -> str:
 
     torch.manual_seed(0)
     model = backbones.create("timm:test_vit", num_classes=2)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in input_stats(model))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in backbones.input_stats(model))
     dataset = ImageDataset(load_labelled(data, ["N", "P"]), image_size=SIZE)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))]).float().div_(255)
     labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
@@ -78,19 +77,19 @@ def test_confounded_checkpoint_fails_on_the_flipped_domain_and_has_a_lower_robus
 
     conf, unconf = (report["checkpoints"][n] for n in ("confounded", "unconfounded"))
     for name, result in (("confounded", conf), ("unconfounded", unconf)):  # shown with pytest -s
-        print(name, {c: {p: round(result["conditions"][c][p]["balanced_accuracy"], 3) for p in ("knn", "linear")}
+        print(name, {c: {p: round(result["conditions"][c]["scores"][p]["balanced_accuracy"], 3) for p in ("knn", "linear")}
                      for c in ("clean", "domain/typical", "domain/atypical")}, "RI", result["robustness_index"])
     typical = conf["conditions"]["domain/typical"]
-    assert typical["typical_domain"] == {"N": "site_a", "P": "site_b"}
-    assert typical["train_class_domain_association"] > 0.6
+    assert typical["notes"]["typical_domain"] == {"N": "site_a", "P": "site_b"}
+    assert typical["notes"]["train_class_domain_association"] > 0.6
 
     def ba(result: dict, cond: str) -> float:
         entry = result["conditions"][cond]
-        return float(np.mean([entry[p]["balanced_accuracy"] for p in ("knn", "linear")]))
+        return float(np.mean([entry["scores"][p]["balanced_accuracy"] for p in ("knn", "linear")]))
 
     # The confounded checkpoint collapses on the flipped images...
     assert ba(conf, "domain/atypical") < ba(conf, "domain/typical") - 0.3
-    assert conf["conditions"]["domain/atypical"]["linear"]["drop"]["balanced_accuracy"] > 0.2
+    assert conf["conditions"]["domain/atypical"]["scores"]["linear"]["drop"]["balanced_accuracy"] > 0.2
     # ...more than the unconfounded one does,
     assert ba(conf, "domain/atypical") < ba(unconf, "domain/atypical")
     # and its neighbourhoods are ruled by the domain more.

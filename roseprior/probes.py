@@ -1,8 +1,11 @@
-"""The two probes of a frozen representation: kNN (faiss) and a logistic-regression linear probe.
+"""The probe protocol every number about a frozen representation comes from: pretrain's kNN
+monitor, ``eval_probes`` and the benchmarks all fit these probes the same way.
 
-Both are fitted on clean training features and pick their one hyperparameter (k, or the inverse
-regularisation C) on clean validation features by balanced accuracy; the test split is never
-looked at while fitting, so every condition is scored by the same fitted probe.
+Two probes: kNN (faiss, cosine, temperature-weighted votes as DINO's ``eval_knn``) and a linear
+probe (standardised features, class-balanced logistic regression). Both are fitted on training
+features and pick their one hyperparameter (k, or the inverse regularisation C) on validation
+features by balanced accuracy; the test split is never looked at while fitting, so every test
+condition is scored by the same fitted probe.
 """
 
 from __future__ import annotations
@@ -14,7 +17,27 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, log_loss
 
+from roseprior.config import check
 from roseprior.knn import knn_search, knn_vote
+
+__all__ = ["FittedProbes", "KnnProbe", "LinearProbe", "ProbeProtocol", "fit_knn", "fit_linear", "fit_probes"]
+
+
+@dataclass
+class ProbeProtocol:
+    """The probes' settings (``eval_probes``' ``protocol:`` section; the monitor and benchmarks use the defaults)."""
+
+    knn_k: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])  # k chosen on validation from these
+    knn_temperature: float = 0.07
+    linear_c: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])  # C chosen likewise
+    linear_max_iter: int = 1000
+
+    def __post_init__(self) -> None:
+        check(bool(self.knn_k) and min(self.knn_k) >= 1, "protocol.knn_k", "must be a non-empty list of k >= 1",
+              self.knn_k)
+        check(self.knn_temperature > 0, "protocol.knn_temperature", "must be > 0", self.knn_temperature)
+        check(bool(self.linear_c) and min(self.linear_c) > 0, "protocol.linear_c", "must be a non-empty list of C > 0",
+              self.linear_c)
 
 
 def _balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
@@ -118,3 +141,33 @@ def fit_linear(
             best = (rank, c, model)
     assert best is not None, "c_grid is empty"
     return LinearProbe(best[2], best[1], scores)
+
+
+@dataclass
+class FittedProbes:
+    """Both probes fitted on one backbone's training features; ``predict`` gives each probe's probabilities."""
+
+    knn: KnnProbe
+    linear: LinearProbe
+
+    def predict(self, feats: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "knn": self.knn.predict_proba(feats, vote="weighted"),
+            "knn_majority": self.knn.predict_proba(feats, vote="majority"),
+            "linear": self.linear.predict_proba(feats),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "knn": {"k": self.knn.k, "temperature": self.knn.temperature,
+                    "val_balanced_accuracy": {str(k): v for k, v in self.knn.val_scores.items()}},
+            "linear": {"C": self.linear.c,
+                       "val_balanced_accuracy": {f"{c:g}": v for c, v in self.linear.val_scores.items()}},
+        }
+
+
+def fit_probes(protocol: ProbeProtocol, train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np.ndarray,
+               num_classes: int, seed: int = 0) -> FittedProbes:
+    """Both probes, each tuned on the validation features."""
+    return FittedProbes(fit_knn(train, y_train, val, y_val, num_classes, protocol.knn_k, protocol.knn_temperature),
+                        fit_linear(train, y_train, val, y_val, protocol.linear_c, protocol.linear_max_iter, seed))

@@ -1,0 +1,33 @@
+"""What every stage's ``python -m <stage>`` does: parse ``--config FILE [key=value ...]``, validate,
+run, and turn bad input into one line naming the key or file (never a traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from roseprior.config import add_config_args, config_yaml, load_config
+from roseprior.errors import RosepriorError
+
+
+def stage_main(argv: list[str] | None, *, prog: str, description: str, schema: type,
+               run: Callable[[Any], Any]) -> int:
+    """The entry point of one stage: 0 on success, 2 on bad input, 130 when interrupted."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(schema, args.config, args.overrides)
+        if args.print_config:
+            print(config_yaml(cfg), end="")
+            return 0
+        run(cfg)
+    except RosepriorError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; run the same command again to resume (checkpoint.resume=auto)", file=sys.stderr)
+        return 130
+    return 0
