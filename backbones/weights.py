@@ -278,14 +278,14 @@ def load_into(
         some = ", ".join(list(state)[:5])
         raise CheckpointError(
             f"{source}: no tensor matches {name} (first keys: {some}); "
-            "check that the model= kwarg names the architecture the weights came from"
+            "name the architecture the weights came from (finetune: arch=NAME; the probes' checkpoints: PATH@NAME)"
         )
     # Counted in elements, not keys: a stem conv that happens to match is not "the weights loaded".
     fraction = sum(v.numel() for v in usable.values()) / max(1, sum(v.numel() for v in best.values()))
     if fraction < min_fraction:
         raise CheckpointError(
             f"{source}: only {fraction:.1%} of its weights fit {name} ({report}); the file is probably for "
-            "another architecture: check the model= kwarg (or pass min_fraction=0 to load the fraction anyway)"
+            "another architecture: name the architecture the weights came from (finetune: arch=NAME; the probes' checkpoints: PATH@NAME)"
         )
     model.load_state_dict(usable, strict=False)
     return report
@@ -302,16 +302,21 @@ def load_init(
     - a folder with ``backbone.json``: ``load`` it (kwargs such as num_classes override the saved ones)
     - a registry name (``msht_tiny``) or ``timm:<name>``: random init
     - a state-dict file (.pth/.pt/.bin/.safetensors/.ckpt): build ``model`` and load what matches
-      (MSHT/hybrid_vit map ResNet-50 keys into their CNN); CheckpointError when nothing matches
+      (MSHT/hybrid_vit map ResNet-50 keys into their CNN); CheckpointError when nothing matches;
+      ``PATH@ARCH`` names the architecture inside the spec (the probes' checkpoint lists)
     """
     if spec is None or str(spec) == "":
         if model is None:
             raise ConfigError(
-                "no init given: pass a backbone folder, a model name, or a weights file with model=..."
+                "no init given: pass a backbone folder, a model name, or a weights file with its architecture"
             )
         spec = model
     spec_str = str(spec)
     path = Path(spec_str).expanduser()
+    if "@" in spec_str and not path.exists():  # PATH@ARCH: a weights file and the architecture it fits
+        file, arch = spec_str.rsplit("@", 1)
+        if Path(file).expanduser().is_file():
+            path, model = Path(file).expanduser(), model or arch
 
     if path.is_dir():
         built, report = _load_folder(path, kwargs)
@@ -320,7 +325,8 @@ def load_init(
             raise CheckpointError(f"{path} not found")
         if model is None:
             raise ConfigError(
-                f"init {path} is a weights file: also name the architecture, e.g. model=msht or model=timm:resnet50"
+                f"init {path} is a weights file: also name its architecture (finetune: arch=msht or arch=timm:resnet50; "
+                f"the probes' checkpoints: {path}@msht)"
             )
         built = create(model, **kwargs)
         report = load_into(built, load_state_dict_file(path), source=str(path), min_fraction=min_fraction)
@@ -346,6 +352,9 @@ def init_fingerprint(spec: str, seed: int) -> str:
 
     digest = hashlib.sha256()
     path = Path(spec).expanduser()
+    if "@" in spec and not path.exists() and Path(spec.rsplit("@", 1)[0]).expanduser().is_file():
+        path = Path(spec.rsplit("@", 1)[0]).expanduser()
+        digest.update(spec.rsplit("@", 1)[1].encode())  # the same file read as another architecture differs
     files = sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith("backbone.")) if path.is_dir() else (
         [path] if path.is_file() else [])
     if path.is_dir() and not files:

@@ -128,6 +128,15 @@ def bench_backbones(quick: bool, data: str | None) -> list[Row]:
     return rows
 
 
+def bench_memory(quick: bool, data: str | None) -> list[Row]:
+    from benchmarks import memory
+
+    r = memory.measure(["--batch", "32", "--images", "64", "--steps", "1"] if quick else [])
+    return [row("memory", f"pretrain peak RSS (CPU recipe, batch {r['batch']}): with one {r['big']} field vs "
+                f"without", r["with_mb"], r["without_mb"], "MB", r["ratio"], "with / without", "<= 1.5",
+                describe_device(False, r["threads"]), f"{r['images']} fields of {r['size']} px, {r['steps']} steps")]
+
+
 # Each takes (quick, image folder or None) and returns its rows; views and pretrain read images.
 BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {
     "views": bench_views,
@@ -135,6 +144,7 @@ BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {
     "sam": bench_sam,
     "knn": bench_knn,
     "backbones": bench_backbones,
+    "memory": bench_memory,
 }
 
 

@@ -61,7 +61,7 @@ def time_views(cfg: Any, batches: int) -> float:
     for b in range(batches):
         idx = [(b * cfg.train.batch_size + i) % len(dataset) for i in range(cfg.train.batch_size)]
         images, sizes, indices = collate_decoded([dataset[i] for i in idx])
-        views(images.to(device), sizes, indices, epoch=0)
+        views([img.to(device) for img in images], sizes, indices, epoch=0)
     _sync(device)
     return (time.perf_counter() - start) / batches
 

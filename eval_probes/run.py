@@ -108,7 +108,7 @@ def display_names(cfg: ProbeConfig) -> list[str]:
         return list(cfg.names)
     names: list[str] = []
     for spec in cfg.checkpoints:
-        path = Path(spec).expanduser()
+        path = Path(spec.rpartition("@")[0] or spec).expanduser()
         name = path.name if path.exists() else spec
         if name in names:
             name = f"{path.parent.name}/{name}" if path.exists() else f"{name}#{len(names)}"
@@ -121,9 +121,15 @@ def check_specs(specs: list[str]) -> None:
     from backbones import is_model
 
     for spec in specs:
-        if not Path(spec).expanduser().exists() and not is_model(spec):
-            raise ConfigError(f"checkpoints: {spec!r} is neither an existing folder or weights file, a registered "
-                              "backbone (e.g. msht_tiny), nor a timm:<name>")
+        path = Path(spec).expanduser()
+        file, _, arch = spec.rpartition("@")
+        if path.is_dir() or is_model(spec) or (file and Path(file).expanduser().is_file() and is_model(arch)):
+            continue
+        if path.is_file():
+            raise ConfigError(f"checkpoints: {spec} is a weights file; name its architecture as {spec}@NAME "
+                              "(e.g. @msht or @timm:resnet50)")
+        raise ConfigError(f"checkpoints: {spec!r} is neither a folder written by pretrain/finetune, a weights file "
+                          "given as PATH@ARCH, a registered backbone (e.g. msht_tiny), nor a timm:<name>")
 
 
 def _model_loader(spec: str, seed: int) -> Callable[[], torch.nn.Module]:

@@ -107,12 +107,16 @@ def load_classifier(ckpt: str | Path, stem: str = "best") -> tuple[Classifier, d
             f"{ckpt}: expected {weights.name} and {meta_path.name} written by `python -m finetune`; "
             "pass the run's out_dir"
         )
+    from safetensors import SafetensorError
+
     try:
         meta = json.loads(meta_path.read_text())
         name = meta["backbone"]
         backbone = backbones.create(name, **meta.get("backbone_kwargs", {}))
         model = Classifier(backbone, meta["num_classes"], meta["mean"], meta["std"])
         model.load_state_dict(load_file(str(weights)))
-    except (KeyError, TypeError, json.JSONDecodeError, RuntimeError) as err:
-        raise CheckpointError(f"{weights}: cannot rebuild the classifier ({err})") from None
+    except (KeyError, TypeError, json.JSONDecodeError, RuntimeError, SafetensorError, OSError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"{weights}: cannot rebuild the classifier ({reason}); it is damaged or not from "
+                              "`python -m finetune`: train again or restore the file") from None
     return model.eval(), meta

@@ -65,6 +65,25 @@ def predict_paths(
     return probs, unreadable
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: this machine has no CUDA device; use --device cpu (or auto)")
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    return name
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m finetune.predict",
@@ -73,32 +92,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", required=True, help="the finetune out_dir (holding best.safetensors + best.json)")
     parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--out", required=True, help="CSV to write: path, p_<class>..., predicted, error")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
     args = parser.parse_args(argv)
     try:
+        out = Path(args.out)
+        if out.is_dir():  # checked before any work, not after every prediction
+            raise DataError(f"--out {out} is a folder; give the path of the CSV file to write, e.g. {out / 'preds.csv'}")
+        device = _device(args.device)
         model, meta = load_classifier(args.ckpt)
         classes = list(meta["classes"])
         paths = find_images(args.images)
         if not paths:
             raise DataError(f"no images under {args.images}")
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         probs, unreadable = predict_paths(model, paths, int(meta["image_size"]), args.batch_size, device)
+        reasons = dict(unreadable)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["path", *(f"p_{c}" for c in classes), "predicted", "error"])
+        for path in paths:
+            if path in probs:
+                p = probs[path]
+                writer.writerow([str(path), *(f"{v:.6f}" for v in p), classes[int(p.argmax())], ""])
+            else:
+                writer.writerow([str(path), *([""] * len(classes)), "", reasons.get(path, "unreadable")])
+        atomic_write_text(out, buffer.getvalue())
     except RosepriorError as err:
         print(f"finetune.predict: error: {err}", file=sys.stderr)
         return 2
-
-    reasons = dict(unreadable)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", *(f"p_{c}" for c in classes), "predicted", "error"])
-    for path in paths:
-        if path in probs:
-            p = probs[path]
-            writer.writerow([str(path), *(f"{v:.6f}" for v in p), classes[int(p.argmax())], ""])
-        else:
-            writer.writerow([str(path), *([""] * len(classes)), "", reasons.get(path, "unreadable")])
-    atomic_write_text(args.out, buffer.getvalue())
+    except OSError as err:
+        print(f"finetune.predict: error: cannot write {args.out}: {err.strerror}", file=sys.stderr)
+        return 2
     print(f"finetune.predict: {len(probs)} image(s) scored, {len(unreadable)} unreadable -> {args.out}")
     for path, reason in unreadable[:20]:
         print(f"  unreadable: {path}: {reason}", file=sys.stderr)

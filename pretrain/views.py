@@ -27,12 +27,13 @@ from skimage.color import hed_from_rgb, rgb_from_hed
 from torch.utils.data import Dataset
 
 from roseprior import imageops
-from roseprior.imageio import read_image
+from roseprior.data import read_during_run
 
 from .config import ViewsConfig
 
 __all__ = [
-    "DecodedImages", "MultiCropViews", "ViewBatch", "collate_decoded", "crop_resize_cpu", "dihedral_sorted", "multicrop_forward", "sample_key",
+    "DecodedImages", "MultiCropViews", "ViewBatch", "collate_decoded", "crop_resize_cpu", "dihedral_sorted",
+    "multicrop_forward", "pad_to_batch", "sample_key",
     "shift_log_image", "stain_and_acquisition_shift",
 ]
 
@@ -62,7 +63,7 @@ class DecodedImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(np.ascontiguousarray(read_image(self.paths[index]))).permute(2, 0, 1)
+        image = torch.from_numpy(np.ascontiguousarray(read_during_run(self.paths[index]))).permute(2, 0, 1)
         side = max(image.shape[1:])
         if self.source_max_side and side > self.source_max_side:
             scale = self.source_max_side / side
@@ -72,34 +73,33 @@ class DecodedImages(Dataset):
         return image, index
 
 
-def collate_decoded(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack images of different sizes into one (B, 3, Hmax, Wmax) uint8 tensor (channels-last memory).
-
-    Padding repeats the edge pixels, so a crop touching an image's edge blends with its own edge
-    and never with another fill value. Channels-last is the decoder's own layout (no transposing
-    copy) and the one the uint8 resize kernel is fastest on.
-    Returns ``(images, sizes (B, 2) as (h, w), indices (B,))``.
-    """
-    height = max(img.shape[1] for img, _ in batch)
-    width = max(img.shape[2] for img, _ in batch)
-    out = torch.empty(len(batch), height, width, 3, dtype=torch.uint8)
-    sizes = torch.empty(len(batch), 2, dtype=torch.long)
-    for i, (img, _) in enumerate(batch):
-        hwc = img.permute(1, 2, 0)
-        h, w = hwc.shape[:2]
-        out[i, :h, :w] = hwc
-        if h < height:
-            out[i, h:, :w] = hwc[-1:]
-        if w < width:
-            out[i, :, w:] = out[i, :, w - 1 : w]
-        sizes[i, 0], sizes[i, 1] = h, w
+def collate_decoded(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """A batch of decoded images as they are: a list (no padding to the largest image, so one huge
+    image costs its own memory, not the batch's times its size), their sizes (B, 2) as (h, w), and
+    their indices (B,). Views are cut per image on the CPU; ``pad_to_batch`` makes one tensor for the
+    GPU's single ``roi_align`` call."""
+    sizes = torch.tensor([list(img.shape[1:]) for img, _ in batch], dtype=torch.long)
     indices = torch.tensor([index for _, index in batch], dtype=torch.long)
-    return out.permute(0, 3, 1, 2), sizes, indices
+    return [img for img, _ in batch], sizes, indices
 
 
-def crop_resize_cpu(images: torch.Tensor, boxes: torch.Tensor, size: int,
+def pad_to_batch(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B, 3, Hmax, Wmax) of uint8 images of different sizes, edges repeated: a crop touching an
+    image's edge blends with its own edge and never with another fill value."""
+    height, width = max(img.shape[1] for img in images), max(img.shape[2] for img in images)
+    out = images[0].new_empty(len(images), 3, height, width)
+    for i, img in enumerate(images):
+        h, w = img.shape[1:]
+        out[i, :, :h, :w] = img
+        out[i, :, h:, :w] = img[:, -1:]
+        out[i, :, :, w:] = out[i, :, :, w - 1 : w]
+    return out
+
+
+def crop_resize_cpu(images: torch.Tensor | Sequence[torch.Tensor], boxes: torch.Tensor, size: int,
                     symmetry: torch.Tensor | None = None) -> torch.Tensor:
-    """(K, 3, size, size) uint8 crops of uint8 ``images`` at integer ``boxes`` (K, 5), antialiased.
+    """(K, 3, size, size) uint8 crops of uint8 ``images`` (a batch, or a list of (3, H, W)) at integer
+    ``boxes`` (K, 5), antialiased.
 
     The CPU path of ``imageops.crop_resize``: torchvision's CPU ``roi_align`` is single-threaded
     float code, about 8x slower here than PyTorch's uint8 antialiased bilinear resize (an AVX2
@@ -112,7 +112,7 @@ def crop_resize_cpu(images: torch.Tensor, boxes: torch.Tensor, size: int,
     for k, ((b, x1, y1, x2, y2), c) in enumerate(zip(boxes.tolist(), turns, strict=True)):
         x1, y1 = int(round(x1)), int(round(y1))
         x2, y2 = max(int(round(x2)), x1 + 1), max(int(round(y2)), y1 + 1)
-        crop = images[int(b) : int(b) + 1, :, y1:y2, x1:x2]
+        crop = images[int(b)][None, :, y1:y2, x1:x2]
         crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
         if c:
             crop = crop.flip(-1) if c >= 4 else crop
@@ -239,10 +239,10 @@ class MultiCropViews:
         # largest sigma needs (about half the taps of the batch's largest, on average).
         order = torch.argsort(torch.where(sigma > 0, 8.0 + sigma, symmetry.float()), stable=True)
         boxes, symmetry, rows, sigma = self.boxes(u, sizes, size, is_global)[order], symmetry[order], rows[order], sigma[order]
-        on_cpu = source.device.type == "cpu"
+        on_cpu = source[0].device.type == "cpu"
         if not on_cpu:  # one roi_align call for every crop of the batch
             all_crops = imageops.crop_resize(source.float().div_(255.0), boxes.to(torch.float32), size)
-        out = torch.empty(n * batch, 3, size, size, device=source.device)
+        out = torch.empty(n * batch, 3, size, size, device=source[0].device)
         # Chunks of views small enough to stay in cache through the whole chain of ops: on the CPU the
         # chain is memory-bound, and a dozen passes over all views cost more than the ops themselves.
         chunk = max(1, _CHUNK_VALUES // (3 * size * size)) if on_cpu else len(order)
@@ -262,15 +262,22 @@ class MultiCropViews:
             out[order[lo:hi].to(out.device)] = crops  # back to view order
         return out
 
-    def __call__(self, images: torch.Tensor, sizes: torch.Tensor, indices: torch.Tensor, epoch: int) -> ViewBatch:
+    def __call__(self, images: torch.Tensor | Sequence[torch.Tensor], sizes: torch.Tensor, indices: torch.Tensor,
+                 epoch: int) -> ViewBatch:
+        """Views of a batch: ``images`` a (B, 3, H, W) tensor or a list of (3, H, W) uint8 images."""
         cfg = self.cfg
-        batch = images.shape[0]
+        batch = len(images)
         u = self.draws(indices, epoch)  # (B, V, D), CPU float64
-        source = images if images.dtype == torch.uint8 else images.mul(255.0).round_().clamp_(0, 255).byte()
+        sizes = sizes.cpu()
+        if not isinstance(images, torch.Tensor) and images[0].device.type != "cpu":
+            images = pad_to_batch(images)  # the GPU cuts every crop in one roi_align call
+        if isinstance(images, torch.Tensor) and images.dtype != torch.uint8:
+            images = images.mul(255.0).round_().clamp_(0, 255).byte()
+        source = images
         out: ViewBatch = {}
         groups = (("global", slice(0, cfg.n_global), cfg.global_size, True),
                   ("local", slice(cfg.n_global, self.n_views), cfg.local_size, False))
-        with _cpu_threads(self.cfg.cpu_threads if images.device.type == "cpu" else None):
+        with _cpu_threads(self.cfg.cpu_threads if images[0].device.type == "cpu" else None):
             for name, views, size, is_global in groups:
                 n = views.stop - views.start
                 crops = self.view_group(source, sizes, u[:, views], size, is_global) if n else None

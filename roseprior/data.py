@@ -31,6 +31,7 @@ __all__ = [
     "find_images",
     "load_labelled",
     "load_unlabeled",
+    "read_during_run",
     "read_manifest",
     "resolve_root",
 ]
@@ -312,7 +313,7 @@ def resolve_root(data_cfg: Any) -> Path:
 
 def _read_error(path: str) -> str | None:
     try:
-        read_image(path)
+        read_image(path, check_only=True)
     except UnreadableImage as err:
         return err.reason
     return None
@@ -358,6 +359,16 @@ def filter_readable(
     return readable
 
 
+def read_during_run(path: str | Path) -> Any:
+    """``read_image`` for a file that decoded when the run started: failing now is a ``DataError``
+    that says so (the file changed or vanished mid-run), not a decoder traceback."""
+    try:
+        return read_image(path)
+    except UnreadableImage as err:
+        raise DataError(f"{path} became unreadable during the run ({err.reason}); restore or remove it, then run "
+                        "the same command again (training resumes from its last checkpoint)") from None
+
+
 class ImageDataset:
     """Map-style dataset: ``ds[i]`` is ``(image, label, i)`` with ``image`` a uint8 (3, S, S) tensor.
 
@@ -385,7 +396,7 @@ class ImageDataset:
         import torch
 
         sample = self.samples[index]
-        image = torch.from_numpy(read_image(sample.path)).permute(2, 0, 1).contiguous()
+        image = torch.from_numpy(read_during_run(sample.path)).permute(2, 0, 1).contiguous()
         size = self.image_size
         if size is not None:
             height, width = image.shape[-2:]

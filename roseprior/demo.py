@@ -114,7 +114,7 @@ def run_demo(out: Path, data: Path | None, group_by: str | None, gpu: bool | Non
         raise DataError(f"--data {data}: folder not found")
     split_dir = out / "split"
     split_cmd = [py, "-m", "roseprior", "split", "--src", str(data), "--out", str(split_dir),
-                 "--ratios", "7:2:1", "--seed", "0"]
+                 "--ratios", "7:2:1", "--seed", "0", "--overwrite"]  # the demo's own split: rerunning replaces it
     if group_by:
         split_cmd += ["--group-by", group_by]
     _run("split", split_cmd)

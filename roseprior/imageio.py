@@ -42,10 +42,12 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, check_only: bool = False) -> np.ndarray | None:
     """Read ``path`` as (H, W, 3) uint8 RGB, upright, whatever its mode or bit depth.
 
     Raises ``UnreadableImage`` for missing, empty, truncated, corrupt or non-image files.
+    ``check_only``: decode the whole stream (so truncation and corruption still surface) but, for a
+    JPEG, at 1/8 scale, and return None: checking a folder costs little memory even for huge fields.
     """
     path = Path(path)
     try:
@@ -64,9 +66,15 @@ def read_image(path: str | Path) -> np.ndarray:
         raise UnreadableImage(path, _short(f"cannot read: {err.strerror or err}")) from None
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if check_only:
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()  # decodes fully: truncation surfaces here, not later in a worker
-            img = _upright(img)
-            return _to_rgb_uint8(img, path)
+            if check_only:
+                return None
+            pixels = _to_rgb_uint8(_upright(img), path)
+        # The decoded image is released before the one writable copy: peak memory is twice the
+        # image, not four times (a 8000x6000 field is 144 MB).
+        return pixels if pixels.flags.writeable else pixels.copy()
     except UnidentifiedImageError:
         raise UnreadableImage(path, "not an image (PIL cannot identify the format)") from None
     except UnreadableImage:
@@ -79,11 +87,13 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def _upright(img: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation tag; a damaged EXIF block leaves the pixels as stored."""
+    """Apply the EXIF orientation tag (in place: no copy of an upright image); a damaged EXIF block
+    leaves the pixels as stored."""
     try:
-        return ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)
     except Exception:  # the pixels are fine; only the metadata is broken
-        return img
+        pass
+    return img
 
 
 def _to_rgb_uint8(img: Image.Image, path: Path) -> np.ndarray:
@@ -97,7 +107,7 @@ def _to_rgb_uint8(img: Image.Image, path: Path) -> np.ndarray:
         gray = _high_depth_to_uint8(np.asarray(img), mode)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if mode == "RGB":
-        return np.asarray(img, dtype=np.uint8).copy()
+        return np.asarray(img, dtype=np.uint8)  # read-only; read_image copies it once the image is freed
     try:
         # 1, L, P, CMYK (PIL undoes Adobe's inverted CMYK JPEGs), YCbCr, HSV.
         return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()

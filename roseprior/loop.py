@@ -70,9 +70,10 @@ def check_finite(accelerator: Any, loss: torch.Tensor) -> None:
     each forward): a check on one process alone would leave the others waiting in the next
     gradient all-reduce forever.
     """
-    flag = (~torch.isfinite(loss.detach().float())).float().reshape(1)
+    value = loss.detach().float()
+    flag = (~torch.isfinite(value)).float().reshape(1)
     if accelerator.reduce(flag, "max").item() > 0:
-        raise NonFiniteLoss(f"loss is {loss.detach().float().item()}")
+        raise NonFiniteLoss(f"loss is {value.item()}" if flag.item() else "loss is not finite on another process")
 
 
 def make_accelerator(precision: str) -> Any:

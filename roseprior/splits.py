@@ -468,28 +468,29 @@ def _file_hash(path: str) -> str:
 
 
 def find_cross_split_duplicates(splits: dict[str, list[Sample]]) -> list[tuple[str, str, str]]:
-    """``(hash, split, path)`` for every file whose exact bytes also appear in another split.
+    """``(hash, split, path)`` for every file whose exact bytes also appear in another split, or in the
+    same split under another label (the same image called both N and P).
 
-    Only files whose size matches a file in another split are hashed (equal bytes need equal
-    sizes), so a typical data set is mostly stat-ed, not read.
+    Only files whose size matches another file's are hashed (equal bytes need equal sizes), so a
+    typical data set is mostly stat-ed, not read.
     """
     from tqdm.auto import tqdm
 
-    by_size: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    by_size: dict[int, list[tuple[str, Sample]]] = defaultdict(list)
     for name in SPLITS:
         for s in splits[name]:
-            by_size[os.path.getsize(s.path)].append((name, s.path))
-    candidates = [item for items in by_size.values() if len({n for n, _ in items}) > 1 for item in items]
-    by_hash: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for name, path in tqdm(
+            by_size[os.path.getsize(s.path)].append((name, s))
+    candidates = [item for items in by_size.values() if len(items) > 1 for item in items]
+    by_hash: dict[str, list[tuple[str, Sample]]] = defaultdict(list)
+    for name, sample in tqdm(
         candidates, desc="hashing for duplicates", unit="file", disable=len(candidates) <= _PROGRESS_MIN
     ):
-        by_hash[_file_hash(path)].append((name, path))
+        by_hash[_file_hash(sample.path)].append((name, sample))
     rows = [
-        (digest, name, path)
+        (digest, name, sample.path)
         for digest, items in by_hash.items()
-        if len({n for n, _ in items}) > 1
-        for name, path in items
+        if len({n for n, _ in items}) > 1 or len({s.label for _, s in items}) > 1
+        for name, sample in items
     ]
     return sorted(rows, key=lambda r: (r[0], SPLITS.index(r[1]), r[2]))
 
@@ -533,8 +534,37 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--classes", default="N,P", help="class names in label order, comma-separated (default N,P)"
     )
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the earlier split in --out (a folder `roseprior split` wrote)")
     parser.set_defaults(func=run_split)
     return parser
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """``--out`` must be new or empty, or (with ``--overwrite``) an earlier ``roseprior split`` output."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"--out {out} is a file; choose a folder")
+    if not any(out.iterdir()):
+        return
+    if not (out / "split.json").is_file():
+        raise DataError(f"--out {out} is not empty and holds no split.json from an earlier `roseprior split`; "
+                        "choose a new folder")
+    if not overwrite:
+        raise DataError(f"--out {out} holds an earlier split; pass --overwrite to replace it, or choose a new folder")
+    for name in SPLITS:  # what would block the link tree is found before anything is written
+        tree = out / name
+        real = [Path(d) / f for d, _, files in os.walk(tree) for f in files if not (Path(d) / f).is_symlink()]
+        if real:
+            raise DataError(f"{tree} holds real files (e.g. {real[0]}), not links from an earlier "
+                            "`roseprior split --link`; choose another --out")
+
+
+def empty_parts(splits: dict[str, list[Sample]], classes: Sequence[str]) -> list[str]:
+    """``"val/P"`` for every split that holds no image of a class."""
+    return [f"{name}/{cls}" for name in SPLITS for i, cls in enumerate(classes)
+            if not any(s.label == i for s in splits[name])]
 
 
 def run_split(args: argparse.Namespace) -> int:
@@ -542,15 +572,18 @@ def run_split(args: argparse.Namespace) -> int:
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     ratios = parse_ratios(args.ratios)
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
     samples = load_labelled(args.src, classes)
     missing = [s.path for s in samples if not os.path.isfile(s.path)]
     if missing:
         raise DataError(
             f"{len(missing)} of {len(samples)} listed images do not exist (e.g. {missing[0]}); fix {args.src}"
         )
+    for s in samples:  # a link tree (an earlier --link output) points at the real images: list those
+        s.path = os.path.realpath(s.path)
     splits = split_samples(samples, ratios, group_by=args.group_by, seed=args.seed)
 
-    out = Path(args.out)
     write_split_csvs(splits, out, classes)
     if args.link:
         write_link_tree(splits, out, classes)
@@ -580,6 +613,7 @@ def run_split(args: argparse.Namespace) -> int:
             "counts": counts,
             "groups": groups,
             "paths": "absolute",
+            "fingerprint": split_fingerprint(splits),
         },
     )
 
@@ -594,11 +628,15 @@ def run_split(args: argparse.Namespace) -> int:
         row = f"{name:<6}" + "".join(f"{counts[name][c]:>8}" for c in classes) + f"{len(splits[name]):>8}"
         print(row + (f"{groups[name]:>8}" if groups else ""))
     print(f"wrote {out}/train.csv, val.csv, test.csv" + (" and the --link tree" if args.link else ""))
+    empty = empty_parts(splits, classes)
+    if empty:
+        print(f"warning: {', '.join(empty)} hold no images (a class too small for ratios {args.ratios}); "
+              "a stage given this split cannot train, select or score that class there", file=sys.stderr)
     if duplicates:
         n_sets = len({d for d, _, _ in duplicates})
         print(
-            f"warning: {n_sets} set(s) of identical files fall in more than one split, so they leak "
-            f"between training and evaluation; see {dup_csv}",
+            f"warning: {n_sets} set(s) of identical files fall in more than one split or carry two labels, so "
+            f"they leak between training and evaluation or contradict each other; see {dup_csv}",
             file=sys.stderr,
         )
     return 0

@@ -12,6 +12,16 @@ from roseprior.config import add_config_args, config_yaml, load_config
 from roseprior.errors import RosepriorError
 
 
+def one_line(err: BaseException) -> str:
+    """The error's own message on one line; an error raised in a DataLoader worker arrives wrapped in
+    the worker's traceback text, whose last line is the original ``Type: message``."""
+    text = str(err).strip()
+    if "Traceback" in text:
+        last = text.splitlines()[-1].strip()
+        text = last.split(": ", 1)[1] if last.startswith(f"{type(err).__name__}: ") else last
+    return " ".join(text.split())
+
+
 def stage_main(argv: list[str] | None, *, prog: str, description: str, schema: type,
                run: Callable[[Any], Any]) -> int:
     """The entry point of one stage: 0 on success, 2 on bad input, 130 when interrupted."""
@@ -25,7 +35,7 @@ def stage_main(argv: list[str] | None, *, prog: str, description: str, schema: t
             return 0
         run(cfg)
     except RosepriorError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; run the same command again to resume (checkpoint.resume=auto)", file=sys.stderr)

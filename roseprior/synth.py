@@ -172,17 +172,30 @@ def _check_settings(n_per_class: int, size: int, domains: list[str] | None, conf
     return domains
 
 
+MARKER = ".roseprior-synth"  # written by generate(): the only folders --overwrite may replace
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
+    """An empty (or new) folder, or one an earlier ``generate`` wrote, emptied of exactly its own files."""
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise DataError(f"synth: output folder {out} is not empty; choose a new folder or pass --overwrite")
-        if not (out / "manifest.csv").is_file():
-            raise DataError(f"synth: {out} is not empty and holds no manifest.csv from an earlier synth run; "
-                            "refusing to overwrite it, choose a new folder")
-        for name in ("N", "P"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("manifest.csv", "preview.png"):
+        if not (out / MARKER).is_file():
+            raise DataError(f"synth: {out} was not written by `roseprior synth` (no {MARKER} file); refusing to "
+                            "overwrite it: choose a new folder")
+        if (out / "manifest.csv").is_file():
+            with open(out / "manifest.csv", newline="") as fh:
+                written = [out / row["path"] for row in csv.DictReader(fh)]
+        else:  # an interrupted run: its images by name
+            written = [p for name in ("N", "P") for p in out.glob(f"{name}/{name}_[0-9][0-9][0-9][0-9][0-9].jpg")]
+        for path in written:  # its own images only: anything a user added stays
+            if path.resolve().is_relative_to(out.resolve()):
+                path.unlink(missing_ok=True)
+        for name in ("manifest.csv", "preview.png", MARKER):
             (out / name).unlink(missing_ok=True)
+        for name in ("N", "P"):
+            if (out / name).is_dir() and not any((out / name).iterdir()):
+                (out / name).rmdir()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -198,6 +211,7 @@ def generate(out: str | Path, n_per_class: int = 100, size: int = 256, domains: 
     out = Path(out)
     domains = _check_settings(n_per_class, size, domains, confound, tuple(classes), workers)
     _prepare_out(out, overwrite)
+    (out / MARKER).write_text("written by `roseprior synth`: `--overwrite` may replace this folder's images\n")
     for label in classes:
         (out / label).mkdir(exist_ok=True)
     jobs = [(f"{label}/{label}_{i:05d}.jpg", label, ci, i, size, seed, domains, confound)

@@ -137,3 +137,81 @@ def test_only_true_and_false_are_booleans():
     from roseprior.config import yaml_load
 
     assert yaml_load("[true, False, off, yes, on, no]") == [True, False, "off", "yes", "on", "no"]
+
+
+# ---------------------------------------------------------------------------------------------
+# One loader for every stage: suggestions, duplicates, section defaults, Python callers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, suggestion",
+    [("train.max_step=3", "train.max_steps"), ("max_steps=3", "train.max_steps"), ("trian.epochs=3", "train"),
+     ("data.split_sed=1", "data.split_seed")],
+)
+def test_unknown_key_suggests_the_nearest_valid_one(override, suggestion):
+    with pytest.raises(ConfigError, match=f"did you mean '{suggestion}'"):
+        load_config(ToyConfig, None, [override])
+
+
+def test_a_key_given_twice_in_a_file_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  epochs: 3\nseed: 1\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="'train' is given twice"):
+        load_config(ToyConfig, path)
+
+
+def test_a_section_keeps_its_stage_default_when_the_file_sets_other_keys(tmp_path):
+    """finetune's data section defaults to 384 px; a YAML data section without image_size keeps it."""
+    from finetune.config import FinetuneConfig
+
+    path = write(tmp_path, {"data": {"root": "/x"}})
+    assert load_config(FinetuneConfig, path).data.image_size == 384
+    assert load_config(FinetuneConfig, None, ["data.root=/x"]).data.image_size == 384
+
+
+def test_configs_built_in_python_are_checked_like_loaded_ones():
+    from eval_probes.config import ProbeConfig
+    from finetune.config import FinetuneConfig
+    from pretrain.config import PretrainConfig, ViewsConfig
+
+    with pytest.raises(ConfigError, match="views.n_global"):
+        PretrainConfig(views=ViewsConfig(n_global=0))
+    with pytest.raises(ConfigError, match="train.epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="data.max_unreadable_fraction"):
+        DataConfig(max_unreadable_fraction=1.5)
+    with pytest.raises(ConfigError, match="folds"):
+        FinetuneConfig(folds=1)
+    with pytest.raises(ConfigError, match="checkpoints"):
+        ProbeConfig(checkpoints=[])
+
+
+def test_one_key_per_concept_across_stages():
+    """precision, clip_grad, min_lr_ratio and warmup_epochs live in `train` for both training stages."""
+    from finetune.config import FinetuneConfig
+    from pretrain.config import PretrainConfig
+    from roseprior.config import dotted_keys
+
+    pretrain, finetune = set(dotted_keys(PretrainConfig)), set(dotted_keys(FinetuneConfig))
+    for key in ("train.precision", "train.clip_grad", "train.min_lr_ratio", "train.warmup_epochs", "train.schedule",
+                "train.max_minutes", "checkpoint.resume", "data.split_seed"):
+        assert key in pretrain and key in finetune, key
+    for gone in ("train.min_lr", "train.mixed_precision", "train.cpu", "optim.clip_grad", "optim.min_lr_ratio"):
+        assert gone not in pretrain | finetune, gone
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune", "eval_probes"])
+def test_print_config_prints_the_resolved_config_and_exits(stage, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", stage, "--print-config", f"out_dir={out}", "seed=7"],
+                          capture_output=True, text=True, cwd=repo, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["seed"] == 7 and printed["out_dir"] == str(out) and "data" in printed
+    assert not out.exists()  # nothing is run or written
