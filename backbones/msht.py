@@ -219,6 +219,8 @@ class MSHT(nn.Module):
             for i in range(len(focus_stages))
         )
         self.norm = nn.LayerNorm(embed_dim)
+        self.feature_info = [dict(num_chs=c, reduction=2 ** (i + 2), module=f"cnn.layer{i + 1}")
+                             for i, c in enumerate(stage_chs)] + [dict(num_chs=embed_dim, reduction=STRIDE, module="norm")]
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
@@ -251,6 +253,20 @@ class MSHT(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         remember_num_classes(self, num_classes)
 
+    def set_input_size(self, img_size: int | Sequence[int]) -> None:
+        """Make ``img_size`` the native size: the position embedding is resampled once, here, so a
+        forward at that size runs no resampling (an exported graph is then fixed-size and exact)."""
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(v) for v in img_size)
+        if size[0] % STRIDE or size[1] % STRIDE:
+            raise ConfigError(f"img_size={size} must be a multiple of {STRIDE}")
+        grid = (size[0] // STRIDE, size[1] // STRIDE)
+        if self.pos_embed is not None and grid != self.grid_size:
+            with torch.no_grad():
+                self.pos_embed = nn.Parameter(self._resampled_pos_embed(grid).clone())
+        self.img_size, self.grid_size = size, grid
+        if hasattr(self, "registry_kwargs"):
+            self.registry_kwargs = {**self.registry_kwargs, "img_size": size[0] if size[0] == size[1] else list(size)}
+
     # ------ forward ------
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -268,6 +284,8 @@ class MSHT(nn.Module):
     def _resampled_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor | None:
         if self.pos_embed is None:
             return None
+        if tuple(grid) == tuple(self.grid_size):  # timm's own early-out is off while exporting: keep the graph exact
+            return self.pos_embed
         return resample_abs_pos_embed(
             self.pos_embed,
             new_size=list(grid),
@@ -288,6 +306,22 @@ class MSHT(nn.Module):
             q, k = focus(stages[stage - 1])
             v = decoder(v, self._add_prefix_and_pos(q, pos), self._add_prefix_and_pos(k, pos))
         return self.norm(v)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False) -> Any:
+        """timm's feature API (``timm.create_model("msht", features_only=True)``): maps of the four CNN
+        stages (strides 4, 8, 16, 32) and of the final tokens (stride 32, ``embed_dim`` channels)."""
+        from timm.models._features import feature_take_indices
+
+        take, _ = feature_take_indices(len(self.feature_info), indices)
+        self._check_input(x)
+        stages = self.cnn.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
+        tokens = self.forward_features(x)
+        grid = tuple(stages[3].shape[-2:])
+        token_map = tokens[:, self.num_prefix_tokens :].transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+        maps = [*stages, token_map]
+        picked = [maps[i] for i in take]
+        return picked if intermediates_only else (tokens, picked)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)
@@ -406,7 +440,8 @@ default_cfgs = {
 
 def _create_msht(variant: str, **kwargs: Any) -> MSHT:
     return build_model_with_cfg(
-        MSHT, variant, pretrained=False, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+        MSHT, variant, pretrained=False, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter"), **kwargs  # features_only=True: forward_intermediates
     )
 
 

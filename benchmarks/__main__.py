@@ -137,6 +137,15 @@ def bench_memory(quick: bool, data: str | None) -> list[Row]:
                 describe_device(False, r["threads"]), f"{r['images']} fields of {r['size']} px, {r['steps']} steps")]
 
 
+def bench_export(quick: bool, data: str | None) -> list[Row]:
+    from benchmarks import export_latency
+
+    r = export_latency.measure(["--model", "msht_tiny", "--iters", "5"] if quick else [])
+    return [row("export", f"classifier latency per {r['size']} px field ({r['model']}, batch 1): onnxruntime vs "
+                "eager PyTorch", r["onnx_s"] * 1000, r["eager_s"] * 1000, "ms", r["ratio"], "eager / onnxruntime",
+                ">= 1.5", describe_device(False, r["threads"]), f"median of {r['iters']}, alternated")]
+
+
 # Each takes (quick, image folder or None) and returns its rows; views and pretrain read images.
 BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {
     "views": bench_views,
@@ -145,6 +154,7 @@ BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {
     "knn": bench_knn,
     "backbones": bench_backbones,
     "memory": bench_memory,
+    "export": bench_export,
 }
 
 

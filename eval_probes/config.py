@@ -48,6 +48,8 @@ class ProbeConfig(StageConfig):
     protocol: ProbeProtocol = field(default_factory=ProbeProtocol)
     # Robustness index (needs domain labels).
     robustness_k: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
+    robustness_repeats: int = 10  # class x domain-balanced subsamples the index is averaged over
+    robustness_reference: bool = True  # also the index of a random-init backbone of each checkpoint's architecture
 
     # Outputs.
     umap: bool = True  # umap-learn compiles with numba on first use (~40 s): switch off for fast runs

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).parent / "templates" / "report.html"
 PROBE_LABELS = {"knn": "kNN (weighted)", "knn_majority": "kNN (majority)", "linear": "linear"}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+DASHES = ("-", "--", "-.", ":")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,14 +65,18 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"name": name, "test_overlap": (result.get("test_overlap") or {}).get("test_images", 0)}
         for probe in ("knn", "linear"):
             row[f"clean_{probe}"] = _ba(result["conditions"].get("clean"), probe)
+            clean_score = ((result["conditions"].get("clean") or {}).get("scores") or {}).get(probe) or {}
+            row[f"clean_{probe}_ci"] = (clean_score.get("ci95") or {}).get("balanced_accuracy")
             row[f"stain_{probe}"] = _mean([_ba(c, probe) for c in by_family["stain"]])
             row[f"scale_{probe}"] = _mean([_ba(c, probe) for c in by_family["scale"]])
             row[f"worst_{probe}"] = min((b for b in (_ba(c, probe) for c in by_family["stain"] + by_family["scale"])
                                          if b is not None), default=None)
             row[f"atypical_{probe}"] = _mean([_ba(c, probe) for c in by_family["domain"] if c["subset"] == "atypical"])
             row[f"cross_domain_{probe}"] = _mean([_ba(c, probe) for c in by_family["domain"] if c["source_domain"]])
-        ri = result.get("robustness_index") or {}
-        row["ri"] = ri.get("20", next(iter(ri.values()), None)) if ri else None
+        balanced = (result.get("robustness_index_balanced") or {}).get("mean") or {}
+        row["ri"] = balanced.get("20", next(iter(balanced.values()), None)) if balanced else None
+        reference = (result.get("robustness_index_random_init") or {}).get("mean") or {}
+        row["ri_random_init"] = reference.get("20", next(iter(reference.values()), None)) if reference else None
         row["rank_score"] = _mean([row["clean_linear"], row["stain_linear"], row["scale_linear"]])
         rows.append(row)
     rows.sort(key=lambda r: -(r["rank_score"] if r["rank_score"] is not None else -1.0))
@@ -110,10 +116,17 @@ def curves_figure(report: dict[str, Any], family: str, xlabel: str, clean_x: flo
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    names = list(report["checkpoints"])
     for ax, probe in zip(axes, ("knn", "linear"), strict=True):
-        for name, result in report["checkpoints"].items():
-            xs, ys = _curve_points(result["conditions"], report["conditions"], family, probe, clean_x)
-            ax.plot(xs, ys, marker="o", label=name)
+        for i, name in enumerate(names):
+            xs, ys = _curve_points(report["checkpoints"][name]["conditions"], report["conditions"], family, probe,
+                                   clean_x)
+            # Equal curves must not hide each other: each checkpoint gets its own marker and dash, and a
+            # small sideways shift (a fraction of the gap between conditions; the values are unchanged).
+            shift = (i - (len(names) - 1) / 2) * 0.012
+            xs = [x * 2 ** shift for x in xs] if log_x else [x + shift * 0.25 for x in xs]
+            ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], linestyle=DASHES[i % len(DASHES)], label=name,
+                    alpha=0.85, markersize=6)
         if log_x:
             ax.set_xscale("log", base=2)
             ax.set_xticks([0.5, 0.75, 1, 1.5, 2])
@@ -229,6 +242,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
 
 
+def _interval(ci: list[float] | None) -> str:
+    return f"<br><span class='ci'>[{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]</span>" if ci else ""
+
+
 def summary_table(rows: list[dict[str, Any]], has_domains: bool) -> str:
     columns = [("clean", "clean"), ("stain", "stain mean"), ("scale", "scale mean"), ("worst", "worst shift")]
     if has_domains:
@@ -237,16 +254,17 @@ def summary_table(rows: list[dict[str, Any]], has_domains: bool) -> str:
     for _, label in columns:
         head.append(f"<th>{label}<br>kNN</th><th>{label}<br>linear</th>")
     if has_domains:
-        head.append("<th>robustness<br>index (k=20)</th>")
+        head.append("<th>robustness index<br>(balanced, k=20)</th><th>same arch.<br>random init</th>")
     body = []
     for rank, row in enumerate(rows, start=1):
         seen = (f"<br><span class='bad'>trained on {row['test_overlap']} test images: not held-out</span>"
                 if row["test_overlap"] else "")
         cells = [f"<td class='name'>{rank}</td><td class='name'>{html.escape(row['name'])}{seen}</td>"]
         for key, _ in columns:
-            cells.append(f"<td>{_fmt(row[f'{key}_knn'])}</td><td>{_fmt(row[f'{key}_linear'])}</td>")
+            cells.append(f"<td>{_fmt(row[f'{key}_knn'])}{_interval(row.get(f'{key}_knn_ci'))}</td>"
+                         f"<td>{_fmt(row[f'{key}_linear'])}{_interval(row.get(f'{key}_linear_ci'))}</td>")
         if has_domains:
-            cells.append(f"<td>{_fmt(row['ri'])}</td>")
+            cells.append(f"<td>{_fmt(row['ri'])}</td><td>{_fmt(row['ri_random_init'])}</td>")
         body.append(f"<tr class='checkpoint'>{''.join(cells)}</tr>")
     return (f"<table id='summary'><thead><tr>{''.join(head)}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table>")
@@ -268,12 +286,17 @@ def detail_table(name: str, result: dict[str, Any]) -> str:
             m = entry["scores"][p]
             drop = (m.get("drop") or {}).get("balanced_accuracy")
             css = "" if drop is None else (" class='bad'" if drop > 0.05 else (" class='good'" if drop < -0.05 else ""))
-            cells.append(f"<td>{_fmt(m['balanced_accuracy'])}</td><td{css}>{_fmt(drop)}</td>"
-                         f"<td>{_fmt(m['auroc'])}</td><td>{_fmt(m['f1'])}</td><td>{_fmt(m['ece'])}</td>")
+            ci = m.get("ci95") or {}
+            cells.append(f"<td>{_fmt(m['balanced_accuracy'])}{_interval(ci.get('balanced_accuracy'))}</td>"
+                         f"<td{css}>{_fmt(drop)}</td><td>{_fmt(m['auroc'])}{_interval(ci.get('auroc'))}</td>"
+                         f"<td>{_fmt(m['f1'])}</td><td>{_fmt(m['ece'])}</td>")
         rows.append(f"<tr>{''.join(cells)}</tr>")
     probes_text = json.dumps(result["probes"]["knn"]["k"]), f"{result['probes']['linear']['C']:g}"
-    ri = result.get("robustness_index")
-    ri_text = ("; robustness index " + ", ".join(f"k={k}: {_fmt(v)}" for k, v in ri.items())) if ri else ""
+    ri = result.get("robustness_index_balanced")
+    ri_text = ("; robustness index (class x domain-balanced, mean ± sd over draws) " + ", ".join(
+        f"k={k}: {_fmt(v)} ± {_fmt(ri['std'][k], 2)}" for k, v in ri["mean"].items())
+        + f"; {ri['per_cell']} images per class and domain; random neighbours would give {_fmt(ri['chance'], 2)}"
+    ) if ri else ""
     return (f"<h3>{html.escape(name)}</h3><p class='meta'>{html.escape(result['spec'])} · embed dim "
             f"{result['embed_dim']} · chosen k = {probes_text[0]}, C = {probes_text[1]}{ri_text}</p>"
             f"<table class='detail'>{head}{''.join(rows)}</table>")
@@ -289,15 +312,18 @@ def write_html(path: Path, report: dict[str, Any], runs: list[CheckpointRun], da
     has_domains = len(data.domains) >= 2
     rows = summary_rows(report)
     notes = "".join(f"<div class='note'>{html.escape(n)}</div>" for n in report["notes"])
+    notes += "".join(f"<div class='note warning'>warning: {html.escape(w)}</div>" for w in report.get("warnings", []))
     splits = report["data"]["splits"]
     meta = (f"data: {html.escape(str(data.root))} · classes {', '.join(data.classes)} (positive "
             f"{html.escape(report['data']['positive_class'])}) · train/val/test {splits['train']}/{splits['val']}/"
             f"{splits['test']} ({html.escape(data.split_source)}) · domains: "
             f"{html.escape(', '.join(data.domains) or 'none')} · image size {cfg.data.image_size} px")
+    shifted = " Checkpoints are drawn slightly apart sideways, so equal curves stay visible."
     curves = _figure(curves_figure(report, "stain", "HED jitter strength (0 = clean)", 0.0),
-                     "Balanced accuracy against HED stain-jitter strength (Tellez et al.: light 0.05, strong 0.2).")
+                     "Balanced accuracy against HED stain-jitter strength (Tellez et al.: light 0.05, strong 0.2)."
+                     + shifted)
     curves += _figure(curves_figure(report, "scale", "zoom (1x = clean)", 1.0, log_x=True),
-                      "Balanced accuracy against zoom (same output size; reflected, never constant, borders).")
+                      "Balanced accuracy against zoom (same output size; reflected, never constant, borders)." + shifted)
     if has_domains and cfg.domain_transfer:
         domain = _figure(domain_matrix_figure(report, data.domains),
                          "Linear probe fitted on one domain's clean train images (rows), scored on each domain's "
@@ -357,16 +383,28 @@ def write_tensorboard(tb_dir: Path, report: dict[str, Any], runs: list[Checkpoin
     """Headline scalars per checkpoint, and the clean test features in the embedding projector."""
     from torch.utils.tensorboard import SummaryWriter
 
+    # One TensorBoard run per checkpoint (tb/<name>/): the same tags, so runs overlay in one chart.
+    for row in summary_rows(report):
+        run_writer = SummaryWriter(str(tb_dir / _tb_name(row["name"])))
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                run_writer.add_scalar(f"summary/{key}", value, 0)
+        result = report["checkpoints"][row["name"]]
+        for k, value in ((result.get("robustness_index_balanced") or {}).get("mean") or {}).items():
+            if value is not None:
+                run_writer.add_scalar("robustness_index", value, int(k))  # step = k neighbours
+        for cond in report["conditions"]:  # the curves, step = the shift (HED strength x 1000, zoom x 100)
+            if cond["value"] is None:
+                continue
+            scale = 1000 if cond["family"] == "stain" else 100
+            for probe in ("knn", "linear"):
+                value = _ba(result["conditions"].get(cond["name"]), probe)
+                if value is not None:
+                    run_writer.add_scalar(f"{cond['family']}/{probe}_balanced_accuracy", value,
+                                          int(round(cond["value"] * scale)))
+        run_writer.close()
     writer = SummaryWriter(str(tb_dir))
     try:
-        for row in summary_rows(report):
-            for key, value in row.items():
-                if key != "name" and value is not None:
-                    writer.add_scalar(f"{row['name']}/{key}", value, 0)
-        for name, result in report["checkpoints"].items():
-            for k, value in (result.get("robustness_index") or {}).items():
-                if value is not None:
-                    writer.add_scalar(f"{name}/robustness_index", value, int(k))
         if projector:
             labels = data.labels("test")
             domains = data.domain_of("test")
@@ -374,9 +412,13 @@ def write_tensorboard(tb_dir: Path, report: dict[str, Any], runs: list[Checkpoin
             thumbnails = _thumbnails(data.splits["test"])
             for run in runs:
                 writer.add_embedding(run.test_feats, metadata=metadata, metadata_header=["class", "domain"],
-                                     label_img=thumbnails, tag=run.name.replace("/", "_").replace(":", "_"))
+                                     label_img=thumbnails, tag=_tb_name(run.name))
     finally:
         writer.close()
+
+
+def _tb_name(name: str) -> str:
+    return name.replace("/", "_").replace(":", "_")
 
 
 def _thumbnails(samples: list[Any], size: int = 32, max_images: int = 2000) -> Any:

@@ -7,7 +7,7 @@ never a condition's name.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -28,27 +28,34 @@ def _finite(value: Any) -> float | None:
 
 @dataclass
 class ProbeScore:
-    """One probe's scores on one condition; ``drop`` is reference minus this (positive = worse, except ECE)."""
+    """One probe's scores on one condition; ``drop`` is reference minus this (positive = worse, except ECE);
+    ``ci95``: percentile-bootstrap intervals (whole groups resampled when the data has groups)."""
 
     balanced_accuracy: float | None
     auroc: float | None
     f1: float | None
     ece: float | None
     n: int
+    sensitivity: float | None = None
+    specificity: float | None = None
+    ci95: dict[str, list[float] | None] | None = None
     drop: dict[str, float | None] | None = None
 
     @classmethod
-    def of(cls, y: np.ndarray, probs: np.ndarray, positive: int) -> ProbeScore:
-        from roseprior.metrics import binary_metrics
+    def of(cls, y: np.ndarray, probs: np.ndarray, positive: int, groups: Any = None, seed: int = 0) -> ProbeScore:
+        from roseprior.metrics import binary_metrics, bootstrap_intervals
 
-        metrics = binary_metrics((np.asarray(y) == positive).astype(int), probs[:, positive])
-        return cls(*(_finite(metrics.get(k)) for k in METRICS), n=len(y))
+        hit = (np.asarray(y) == positive).astype(int)
+        metrics = binary_metrics(hit, probs[:, positive])
+        return cls(*(_finite(metrics.get(k)) for k in METRICS), n=len(y), sensitivity=metrics["sensitivity"],
+                   specificity=metrics["specificity"],
+                   ci95=bootstrap_intervals(hit, probs[:, positive], groups, seed=seed) if len(y) else None)
 
     def against(self, reference: ProbeScore) -> ProbeScore:
         """This score with its drop from ``reference`` filled in."""
         drop = {k: None if getattr(reference, k) is None or getattr(self, k) is None
                 else getattr(reference, k) - getattr(self, k) for k in METRICS}
-        return ProbeScore(self.balanced_accuracy, self.auroc, self.f1, self.ece, self.n, drop)
+        return replace(self, drop=drop)
 
 
 @dataclass

@@ -56,3 +56,42 @@ def robustness_index(
         os_ = int((~same_class[:, :k] & same_domain[:, :k] & valid[:, :k]).sum())
         out[str(k)] = so / (so + os_) if so + os_ else None
     return out
+
+
+def balanced_robustness_index(
+    feats: np.ndarray,
+    labels: Sequence[int],
+    domains: Sequence[str],
+    groups: Sequence[str] | None = None,
+    ks: Sequence[int] = (5, 10, 20, 50),
+    repeats: int = 10,
+    seed: int = 0,
+) -> dict[str, object]:
+    """RI on class x domain-balanced subsamples, as PathoROB computes it: every (class, domain) cell is
+    subsampled to the smallest cell's count, so the index does not move with how many images each
+    site contributes; repeated over ``repeats`` seeded draws. Returns, per k, the mean and standard
+    deviation over the draws, the images per cell, and ``chance``: the index of neighbours drawn at
+    random from a balanced set, ``(D - 1) / D`` for D domains (two classes)."""
+    labels_np = np.asarray(labels)
+    domains_np = np.asarray([str(d) for d in domains])
+    cells = {(c, d): np.flatnonzero((labels_np == c) & (domains_np == d))
+             for c in np.unique(labels_np) for d in np.unique(domains_np)}
+    per_cell = min((len(v) for v in cells.values()), default=0)
+    n_domains = len(np.unique(domains_np))
+    out: dict[str, object] = {"per_cell": per_cell, "repeats": repeats,
+                              "chance": (n_domains - 1) / n_domains if n_domains > 1 else None}
+    if per_cell < 2 or n_domains < 2:
+        out.update(mean={str(k): None for k in ks}, std={str(k): None for k in ks})
+        return out
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {str(k): [] for k in ks}
+    for _ in range(repeats):
+        rows = np.concatenate([rng.choice(v, per_cell, replace=False) for v in cells.values()])
+        ri = robustness_index(feats[rows], labels_np[rows], domains_np[rows],
+                              None if groups is None else [groups[i] for i in rows], ks)
+        for k, value in ri.items():
+            if value is not None:
+                draws[k].append(value)
+    out["mean"] = {k: float(np.mean(v)) if v else None for k, v in draws.items()}
+    out["std"] = {k: float(np.std(v)) if v else None for k, v in draws.items()}
+    return out

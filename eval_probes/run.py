@@ -30,7 +30,7 @@ from eval_probes.config import ProbeConfig
 from eval_probes.data import ProbeData, class_domain_association, load_probe_data, typical_domain
 from eval_probes.features import FeatureCache, cached_features, data_fingerprint, resolve_device
 from eval_probes.results import PROBES, ConditionResult, ProbeScore
-from eval_probes.robustness import robustness_index
+from eval_probes.robustness import balanced_robustness_index, robustness_index
 from roseprior.data import ImageDataset, Sample
 from roseprior.errors import CheckpointError, ConfigError, DataError
 from roseprior.probes import FittedProbes, fit_probes
@@ -41,10 +41,12 @@ RESTAIN_TARGETS = 4  # train images per domain the stain target is fitted on
 
 
 def score_all(probes: FittedProbes, feats: np.ndarray, y: np.ndarray, positive: int,
-              reference: dict[str, ProbeScore] | None = None) -> tuple[dict[str, ProbeScore], dict[str, np.ndarray]]:
-    """Each probe's scores on ``feats`` (with the drop from ``reference`` when given), and its probabilities."""
+              reference: dict[str, ProbeScore] | None = None, groups: list[str] | None = None,
+              seed: int = 0) -> tuple[dict[str, ProbeScore], dict[str, np.ndarray]]:
+    """Each probe's scores on ``feats`` with intervals (and the drop from ``reference`` when given), and
+    its probabilities."""
     probs = probes.predict(feats)
-    scores = {name: ProbeScore.of(y, p, positive) for name, p in probs.items()}
+    scores = {name: ProbeScore.of(y, p, positive, groups, seed) for name, p in probs.items()}
     if reference is not None:
         scores = {name: s.against(reference[name]) for name, s in scores.items()}
     return scores, probs
@@ -186,10 +188,12 @@ def evaluate_checkpoint(cfg: ProbeConfig, data: ProbeData, conditions: list[Cond
         y = {split: data.labels(split) for split in ("train", "val", "test")}
         probes = fit_probes(cfg.protocol, feats["train"], y["train"], feats["val"], y["val"], len(data.classes),
                             cfg.seed)
-        clean_scores, clean_probs = score_all(probes, feats["test"], y["test"], data.positive)
+        groups = data.groups("test", cfg.data.group_by)
+        clean_scores, clean_probs = score_all(probes, feats["test"], y["test"], data.positive, None, groups, cfg.seed)
         results = {CLEAN: ConditionResult(CLEAN, "clean", False, clean_scores)}
         for c in conditions[1:]:
-            scores, _ = score_all(probes, features("test", c), y["test"], data.positive, clean_scores)
+            scores, _ = score_all(probes, features("test", c), y["test"], data.positive, clean_scores, groups,
+                                  cfg.seed)
             results[c.name] = ConditionResult(c.name, c.family, c.shift, scores, value=c.value,
                                               target_domain=c.target_domain)
 
@@ -197,7 +201,7 @@ def evaluate_checkpoint(cfg: ProbeConfig, data: ProbeData, conditions: list[Cond
         if cfg.domain_transfer:
             results.update(domain_transfer(cfg, data, feats, y))
         if cfg.shortcut_split:
-            results.update(shortcut_split(data, probes, feats["test"], y, clean_scores))
+            results.update(shortcut_split(data, probes, feats["test"], y, clean_scores, groups))
     used_stats = stats or backbones.input_stats(load_model())
     result: dict[str, Any] = {
         "spec": spec,
@@ -209,14 +213,40 @@ def evaluate_checkpoint(cfg: ProbeConfig, data: ProbeData, conditions: list[Cond
         "conditions": {k: v.to_json() for k, v in results.items()},
     }
     if len(data.domains) >= 2:
-        groups = data.groups("test", cfg.data.group_by)
-        result["robustness_index"] = robustness_index(feats["test"], y["test"], data.domain_of("test"), groups,
-                                                      cfg.robustness_k)
+        domains = data.domain_of("test")
+        result["robustness_index"] = robustness_index(feats["test"], y["test"], domains, groups, cfg.robustness_k)
+        result["robustness_index_balanced"] = balanced_robustness_index(
+            feats["test"], y["test"], domains, groups, cfg.robustness_k, cfg.robustness_repeats, cfg.seed)
+        if cfg.robustness_reference:
+            reference = random_init_features(cfg, data, spec, load_model, cache, device, stats)
+            result["robustness_index_random_init"] = balanced_robustness_index(
+                reference, y["test"], domains, groups, cfg.robustness_k, cfg.robustness_repeats, cfg.seed)
         result["robustness_index_groups"] = (cfg.data.group_by or "group") if groups else None
     result["seconds"] = round(time.perf_counter() - start, 2)
     log.info("eval_probes: %s done in %.0f s (clean linear balanced accuracy %.3f)", name, result["seconds"],
              clean_scores["linear"].balanced_accuracy or 0.0)
     return CheckpointRun(name, result, feats["test"], clean_probs)
+
+
+def random_init_features(cfg: ProbeConfig, data: ProbeData, spec: str, load_model: Callable[[], torch.nn.Module],
+                         cache: FeatureCache, device: torch.device, stats: Any) -> np.ndarray:
+    """Clean test features of the checkpoint's architecture at random init, with the checkpoint's own
+    input statistics: the robustness index a backbone gets before any training (its chance level)."""
+    import json as json_lib
+
+    import backbones
+
+    trained = load_model()
+    name, kwargs = getattr(trained, "registry_name", spec), dict(getattr(trained, "registry_kwargs", {}) or {})
+    mean, std = stats or backbones.input_stats(trained)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(cfg.seed)
+        return backbones.set_input_stats(backbones.create(name, **kwargs), mean, std)
+
+    fingerprint = f"random-init:{name}:{json_lib.dumps(kwargs, sort_keys=True)}:seed={cfg.seed}:{list(mean)}:{list(std)}"
+    return cached_features(cache, build, fingerprint, data.splits["test"], data.fingerprints["test"], cond_lib.clean(),
+                           cfg.data.image_size, cfg.seed, cfg.batch_size, device, cfg.data.num_workers, stats=stats)
 
 
 def domain_transfer(cfg: ProbeConfig, data: ProbeData, feats: dict[str, np.ndarray],
@@ -238,7 +268,8 @@ def domain_transfer(cfg: ProbeConfig, data: ProbeData, feats: dict[str, np.ndarr
             for b, r in results.items():
                 te = dom["test"] == b
                 if te.any():
-                    r.scores, _ = score_all(fitted, feats["test"][te], y["test"][te], data.positive)
+                    r.scores, _ = score_all(fitted, feats["test"][te], y["test"][te], data.positive,
+                                            seed=cfg.seed)
                 else:
                     r.skipped = f"no test images from domain {b}"
             in_domain = results[a].scores
@@ -250,7 +281,7 @@ def domain_transfer(cfg: ProbeConfig, data: ProbeData, feats: dict[str, np.ndarr
 
 
 def shortcut_split(data: ProbeData, probes: FittedProbes, test_feats: np.ndarray, y: dict[str, np.ndarray],
-                   clean_scores: dict[str, ProbeScore]) -> dict[str, ConditionResult]:
+                   clean_scores: dict[str, ProbeScore], groups: list[str] | None = None) -> dict[str, ConditionResult]:
     """``domain/typical`` and ``domain/atypical``: test images whose domain is / is not their class's
     most frequent domain in train. With confounded training data the atypical ones are the flipped
     domain, where a probe that learnt the domain instead of the class fails."""
@@ -263,7 +294,8 @@ def shortcut_split(data: ProbeData, probes: FittedProbes, test_feats: np.ndarray
     for subset, mask in (("typical", is_typical), ("atypical", ~is_typical)):
         r = ConditionResult(f"domain/{subset}", "domain", subset == "atypical", subset=subset, notes=notes)
         if mask.any():
-            r.scores, _ = score_all(probes, test_feats[mask], y["test"][mask], data.positive, clean_scores)
+            r.scores, _ = score_all(probes, test_feats[mask], y["test"][mask], data.positive, clean_scores,
+                                    [groups[i] for i in np.flatnonzero(mask)] if groups else None)
         else:
             r.skipped = "no test images in this subset"
         out[r.name] = r
@@ -291,6 +323,11 @@ def run(cfg: ProbeConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     data = load_probe_data(cfg)
     conditions, notes = build_conditions(cfg, data)
+    from roseprior.metrics import small_class_warnings
+
+    warnings = [w for split in ("val", "test") for w in small_class_warnings(split, data.labels(split), data.classes)]
+    for warning in warnings:
+        log.warning("eval_probes: warning: %s", warning)
     log.info("eval_probes: %d checkpoints x %d conditions on %s", len(names), len(conditions), data.root)
 
     runs = [evaluate_checkpoint(cfg, data, conditions, spec, name, cache, device)
@@ -316,6 +353,7 @@ def run(cfg: ProbeConfig) -> dict[str, Any]:
         "conditions": [c.describe() for c in conditions],
         "probes": list(PROBES),
         "notes": notes,
+        "warnings": warnings,
         "cache": {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses},
         "checkpoints": {r.name: r.result for r in runs},
     }

@@ -73,18 +73,33 @@ def choose_layers(backbone: torch.nn.Module) -> dict[str, tuple[str, Any] | None
 
 
 def grad_cam(model: Classifier, images: torch.Tensor, layer: torch.nn.Module, classes: Sequence[int]) -> np.ndarray:
-    """Grad-CAM maps (B, H, W) in [0, 1] for ``classes[i]`` of image i."""
+    """Grad-CAM maps (B, H, W) for ``classes[i]`` of image i, in their own units (not min-max scaled).
+
+    pytorch-grad-cam min-max scales every map to [0, 1], which hides how strong a map is: a flat
+    map and a focused one look alike. Its ``get_cam_image`` is wrapped here to keep each raw map's
+    range, and the scaled output is mapped back to it, so the figures can share one colour scale.
+    """
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    ranges: list[np.ndarray] = []
+
+    class RangeKeepingGradCAM(GradCAM):
+        def get_cam_image(self, *args: Any, **kwargs: Any) -> np.ndarray:
+            cam = np.maximum(super().get_cam_image(*args, **kwargs), 0)
+            ranges.append(np.stack([cam.min(axis=(1, 2)), cam.max(axis=(1, 2))], axis=1))
+            return cam
+
     reshape = getattr(model.backbone, "reshape_transform", None)
-    with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
-        return cam(input_tensor=images, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+    with RangeKeepingGradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+        scaled = cam(input_tensor=images, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+    low, high = ranges[-1][:, 0, None, None], ranges[-1][:, 1, None, None]
+    return scaled * (high - low) + low
 
 
 @torch.no_grad()
 def attention_heatmap(model: Classifier, images: torch.Tensor, key: str | None) -> np.ndarray | None:
-    """Guided attention from the class token (or averaged over queries) to each patch, (B, H, W) in [0, 1]."""
+    """Guided attention from the class token (or averaged over queries) to each patch, (B, H, W) weights."""
     backbone = model.backbone
     if key is None or not callable(getattr(backbone, "attention_maps", None)):
         return None
@@ -97,10 +112,8 @@ def attention_heatmap(model: Classifier, images: torch.Tensor, key: str | None) 
     n = rows.shape[1]
     h = int(round((n * images.shape[-2] / images.shape[-1]) ** 0.5))
     grid = rows.reshape(-1, 1, h, n // h)
-    heat = F.interpolate(grid, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    lo = heat.amin(dim=(1, 2), keepdim=True)
-    hi = heat.amax(dim=(1, 2), keepdim=True)
-    return ((heat - lo) / (hi - lo).clamp_min(1e-12)).cpu().numpy()
+    # Attention weight per patch (the class token's attention sums to 1 over tokens), not min-max scaled.
+    return F.interpolate(grid, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
 
 
 def cam_maps(model: Classifier, images: torch.Tensor, classes: Sequence[int]) -> dict[str, np.ndarray]:
@@ -160,7 +173,6 @@ def write_cam_figures(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from pytorch_grad_cam.utils.image import show_cam_on_image
 
     cam_cfg: CamConfig = cfg.cam
     classes = list(cfg.data.classes)
@@ -179,21 +191,29 @@ def write_cam_figures(
         images = torch.stack([dataset[r][0] for r in rows]).float().div(255.0)
         predicted = probs[[chosen[r] for r in rows]].argmax(1)
         panels: list[tuple[str, np.ndarray | None]] = [("image", None), *cam_maps(model, images, predicted).items()]
-        fig, axes = plt.subplots(len(rows), len(panels), figsize=(3.0 * len(panels), 3.2 * len(rows)), squeeze=False)
-        for i, r in enumerate(rows):
-            k = chosen[r]
-            rgb = images[i].permute(1, 2, 0).numpy()
-            verdict = "correct" if probs[k].argmax() == labels[k] else "MISCLASSIFIED"
-            p_text = ", ".join(f"p({c})={probs[k][j]:.2f}" for j, c in enumerate(classes))
-            name = Path(samples[int(indices[k])].path).name
-            for j, (title, heat) in enumerate(panels):
+        fig, axes = plt.subplots(len(rows), len(panels), figsize=(3.2 * len(panels), 3.2 * len(rows)), squeeze=False)
+        for j, (title, heat) in enumerate(panels):
+            # One colour scale per map type across the figure: a weak map looks weak, not like a strong one.
+            vmax = float(np.max(heat)) if heat is not None and np.max(heat) > 0 else 1.0
+            for i, r in enumerate(rows):
+                k = chosen[r]
                 ax = axes[i][j]
-                ax.imshow(rgb if heat is None else show_cam_on_image(rgb, heat[i], use_rgb=True))
+                ax.imshow(images[i].permute(1, 2, 0).numpy())
+                if heat is not None:
+                    shown = ax.imshow(heat[i], cmap="jet", alpha=0.45, vmin=0.0, vmax=vmax)
                 ax.set_axis_off()
-                ax.set_title(title if j else f"{name}\ntrue {classes[labels[k]]}; {p_text}\n{verdict}", fontsize=8)
-        fig.tight_layout()
+                if j:
+                    ax.set_title(title, fontsize=8)
+                else:
+                    verdict = "correct" if probs[k].argmax() == labels[k] else "MISCLASSIFIED"
+                    p_text = ", ".join(f"p({c})={probs[k][c_i]:.2f}" for c_i, c in enumerate(classes))
+                    name = Path(samples[int(indices[k])].path).name
+                    ax.set_title(f"{name}\ntrue {classes[labels[k]]}; {p_text}\n{verdict}", fontsize=8)
+            if heat is not None:
+                unit = "attention weight" if title.startswith("guided") else "Grad-CAM (its own units)"
+                fig.colorbar(shown, ax=[axes[i][j] for i in range(len(rows))], shrink=0.8, label=unit)
         path = out_dir / f"cam_{start // per_figure:02d}.png"
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths

@@ -63,6 +63,18 @@ class CamConfig:
 
 
 @dataclass
+class DecisionConfig:
+    """How the classifier calls N or P: calibrated probabilities and a threshold chosen on validation."""
+
+    calibrate: bool = True  # temperature scaling fitted on the validation logits
+    target_sensitivity: float = 0.95  # the threshold is the highest one that reaches this on validation
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.target_sensitivity <= 1.0, "decision.target_sensitivity", "must be in (0, 1]",
+              self.target_sensitivity)
+
+
+@dataclass
 class FinetuneTrainConfig(TrainConfig):
     """How long and how: the paper's batch 8, 50 epochs, lr 1e-5, weight decay 0.01, cosine to 0.25×lr."""
 
@@ -97,6 +109,7 @@ class FinetuneConfig(StageConfig):
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     folds: int = 0  # K > 1: K-fold cross-validation on train+val, one shared test split
     cam: CamConfig = field(default_factory=CamConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=200))
 
     def __post_init__(self) -> None:

@@ -1,9 +1,11 @@
-"""``python -m finetune.predict --ckpt OUT_DIR --images FOLDER --out preds.csv``: N/P probabilities.
+"""``python -m finetune.predict (--ckpt RUN | --model FILE.onnx) --images FOLDER --out preds.csv``.
 
-The users' main use after training: score a folder of new images with the selected checkpoint.
-Images get exactly the evaluation preprocessing (the same resize, no augmentation). A file that
-cannot be decoded is listed in the CSV with its reason (empty probabilities) and counted in the
-summary; it never stops the run.
+The users' main use after training: score a folder of new fields, with a finetune run (PyTorch) or
+with its export (``python -m finetune.export``; ONNX through onnxruntime, or TorchScript). Either
+way the images get exactly the evaluation preprocessing (resized, antialiased, no augmentation),
+the probabilities are calibrated (the run's temperature), and ``predicted`` applies the run's
+operating point (the threshold chosen on validation for ``decision.target_sensitivity``), not 0.5.
+A file that cannot be decoded is listed in the CSV with its reason and never stops the run.
 """
 
 from __future__ import annotations
@@ -11,26 +13,96 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from roseprior.checkpoint import atomic_write_text
 from roseprior.data import find_images
-from roseprior.errors import DataError, RosepriorError
+from roseprior.errors import CheckpointError, DataError, RosepriorError
 from roseprior.imageio import UnreadableImage, read_image
+from roseprior.progress import Progress
 
-from .model import Classifier, load_classifier
+__all__ = ["Predictor", "load_predictor", "main", "predict_paths"]
 
-__all__ = ["predict_paths", "main"]
+
+@dataclass
+class Predictor:
+    """``probabilities(batch)`` for a float (B, 3, S, S) batch in [0, 1], and how to read them."""
+
+    probabilities: Callable[[torch.Tensor], np.ndarray]
+    classes: list[str]
+    positive_class: str
+    image_size: int
+    threshold: float  # call the positive class when its probability >= threshold
+    source: str
+
+    def call(self, p: np.ndarray) -> str:
+        positive = self.classes.index(self.positive_class)
+        if len(self.classes) == 2:
+            return self.classes[positive] if p[positive] >= self.threshold else self.classes[1 - positive]
+        return self.classes[int(p.argmax())]
+
+
+def load_predictor(ckpt: str | None = None, model: str | None = None, device: str = "cpu") -> Predictor:
+    """A run folder (``--ckpt``) or an exported file (``--model``: .onnx, or .pt/.ts TorchScript)."""
+    if ckpt is not None:
+        from .export import CalibratedClassifier
+        from .model import load_classifier
+
+        classifier, meta = load_classifier(ckpt)
+        net = CalibratedClassifier(classifier, meta.get("temperature", 1.0)).to(device).eval()
+
+        def run_torch(x: torch.Tensor) -> np.ndarray:
+            with torch.no_grad():
+                return net(x.to(device)).float().cpu().numpy()
+
+        threshold = (meta.get("decision") or {}).get("threshold", 0.5)
+        return Predictor(run_torch, list(meta["classes"]), meta["positive_class"], int(meta["image_size"]),
+                         float(threshold), str(ckpt))
+    path = Path(str(model))
+    if not path.is_file():
+        raise CheckpointError(f"--model {path} not found; export one with python -m finetune.export")
+    if path.suffix == ".onnx":
+        import onnxruntime as ort
+
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            info = json.loads(session.get_modelmeta().custom_metadata_map["roseprior"])
+        except (KeyError, json.JSONDecodeError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"{path} is not an ONNX model written by finetune.export ({str(err)[:200]})") from None
+        name = session.get_inputs()[0].name
+
+        def run_onnx(x: torch.Tensor) -> np.ndarray:
+            return session.run(None, {name: x.numpy().astype(np.float32)})[0]
+
+        runner = run_onnx
+    else:
+        files = {"roseprior.json": ""}
+        try:
+            scripted = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+            info = json.loads(files["roseprior.json"])
+        except (RuntimeError, ValueError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path} is not a TorchScript model written by finetune.export "
+                                  f"({' '.join(str(err).split())[:200]})") from None
+
+        def run_script(x: torch.Tensor) -> np.ndarray:
+            with torch.no_grad():
+                return scripted(x).float().numpy()
+
+        runner = run_script
+    return Predictor(runner, list(info["classes"]), info["positive_class"], int(info["image_size"]),
+                     float(info["threshold"]), str(path))
 
 
 def _batches(paths: Sequence[Path], size: int, batch_size: int) -> Iterator[tuple[list[Path], torch.Tensor | None, list]]:
-    """Decoded, resized batches, plus the (path, reason) of each file that did not decode."""
+    """Decoded, resized batches in [0, 1], plus the (path, reason) of each file that did not decode."""
     from torchvision.transforms.v2 import functional as F
 
     for start in range(0, len(paths), batch_size):
@@ -43,26 +115,36 @@ def _batches(paths: Sequence[Path], size: int, batch_size: int) -> Iterator[tupl
                 continue
             images.append(F.resize(image, [size, size], antialias=True))
             good.append(path)
-        yield good, (torch.stack(images) if images else None), bad
+        yield good, (torch.stack(images).float().div_(255.0) if images else None), bad
 
 
-@torch.no_grad()
-def predict_paths(
-    model: Classifier, paths: Sequence[Path], image_size: int, batch_size: int = 16, device: str = "cpu"
-) -> tuple[dict[Path, np.ndarray], list[tuple[Path, str]]]:
+def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int = 16,
+                  progress: bool = True) -> tuple[dict[Path, np.ndarray], list[tuple[Path, str]]]:
     """Class probabilities per readable path, and the unreadable paths with their reasons."""
-    model = model.to(device).eval()
     probs: dict[Path, np.ndarray] = {}
     unreadable: list[tuple[Path, str]] = []
-    bar = tqdm(total=len(paths), desc="predict", unit="img")
-    for good, images, bad in _batches(paths, image_size, batch_size):
-        unreadable.extend(bad)
-        if images is not None:
-            p = model(images.to(device).float().div_(255.0)).float().softmax(dim=1).cpu().numpy()
-            probs.update(zip(good, p, strict=True))
-        bar.update(len(good) + len(bad))
-    bar.close()
+    with Progress(len(paths), "predict", unit="img", enabled=progress) as bar:
+        for good, images, bad in _batches(paths, predictor.image_size, batch_size):
+            unreadable.extend(bad)
+            if images is not None:
+                probs.update(zip(good, predictor.probabilities(images), strict=True))
+            bar.update(len(good) + len(bad))
     return probs, unreadable
+
+
+def write_csv(out: Path, predictor: Predictor, paths: Sequence[Path], probs: dict[Path, np.ndarray],
+              unreadable: list[tuple[Path, str]]) -> Path:
+    reasons = dict(unreadable)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", *(f"p_{c}" for c in predictor.classes), "predicted", "error"])
+    for path in paths:
+        if path in probs:
+            p = probs[path]
+            writer.writerow([str(path), *(f"{v:.6f}" for v in p), predictor.call(p), ""])
+        else:
+            writer.writerow([str(path), *([""] * len(predictor.classes)), "", reasons.get(path, "unreadable")])
+    return atomic_write_text(out, buffer.getvalue())
 
 
 def _positive_int(text: str) -> int:
@@ -85,45 +167,34 @@ def _device(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m finetune.predict",
-        description="Class probabilities for every image under a folder, with a finetune run's best checkpoint.",
-    )
-    parser.add_argument("--ckpt", required=True, help="the finetune out_dir (holding best.safetensors + best.json)")
+    parser = argparse.ArgumentParser(prog="python -m finetune.predict", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="a finetune out_dir (best.safetensors + best.json)")
+    source.add_argument("--model", help="a file written by python -m finetune.export (.onnx, or .pt TorchScript)")
     parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--out", required=True, help="CSV to write: path, p_<class>..., predicted, error")
     parser.add_argument("--batch-size", type=_positive_int, default=16)
-    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ... (--ckpt)")
     args = parser.parse_args(argv)
+    out: Any = Path(args.out)
     try:
-        out = Path(args.out)
         if out.is_dir():  # checked before any work, not after every prediction
             raise DataError(f"--out {out} is a folder; give the path of the CSV file to write, e.g. {out / 'preds.csv'}")
-        device = _device(args.device)
-        model, meta = load_classifier(args.ckpt)
-        classes = list(meta["classes"])
+        predictor = load_predictor(args.ckpt, args.model, _device(args.device))
         paths = find_images(args.images)
         if not paths:
             raise DataError(f"no images under {args.images}")
-        probs, unreadable = predict_paths(model, paths, int(meta["image_size"]), args.batch_size, device)
-        reasons = dict(unreadable)
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["path", *(f"p_{c}" for c in classes), "predicted", "error"])
-        for path in paths:
-            if path in probs:
-                p = probs[path]
-                writer.writerow([str(path), *(f"{v:.6f}" for v in p), classes[int(p.argmax())], ""])
-            else:
-                writer.writerow([str(path), *([""] * len(classes)), "", reasons.get(path, "unreadable")])
-        atomic_write_text(out, buffer.getvalue())
+        probs, unreadable = predict_paths(predictor, paths, args.batch_size)
+        write_csv(out, predictor, paths, probs, unreadable)
     except RosepriorError as err:
         print(f"finetune.predict: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"finetune.predict: error: cannot write {args.out}: {err.strerror}", file=sys.stderr)
         return 2
-    print(f"finetune.predict: {len(probs)} image(s) scored, {len(unreadable)} unreadable -> {args.out}")
+    print(f"finetune.predict: {len(probs)} image(s) scored with {predictor.source}, {len(unreadable)} unreadable "
+          f"-> {args.out}; predicted = {predictor.positive_class} when p_{predictor.positive_class} >= "
+          f"{predictor.threshold:.4f}")
     for path, reason in unreadable[:20]:
         print(f"  unreadable: {path}: {reason}", file=sys.stderr)
     return 0

@@ -180,19 +180,20 @@ def evaluate(model: nn.Module, loader, accelerator) -> dict[str, Any]:
     sampler repeats to even out the last batch.
     """
     model.eval()
-    probs, labels, indices, losses = [], [], [], []
+    all_logits, labels, indices, losses = [], [], [], []
     for images, targets, index in loader:
         logits = model(images).float()
         loss = nn.functional.cross_entropy(logits, targets, reduction="none")
         logits, targets, index, loss = accelerator.gather_for_metrics((logits, targets, index, loss))
-        probs.append(logits.softmax(dim=1).cpu())
+        all_logits.append(logits.cpu())
         labels.append(targets.cpu())
         indices.append(index.cpu())
         losses.append(loss.cpu())
-    loss = torch.cat(losses)
+    loss, logits = torch.cat(losses), torch.cat(all_logits)
     return {
         "loss": float(loss.mean()) if len(loss) else math.nan,
-        "probs": torch.cat(probs).numpy(),
+        "logits": logits.numpy(),
+        "probs": logits.softmax(dim=1).numpy(),
         "labels": torch.cat(labels).numpy(),
         "indices": torch.cat(indices).numpy(),
     }
@@ -290,6 +291,55 @@ def evaluate_test(cfg: FinetuneConfig, model: nn.Module, test_samples: Sequence[
     return result
 
 
+def with_intervals(metrics: dict[str, Any], result: dict[str, Any], samples: Sequence[Sample], cfg: FinetuneConfig,
+                   split: str) -> dict[str, Any]:
+    """``metrics`` plus ``ci95`` (seeded percentile bootstrap, whole groups when ``data.group_by`` is
+    set) and the small-class warnings of this split."""
+    from roseprior.metrics import bootstrap_intervals, small_class_warnings
+    from roseprior.splits import group_key
+
+    positive = cfg.data.classes.index(cfg.data.positive_class)
+    groups = ([group_key(samples[int(i)], cfg.data.group_by) or samples[int(i)].path for i in result["indices"]]
+              if cfg.data.group_by else None)
+    ci = bootstrap_intervals(result["labels"] == positive, result["probs"][:, positive], groups, seed=cfg.seed)
+    return {**metrics, "ci95": ci, "warnings": small_class_warnings(split, result["labels"], cfg.data.classes)}
+
+
+def decide(cfg: FinetuneConfig, val: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
+    """Temperature fitted on validation logits, and the operating point for ``decision.target_sensitivity``
+    chosen on the calibrated validation probabilities, then read off on test (``roseprior.calibration``)."""
+    from roseprior.calibration import apply_temperature, fit_temperature, operating_point
+    from roseprior.metrics import expected_calibration_error
+
+    positive = cfg.data.classes.index(cfg.data.positive_class)
+    temperature = fit_temperature(val["logits"], val["labels"]) if cfg.decision.calibrate else 1.0
+    val_p, test_p = (apply_temperature(r["logits"], temperature) for r in (val, test))
+    point = operating_point(val["labels"] == positive, val_p[:, positive], cfg.decision.target_sensitivity)
+    called = test_p[:, positive] >= point["threshold"]
+    y_test = test["labels"] == positive
+    return {
+        "calibration": {"temperature": temperature,
+                        "val_ece_before": expected_calibration_error(val["labels"], val["probs"]),
+                        "val_ece_after": expected_calibration_error(val["labels"], val_p),
+                        "test_ece_before": expected_calibration_error(test["labels"], test["probs"]),
+                        "test_ece_after": expected_calibration_error(test["labels"], test_p)},
+        "operating_point": {"target_sensitivity": cfg.decision.target_sensitivity, "threshold": point["threshold"],
+                            "val_sensitivity": point["sensitivity"], "val_specificity": point["specificity"],
+                            "test_sensitivity": float(called[y_test].mean()) if y_test.any() else None,
+                            "test_specificity": float((~called[~y_test]).mean()) if (~y_test).any() else None},
+    }
+
+
+def record_decision(out_dir: Path, decision: dict[str, Any]) -> None:
+    """Store the temperature and the threshold in ``best.json``, where predict and export read them."""
+    import json
+
+    meta = json.loads((out_dir / "best.json").read_text())
+    meta["temperature"] = decision["calibration"]["temperature"]
+    meta["decision"] = {k: decision["operating_point"][k] for k in ("threshold", "target_sensitivity")}
+    atomic_write_json(out_dir / "best.json", meta)
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole runs: single split or K folds
 # ---------------------------------------------------------------------------------------------
@@ -354,12 +404,17 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             atomic_write_json(out_dir / RUN_FILE, {"identity": folder_identity})
     else:
         result = fit(cfg, splits["train"], splits["val"], accelerator, out_dir, ident)
+        val_result = evaluate(result.model, accelerator.prepare(_eval_loader(splits["val"], cfg)), accelerator)
         test_result = evaluate_test(cfg, result.model, splits["test"], accelerator)
         metrics = {
-            "val": result.val_metrics, "test": test_result["metrics"], "best_epoch": result.best_epoch,
-            "val_loss": result.val_loss, "steps": result.steps, **common,
+            "val": with_intervals(result.val_metrics, val_result, splits["val"], cfg, "val"),
+            "test": with_intervals(test_result["metrics"], test_result, splits["test"], cfg, "test"),
+            "best_epoch": result.best_epoch, "val_loss": result.val_loss, "steps": result.steps,
+            **decide(cfg, val_result, test_result), **common,
         }
+    metrics["warnings"] = [w for part in ("val", "test") for w in metrics[part].get("warnings", [])]
     if main:
+        record_decision(out_dir, metrics)
         atomic_write_json(out_dir / "metrics.json", metrics)
         write_image_list(out_dir, {"train": splits["train"], "val": splits["val"]})
         accelerator.print(_format_metrics(metrics))
@@ -386,9 +441,11 @@ def _run_folds(cfg, splits, accelerator, out_dir: Path, run_identity: dict[str, 
         if accelerator.is_main_process:
             fold_dir.mkdir(parents=True, exist_ok=True)
         result = fit(cfg, train, val, accelerator, fold_dir, {**run_identity, "fold": f"{k + 1}/{cfg.folds}"})
+        val_result = evaluate(result.model, accelerator.prepare(_eval_loader(val, cfg)), accelerator)
         test = evaluate_test(cfg, result.model, splits["test"], accelerator)
-        out["val"][f"fold{k}"] = result.val_metrics
-        out["test"][f"fold{k}"] = test["metrics"]
+        test["decision"] = decide(cfg, val_result, test)
+        out["val"][f"fold{k}"] = with_intervals(result.val_metrics, val_result, val, cfg, "val")
+        out["test"][f"fold{k}"] = with_intervals(test["metrics"], test, splits["test"], cfg, "test")
         out["best_epoch"][f"fold{k}"] = result.best_epoch
         val_all.append(result.val_metrics)
         test_all.append(test["metrics"])
@@ -399,6 +456,7 @@ def _run_folds(cfg, splits, accelerator, out_dir: Path, run_identity: dict[str, 
     for split, values in (("val", val_all), ("test", test_all)):
         out[split]["mean"], out[split]["std"] = _summary(values)
     out["best_fold"] = best_fold
+    out.update(best_test["decision"])  # the kept model's calibration and operating point
     if accelerator.is_main_process:
         for name in ("best.safetensors", "best.json", "backbone.safetensors", "backbone.json"):
             if (out_dir / f"fold{best_fold}" / name).exists():
@@ -414,8 +472,17 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
         if "mean" in m:
             cells = [f"{k} {_fmt(m['mean'][k])}±{_fmt(m['std'][k])}" for k in keys if k in m["mean"]]
         else:
-            cells = [f"{k} {_fmt(m[k])}" for k in keys if k in m]
+            ci = m.get("ci95") or {}
+            cells = [f"{k} {_fmt(m[k])}" + (f" [{_fmt(ci[k][0])}, {_fmt(ci[k][1])}]" if ci.get(k) else "")
+                     for k in keys if k in m]
         lines.append(f"{split}: " + ", ".join(cells))
+    op, cal = metrics["operating_point"], metrics["calibration"]
+    lines.append(f"calibration: temperature {cal['temperature']:.3f}, val ECE {cal['val_ece_before']:.4f} -> "
+                 f"{cal['val_ece_after']:.4f}")
+    lines.append(f"operating point for sensitivity >= {op['target_sensitivity']}: P when p(P) >= {op['threshold']:.4f}; "
+                 f"val sensitivity {_fmt(op['val_sensitivity'])} specificity {_fmt(op['val_specificity'])}, test "
+                 f"sensitivity {_fmt(op['test_sensitivity'])} specificity {_fmt(op['test_specificity'])}")
+    lines += [f"warning: {w}" for w in metrics.get("warnings", [])]
     return "\n".join(lines)
 
 

@@ -330,26 +330,20 @@ def filter_readable(
     than crashing a DataLoader worker mid-epoch. Raises ``DataError`` when more than
     ``max_fraction`` of them are unreadable (a wrong root or a broken export, not a stray file).
     """
-    from tqdm.auto import tqdm
+    from roseprior.progress import Progress
 
     skipped = SkippedFiles()
     readable: list[Sample] = []
     # PIL releases the GIL while decoding, so a few threads cut the wall time of this pass.
     workers = max(1, min(4, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = pool.map(_read_error, [s.path for s in samples])
-        progress = tqdm(
-            zip(samples, reasons, strict=True),
-            total=len(samples),
-            desc="checking images",
-            unit="img",
-            disable=len(samples) <= _PROGRESS_MIN,
-        )
-        for sample, reason in progress:
+    with ThreadPoolExecutor(max_workers=workers) as pool, Progress(
+            len(samples), "checking images", unit="img", enabled=len(samples) > _PROGRESS_MIN) as progress:
+        for sample, reason in zip(samples, pool.map(_read_error, [s.path for s in samples]), strict=True):
             if reason is None:
                 readable.append(sample)
             else:
                 skipped.add(sample.path, reason)
+            progress.update()
     if out_dir is not None:
         skipped.write_csv(out_dir)
     skipped.check(len(samples), max_fraction)

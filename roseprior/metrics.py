@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["binary_metrics", "expected_calibration_error", "reliability_bins"]
+__all__ = ["binary_metrics", "bootstrap_intervals", "expected_calibration_error", "reliability_bins", "small_class_warnings"]
 
 
 def _ratio(num: float, den: float) -> float:
@@ -106,3 +106,68 @@ def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 15) -> flo
     if n == 0:
         return 0.0
     return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / n)
+
+
+# ====== uncertainty ======
+
+SMALL_CLASS = 30  # fewer images of a class than this in a split: its numbers are flagged as unstable
+CI_METRICS = ("balanced_accuracy", "auroc", "sensitivity", "specificity")
+
+
+def bootstrap_intervals(y_true: Any, p_pos: Any, groups: Any = None, threshold: float = 0.5,
+                        n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, list[float] | None]:
+    """Seeded percentile-bootstrap intervals ``[low, high]`` of balanced accuracy, AUROC, sensitivity
+    and specificity; whole groups (slides, fields) are resampled when ``groups`` is given, since
+    images of one group are not independent.
+
+    Written by hand because no library the platform uses resamples groups: a resample is a vector of
+    counts per group (multinomial), so every metric is a weighted sum over the fixed sample, and all
+    ``n_resamples`` resamples run as array operations (AUROC through one sort of the scores and
+    cumulative weights). None for a metric a resample cannot define (a class with no images).
+    """
+    y = _as_labels(y_true)
+    p = np.asarray(p_pos, dtype=np.float64).reshape(-1)
+    if y.size == 0:
+        return {k: None for k in CI_METRICS}
+    _, group_index = np.unique(np.asarray(groups if groups is not None else np.arange(y.size)).astype(str),
+                               return_inverse=True)
+    n_groups = int(group_index.max()) + 1
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_resamples)
+    w = counts[:, group_index].astype(np.float64)  # (R, n): how often each image is in each resample
+    pos, pred = (y == 1), (p >= threshold)
+    w_pos, w_neg = (w * pos).sum(1), (w * ~pos).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sens = (w * (pos & pred)).sum(1) / w_pos
+        spec = (w * (~pos & ~pred)).sum(1) / w_neg
+        auroc = weighted_auroc(y, p, w)
+    values = {"balanced_accuracy": (sens + spec) / 2, "auroc": auroc, "sensitivity": sens, "specificity": spec}
+    tail = 100 * (1 - level) / 2
+    out: dict[str, list[float] | None] = {}
+    for key, samples in values.items():
+        finite = samples[np.isfinite(samples)]
+        out[key] = [float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail))] if finite.size else None
+    return out
+
+
+def weighted_auroc(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """AUROC of each row of weights ``w`` (R, n) over the fixed labels and scores: the probability that
+    a positive outscores a negative, ties counting half, from one sort and cumulative negative weights."""
+    pos = y == 1
+    order = np.argsort(p, kind="stable")
+    p_sorted, neg_sorted = p[order], w[:, order] * ~pos[order]
+    cum = np.concatenate([np.zeros((len(w), 1)), np.cumsum(neg_sorted, axis=1)], axis=1)
+    starts = np.searchsorted(p_sorted, p_sorted, side="left")  # each tie block's first and past-last index
+    ends = np.searchsorted(p_sorted, p_sorted, side="right")
+    below, tied = cum[:, starts], cum[:, ends] - cum[:, starts]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((w[:, order] * pos[order]) * (below + 0.5 * tied)).sum(1) / ((w * pos).sum(1) * (w * ~pos).sum(1))
+
+
+def small_class_warnings(split: str, y_true: Any, classes: list[str], minimum: int = SMALL_CLASS) -> list[str]:
+    """One line per class with fewer than ``minimum`` images in ``split``: its numbers move a lot
+    from one image to the next."""
+    y = np.asarray(y_true).reshape(-1)
+    return [f"the {split} split has {int((y == i).sum())} images of class {name} (fewer than {minimum}): "
+            "its numbers are unstable; read them with their intervals" for i, name in enumerate(classes)
+            if (y == i).sum() < minimum]

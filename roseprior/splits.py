@@ -474,7 +474,7 @@ def find_cross_split_duplicates(splits: dict[str, list[Sample]]) -> list[tuple[s
     Only files whose size matches another file's are hashed (equal bytes need equal sizes), so a
     typical data set is mostly stat-ed, not read.
     """
-    from tqdm.auto import tqdm
+    from roseprior.progress import Progress
 
     by_size: dict[int, list[tuple[str, Sample]]] = defaultdict(list)
     for name in SPLITS:
@@ -482,10 +482,11 @@ def find_cross_split_duplicates(splits: dict[str, list[Sample]]) -> list[tuple[s
             by_size[os.path.getsize(s.path)].append((name, s))
     candidates = [item for items in by_size.values() if len(items) > 1 for item in items]
     by_hash: dict[str, list[tuple[str, Sample]]] = defaultdict(list)
-    for name, sample in tqdm(
-        candidates, desc="hashing for duplicates", unit="file", disable=len(candidates) <= _PROGRESS_MIN
-    ):
-        by_hash[_file_hash(sample.path)].append((name, sample))
+    with Progress(len(candidates), "hashing for duplicates", unit="file",
+                  enabled=len(candidates) > _PROGRESS_MIN) as progress:
+        for name, sample in candidates:
+            by_hash[_file_hash(sample.path)].append((name, sample))
+            progress.update()
     rows = [
         (digest, name, sample.path)
         for digest, items in by_hash.items()

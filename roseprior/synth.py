@@ -206,7 +206,7 @@ def generate(out: str | Path, n_per_class: int = 100, size: int = 256, domains: 
 
     ``workers > 1`` renders in processes; the files do not change with it.
     """
-    from tqdm import tqdm
+    from roseprior.progress import Progress
 
     out = Path(out)
     domains = _check_settings(n_per_class, size, domains, confound, tuple(classes), workers)
@@ -219,15 +219,17 @@ def generate(out: str | Path, n_per_class: int = 100, size: int = 256, domains: 
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    bar = Progress(len(jobs), "synth", unit="img", enabled=progress)
     try:
         results = pool.map(_make_job, jobs, chunksize=8) if pool else map(_make_job, jobs)
-        bar = tqdm(results, total=len(jobs), desc="synth", unit="img", disable=not progress)
-        for (rel, data, acq), job in zip(bar, jobs, strict=True):
+        for (rel, data, acq), job in zip(results, jobs, strict=True):
+            bar.update()
             (out / rel).write_bytes(data)
             row = {"path": rel, "label": job[1], "domain": acq.domain}
             row.update({k: getattr(acq, k) for k in ACQUISITION_FIELDS})
             rows.append(row)
     finally:
+        bar.close()
         if pool:
             pool.shutdown()
     elapsed = time.perf_counter() - start

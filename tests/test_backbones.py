@@ -290,7 +290,7 @@ def test_load_init_resolves_every_kind_of_spec(tmp_path):
     assert with_head.num_classes == 2 and set(with_head.load_report.missing) == {"head.weight", "head.bias"}
     assert torch.equal(with_head.cnn.conv1.weight, saved.cnn.conv1.weight)
     torch.save(saved.state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(ConfigError, match="model="):
+    with pytest.raises(ConfigError, match="arch=msht"):
         backbones.load_init(tmp_path / "sd.pt")
     assert backbones.load_init(tmp_path / "sd.pt", model="msht_tiny").load_report.missing == []
     with pytest.raises(ConfigError, match="neither"):
@@ -450,3 +450,25 @@ def test_param_groups_split_cnn_transformer_head():
         backbones.group_of(backbones.create("hybrid_vit", depth=1), "patch_embed.backbone.conv1.weight")
     }
     assert hybrid_groups == {"cnn"}
+
+
+def test_timm_features_only_works_for_the_msht_family():
+    import timm
+
+    for name in ("msht_tiny", "msht_small"):
+        features = timm.create_model(name, features_only=True, out_indices=(0, 2, 4))
+        out = features(torch.rand(1, 3, 96, 128))
+        assert [tuple(o.shape[-2:]) for o in out] == [(24, 32), (6, 8), (3, 4)]
+        assert [o.shape[1] for o in out] == features.feature_info.channels()
+        assert features.feature_info.reduction() == [4, 16, 32]
+
+
+def test_set_input_size_resamples_the_position_embedding_once():
+    model = backbones.create("msht_tiny", img_size=64).eval()
+    x = torch.rand(2, 3, 160, 160)
+    with torch.no_grad():
+        before = model.forward_embedding(x)
+        model.set_input_size(160)
+        after = model.forward_embedding(x)
+    assert model.pos_embed.shape[1] == 1 + 5 * 5 and model.registry_kwargs["img_size"] == 160
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)  # the same numbers, now without resampling

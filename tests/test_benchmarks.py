@@ -42,7 +42,7 @@ def test_unknown_only_name_is_a_clear_error() -> None:
     result = _bench("--only", "knn,warp_drive", timeout=60)
     assert result.returncode == 2
     assert "unknown benchmark 'warp_drive'" in result.stderr
-    assert "views, pretrain, sam, knn, backbones, memory" in result.stderr
+    assert "views, pretrain, sam, knn, backbones, memory, export" in result.stderr
     assert "Traceback" not in result.stderr
 
 

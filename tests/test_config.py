@@ -215,3 +215,17 @@ def test_print_config_prints_the_resolved_config_and_exits(stage, tmp_path):
     printed = yaml.safe_load(proc.stdout)
     assert printed["seed"] == 7 and printed["out_dir"] == str(out) and "data" in printed
     assert not out.exists()  # nothing is run or written
+
+
+def test_progress_writes_plain_lines_with_rate_and_eta_when_not_on_a_terminal():
+    import io
+
+    from roseprior.progress import Progress
+
+    stream = io.StringIO()  # not a TTY: no carriage-return bar
+    with Progress(10, "train", unit="step", every_s=0.0, stream=stream) as bar:
+        for _ in range(10):
+            bar.update()
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and len(lines) == 10
+    assert lines[-1].startswith("train: 10/10 step (100%)") and "step/s" in lines[-1] and "ETA 0s" in lines[-1]

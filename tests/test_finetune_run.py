@@ -132,13 +132,34 @@ def test_predict_scores_a_folder_and_lists_unreadable_files(run_dir, tiny_data, 
     assert broken and broken[0]["error"] and broken[0]["p_P"] == ""
     scored = [r for r in rows if not r["error"]]
     assert len(scored) == 3
-    # The CSV holds what the checkpoint gives on the same preprocessing.
-    model, _ = load_classifier(out)
+    # The CSV holds what the checkpoint gives on the same preprocessing, calibrated by the run's temperature,
+    # and `predicted` applies the run's operating point.
+    model, meta = load_classifier(out)
     first = ImageDataset([Sample(scored[0]["path"], label=1)], image_size=64)[0][0]
     with torch.no_grad():
-        p = model(first[None].float() / 255).softmax(1)[0]
+        p = (model(first[None].float() / 255) / meta["temperature"]).softmax(1)[0]
     assert float(scored[0]["p_P"]) == pytest.approx(float(p[1]), abs=1e-4)
     assert abs(float(scored[0]["p_N"]) + float(scored[0]["p_P"]) - 1) < 1e-4
+    threshold = meta["decision"]["threshold"]
+    for row in scored:
+        assert row["predicted"] == ("P" if float(row["p_P"]) >= threshold - 1e-6 else "N")
+
+
+def test_metrics_carry_intervals_calibration_and_an_operating_point(run_dir):
+    out, _, _ = run_dir
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split in ("val", "test"):
+        for key in ("balanced_accuracy", "auroc", "sensitivity", "specificity"):
+            low, high = metrics[split]["ci95"][key]
+            assert low <= metrics[split][key] <= high, (split, key)
+        # a tiny synthetic split: every class is below 30 images, and it says so
+        assert any("fewer than 30" in w for w in metrics[split]["warnings"])
+    cal = metrics["calibration"]
+    assert cal["temperature"] > 0 and cal["val_ece_after"] <= cal["val_ece_before"] + 1e-9
+    op = metrics["operating_point"]
+    assert op["target_sensitivity"] == 0.95 and op["val_sensitivity"] >= 0.95
+    best = json.loads((out / "best.json").read_text())
+    assert best["temperature"] == cal["temperature"] and best["decision"]["threshold"] == op["threshold"]
 
 
 def test_folds_report_each_fold_and_mean_std(tiny_data, tmp_path):

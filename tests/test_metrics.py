@@ -96,3 +96,67 @@ def test_bad_inputs():
         binary_metrics([0, 2], [0.1, 0.2])
     with pytest.raises(ValueError, match="2 values but p_pos has 3"):
         binary_metrics([0, 1], [0.1, 0.2, 0.3])
+
+
+# ---------------------------------------------------------------------------------------------
+# Uncertainty: bootstrap intervals
+# ---------------------------------------------------------------------------------------------
+
+
+def _scored(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    return y, np.clip(0.35 * y + 0.65 * rng.random(n), 0, 1).round(2)  # rounded: many ties
+
+
+def test_weighted_auroc_equals_sklearn_on_the_resampled_set():
+    from sklearn.metrics import roc_auc_score
+
+    from roseprior.metrics import weighted_auroc
+
+    y, p = _scored(300, 0)
+    counts = np.random.default_rng(1).multinomial(300, np.full(300, 1 / 300), size=3)
+    got = weighted_auroc(y, p, counts.astype(float))
+    for row, value in zip(counts, got, strict=True):
+        idx = np.repeat(np.arange(300), row)
+        assert value == pytest.approx(roc_auc_score(y[idx], p[idx]), abs=1e-12)
+
+
+def test_intervals_contain_the_estimate_narrow_with_n_and_are_seeded():
+    from roseprior.metrics import binary_metrics, bootstrap_intervals
+
+    widths = {}
+    for n in (60, 600, 6000):
+        y, p = _scored(n, 2)
+        point = binary_metrics(y, p)
+        ci = bootstrap_intervals(y, p, n_resamples=1000, seed=0)
+        for key in ("balanced_accuracy", "auroc", "sensitivity", "specificity"):
+            low, high = ci[key]
+            assert low <= point[key] <= high, (n, key, ci[key], point[key])
+        widths[n] = ci["balanced_accuracy"][1] - ci["balanced_accuracy"][0]
+        assert bootstrap_intervals(y, p, seed=0) == ci  # seeded: the same numbers every run
+    assert widths[60] > widths[600] > widths[6000]
+    assert widths[6000] < 0.05 < widths[60]
+
+
+def test_grouped_intervals_resample_whole_groups_and_are_wider_for_correlated_images():
+    from roseprior.metrics import bootstrap_intervals
+
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(40), 15)  # 40 slides of 15 images
+    y = np.repeat(rng.integers(0, 2, 40), 15)  # one label per slide
+    slide_effect = np.repeat(rng.normal(0, 0.25, 40), 15)  # images of a slide look alike
+    p = np.clip(0.5 + 0.2 * (2 * y - 1) + slide_effect + rng.normal(0, 0.05, 600), 0, 1)
+    plain = bootstrap_intervals(y, p)
+    grouped = bootstrap_intervals(y, p, groups=groups)
+    width = lambda ci: ci["balanced_accuracy"][1] - ci["balanced_accuracy"][0]  # noqa: E731
+    assert width(grouped) > 1.5 * width(plain)
+
+
+def test_small_classes_are_flagged():
+    from roseprior.metrics import small_class_warnings
+
+    assert small_class_warnings("test", [0] * 40 + [1] * 12, ["N", "P"]) == [
+        "the test split has 12 images of class P (fewer than 30): its numbers are unstable; read them with their "
+        "intervals"]
+    assert small_class_warnings("val", [0] * 30 + [1] * 30, ["N", "P"]) == []

@@ -261,3 +261,41 @@ def test_input_statistics_travel_with_the_backbone_folder(tmp_path):
     assert tuple(round(v, 6) for v in classifier.mean.flatten().tolist()) == expected[0]
     plain = backbones.load_init(str(backbones.save(backbones.create("msht_tiny"), tmp_path / "plain")))
     assert backbones.input_stats(plain) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # the architecture's
+
+
+def test_balanced_robustness_index_does_not_move_with_site_sizes():
+    """The same embedding, with one site contributing 5x more images: the plain index moves, the
+    class x domain-balanced one stays within its spread."""
+    from eval_probes.robustness import balanced_robustness_index
+
+    rng = np.random.default_rng(0)
+
+    def sample(n_a: int, n_b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        labels = np.concatenate([rng.integers(0, 2, n_a), rng.integers(0, 2, n_b)])
+        domains = np.array(["a"] * n_a + ["b"] * n_b)
+        class_dir, site_dir = rng.normal(size=16), rng.normal(size=16)
+        feats = (labels[:, None] * 1.0 * class_dir + (domains == "b")[:, None] * 1.0 * site_dir
+                 + rng.normal(size=(len(labels), 16)))
+        return feats.astype(np.float32), labels, domains
+
+    rng = np.random.default_rng(0)
+    equal = sample(200, 200)
+    rng = np.random.default_rng(0)
+    skewed = sample(1000, 200)
+    b_equal = balanced_robustness_index(*equal, ks=(10,), repeats=10)
+    b_skewed = balanced_robustness_index(*skewed, ks=(10,), repeats=10)
+    spread = 3 * max(b_equal["std"]["10"], b_skewed["std"]["10"], 0.01)
+    assert abs(b_equal["mean"]["10"] - b_skewed["mean"]["10"]) < spread
+    plain_equal, plain_skewed = robustness_index(*equal, ks=(10,))["10"], robustness_index(*skewed, ks=(10,))["10"]
+    assert abs(plain_equal - plain_skewed) > abs(b_equal["mean"]["10"] - b_skewed["mean"]["10"])
+    assert b_equal["chance"] == 0.5 and b_equal["per_cell"] >= 80
+
+
+def test_balanced_robustness_index_of_random_neighbours_is_its_chance_level():
+    from eval_probes.robustness import balanced_robustness_index
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 600)
+    domains = rng.choice(["a", "b", "c"], 600)
+    ri = balanced_robustness_index(rng.normal(size=(600, 32)), labels, domains, ks=(20,), repeats=5)
+    assert ri["chance"] == pytest.approx(2 / 3) and abs(ri["mean"]["20"] - 2 / 3) < 0.05

@@ -96,9 +96,13 @@ def test_tensorboard_has_scalars_and_projector(report_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = report_dir / "tb"
-    events = EventAccumulator(str(tb))
-    events.Reload()
-    assert "timm:test_vit/clean_linear" in events.Tags()["scalars"]
+    for name in ("timm_test_vit", "timm_test_convnext"):  # one TensorBoard run per checkpoint, same tags
+        events = EventAccumulator(str(tb / name))
+        events.Reload()
+        scalars = events.Tags()["scalars"]
+        assert {"summary/clean_linear", "scale/linear_balanced_accuracy", "stain/knn_balanced_accuracy",
+                "robustness_index"} <= set(scalars), scalars
+        assert [e.step for e in events.Scalars("scale/linear_balanced_accuracy")] == [50, 200]  # zoom x 100
     config = (tb / "projector_config.pbtxt").read_text()
     assert "timm_test_vit" in config and "timm_test_convnext" in config and "sprite" in config
 

@@ -218,9 +218,9 @@ def test_cli_split_with_link_tree(src_tree, tmp_path, capsys):
         )
     assert (out / "duplicates_across_splits.csv").read_text() == "hash,split,path\n"
     # A rerun replaces the link tree (no stale links); without --link the old tree is removed.
-    assert cli.main(["split", "--src", str(src_tree), "--out", str(out), "--seed", "2", "--link"]) == 0
+    assert cli.main(["split", "--src", str(src_tree), "--out", str(out), "--seed", "2", "--link", "--overwrite"]) == 0
     assert len(list((out / "train").rglob("*.png"))) == 21
-    assert cli.main(["split", "--src", str(src_tree), "--out", str(out), "--seed", "2"]) == 0
+    assert cli.main(["split", "--src", str(src_tree), "--out", str(out), "--seed", "2", "--overwrite"]) == 0
     assert not (out / "train").exists()
 
 
@@ -275,3 +275,44 @@ def test_cric_cells_grouped_by_field(shared_data, tmp_path):
     straddling = {f: s for f, s in fields.items() if len(s) > 1}
     assert not straddling, f"fields in more than one split: {straddling}"
     assert total == len(load_labelled(src, ["N", "P"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The resolver every stage uses
+# ----------------------------------------------------------------------------------------------
+
+
+def test_resolver_depends_on_split_settings_only(src_tree, tmp_path):
+    from roseprior.config import DataConfig
+    from roseprior.splits import resolve_splits
+
+    cfg = DataConfig(root=str(src_tree))
+    first, again = resolve_splits(cfg), resolve_splits(cfg)
+    assert first.fingerprint == again.fingerprint and first.sizes() == {"train": 21, "val": 6, "test": 3}
+    assert first.source.startswith("7:2:1 split") and "split_seed 0" in first.source
+    other = resolve_splits(DataConfig(root=str(src_tree), split_seed=1))
+    assert other.fingerprint != first.fingerprint and other.sizes() == first.sizes()
+    # The same lists as `roseprior split` with the same seed, read back through data.split_dir.
+    assert cli.main(["split", "--src", str(src_tree), "--out", str(tmp_path / "s"), "--seed", "0"]) == 0
+    from_dir = resolve_splits(DataConfig(root=str(src_tree), split_dir=str(tmp_path / "s")))
+    assert from_dir.fingerprint == first.fingerprint and from_dir.source.startswith("split files")
+
+
+def test_resolver_reads_the_datas_own_split_and_carves_a_missing_val(tmp_path, write_image):
+    from roseprior.config import DataConfig
+    from roseprior.splits import resolve_splits
+
+    for split, n in (("train", 10), ("test", 4)):
+        for label in ("N", "P"):
+            for i in range(n):
+                write_image(tmp_path / "d" / split / label / f"{label}{i}.png", seed=hash((split, label, i)) % 999)
+    resolved = resolve_splits(DataConfig(root=str(tmp_path / "d")))
+    assert resolved.sizes() == {"train": 16, "val": 4, "test": 8}
+    assert "split folders" in resolved.source and "val carved from train" in resolved.source
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,split\n" + "".join(
+        f"{tmp_path / 'd' / 'train' / lab / f'{lab}{i}.png'},{lab},{'val' if i < 2 else 'train'}\n"
+        for lab in ("N", "P") for i in range(10)) + "".join(
+        f"{tmp_path / 'd' / 'test' / lab / f'{lab}{i}.png'},{lab},test\n" for lab in ("N", "P") for i in range(4)))
+    own = resolve_splits(DataConfig(root=str(manifest)))
+    assert own.sizes() == {"train": 16, "val": 4, "test": 8} and "'split' column" in own.source

@@ -1,0 +1,114 @@
+"""Export for the computer beside the microscope: ONNX and TorchScript graphs that match PyTorch, run
+by ``finetune.predict --model``, with calibrated probabilities and the run's operating point; and the
+calibration and operating-point fits themselves."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from finetune.__main__ import main
+    from roseprior.synth import generate
+
+    torch.set_num_threads(2)
+    tmp = tmp_path_factory.mktemp("export")
+    data = generate(tmp / "data", n_per_class=10, size=64, seed=6, progress=False)
+    out = tmp / "run"
+    assert main(["--config", str(REPO / "configs" / "finetune" / "msht_tiny_cpu.yaml"), f"data.root={data}",
+                 f"out_dir={out}", "data.image_size=64", "train.batch_size=4", "train.epochs=1", "train.max_steps=3",
+                 "cam.enabled=false", "sam=off"]) == 0
+    return out
+
+
+def _reference(run: Path, x: torch.Tensor) -> np.ndarray:
+    from finetune.model import load_classifier
+
+    model, meta = load_classifier(run)
+    with torch.no_grad():
+        return (model(x) / meta["temperature"]).softmax(1).numpy()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exported_graph_matches_pytorch_at_a_real_field_size(fmt: str, run: Path, tmp_path: Path) -> None:
+    from finetune.export import main
+    from finetune.predict import load_predictor
+
+    path = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt")
+    assert main(["--run", str(run), "--format", fmt, "--out", str(path), "--image-size", "384"]) == 0
+    predictor = load_predictor(model=str(path))
+    assert predictor.image_size == 384 and predictor.classes == ["N", "P"]
+    meta = json.loads((run / "best.json").read_text())
+    assert predictor.threshold == meta["decision"]["threshold"]
+    x = torch.rand(3, 3, 384, 384, generator=torch.Generator().manual_seed(0))
+    got, expected = predictor.probabilities(x), _reference(run, x)
+    assert np.abs(got - expected).max() <= 1e-4, np.abs(got - expected).max()
+
+
+def test_onnx_holds_no_resampling_and_carries_its_metadata(run: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from finetune.export import export
+
+    path = export(run, "onnx", tmp_path / "m.onnx", 384)
+    graph = onnx.load(str(path))
+    assert not [n for n in graph.graph.node if n.op_type == "Resize"], "the position embedding was not fixed"
+    info = json.loads({p.key: p.value for p in graph.metadata_props}["roseprior"])
+    assert info["image_size"] == 384 and info["mean"] and info["std"] and info["classes"] == ["N", "P"]
+    assert info["temperature"] > 0 and 0 <= info["threshold"] <= 1
+
+
+def test_predict_with_the_onnx_export_writes_the_same_csv_as_pytorch(run: Path, tmp_path: Path) -> None:
+    from finetune.export import main as export
+    from finetune.predict import main as predict
+
+    images = tmp_path / "fields"
+    images.mkdir()
+    data = yaml.safe_load((run / "config.yaml").read_text())["data"]["root"]
+    for src in sorted(Path(data).rglob("*.jpg"))[:6]:
+        shutil.copy(src, images / src.name)
+    assert export(["--run", str(run), "--out", str(tmp_path / "m.onnx")]) == 0  # the run's own 64 px
+    assert predict(["--ckpt", str(run), "--images", str(images), "--out", str(tmp_path / "torch.csv")]) == 0
+    assert predict(["--model", str(tmp_path / "m.onnx"), "--images", str(images), "--out", str(tmp_path / "onnx.csv")]) == 0
+    a, b = (list(csv.DictReader((tmp_path / f).open())) for f in ("torch.csv", "onnx.csv"))
+    assert [r["path"] for r in a] == [r["path"] for r in b] and len(a) == 6
+    for ra, rb in zip(a, b, strict=True):
+        assert abs(float(ra["p_P"]) - float(rb["p_P"])) <= 1e-4 and ra["predicted"] == rb["predicted"]
+
+
+def test_temperature_lowers_the_ece_of_an_overconfident_model() -> None:
+    from roseprior.calibration import apply_temperature, fit_temperature
+    from roseprior.metrics import expected_calibration_error
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    honest = np.stack([np.zeros(2000), (2 * y - 1) * 1.0 + rng.normal(0, 1.2, 2000)], axis=1)
+    overconfident = 6.0 * honest
+    before = expected_calibration_error(y, apply_temperature(overconfident, 1.0))
+    t = fit_temperature(overconfident, y)
+    after = expected_calibration_error(y, apply_temperature(overconfident, t))
+    assert 4.0 < t < 8.0 and after < before / 3, (t, before, after)
+
+
+def test_the_operating_point_meets_its_target_with_the_highest_threshold() -> None:
+    from roseprior.calibration import operating_point
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    p = np.clip(0.3 * y + 0.7 * rng.random(400), 0, 1)
+    for target in (0.8, 0.9, 0.95, 1.0):
+        point = operating_point(y, p, target)
+        assert point["sensitivity"] >= target
+        higher = np.nextafter(point["threshold"], 1.0)
+        assert (p[y == 1] >= higher).mean() < target  # any higher threshold misses the target
