@@ -140,7 +140,7 @@ def bench_memory(quick: bool, data: str | None) -> list[Row]:
 def bench_export(quick: bool, data: str | None) -> list[Row]:
     from benchmarks import export_latency
 
-    r = export_latency.measure(["--model", "msht_tiny", "--iters", "5"] if quick else [])
+    r = export_latency.measure(["--model", "msht_tiny", "--iters", "5", "--threads", "1"] if quick else [])
     return [row("export", f"classifier latency per {r['size']} px field ({r['model']}, batch 1): onnxruntime vs "
                 "eager PyTorch", r["onnx_s"] * 1000, r["eager_s"] * 1000, "ms", r["ratio"], "eager / onnxruntime",
                 ">= 1.5", describe_device(False, r["threads"]), f"median of {r['iters']}, alternated")]

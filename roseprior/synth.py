@@ -108,17 +108,19 @@ def sample_acquisition(rng: np.random.Generator, domain: str) -> Acquisition:
 
 
 def _scene(label: str, class_index: int, index: int, size: int, seed: int, domains: list[str],
-           confound: float) -> tuple[np.random.Generator, Acquisition, Scene]:
+           confound: float, zoom: float = 1.0) -> tuple[np.random.Generator, Acquisition, Scene]:
     rng = np.random.default_rng([seed, class_index, index])
     domain = _choose_domain(rng, class_index, domains, confound)
     acq = sample_acquisition(rng, domain)
+    if zoom != 1.0:  # the same acquisition through another objective: cells drawn larger or smaller
+        acq = dataclasses.replace(acq, magnification=round(acq.magnification * zoom, 6))
     return rng, acq, draw_scene(rng, label, size, acq.magnification)
 
 
 def make_image(label: str, class_index: int, index: int, size: int, seed: int, domains: list[str],
-               confound: float) -> tuple[bytes, Acquisition]:
+               confound: float, zoom: float = 1.0) -> tuple[bytes, Acquisition]:
     """Encode one field as JPEG bytes; depends on (seed, class_index, index) and settings only."""
-    rng, acq, scene = _scene(label, class_index, index, size, seed, domains, confound)
+    rng, acq, scene = _scene(label, class_index, index, size, seed, domains, confound, zoom)
     img = render(scene, acq, rng)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=acq.jpeg_quality)
@@ -139,8 +141,8 @@ def cell_mask(label: str, index: int, size: int = 256, seed: int = 0, domains: l
 
 
 def _make_job(job: tuple) -> tuple[str, bytes, Acquisition]:
-    rel, label, class_index, index, size, seed, domains, confound = job
-    data, acq = make_image(label, class_index, index, size, seed, domains, confound)
+    rel, label, class_index, index, size, seed, domains, confound, zoom = job
+    data, acq = make_image(label, class_index, index, size, seed, domains, confound, zoom)
     return rel, data, acq
 
 
@@ -201,7 +203,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def generate(out: str | Path, n_per_class: int = 100, size: int = 256, domains: list[str] | None = None,
              confound: float = 0.0, seed: int = 0, preview: bool = False, classes: tuple[str, ...] = ("N", "P"),
-             workers: int = 1, overwrite: bool = False, progress: bool = True) -> Path:
+             workers: int = 1, overwrite: bool = False, progress: bool = True, zoom: float = 1.0) -> Path:
     """Write ``out/{N,P}/*.jpg`` and ``out/manifest.csv`` (plus ``preview.png``); returns ``out``.
 
     ``workers > 1`` renders in processes; the files do not change with it.
@@ -214,7 +216,7 @@ def generate(out: str | Path, n_per_class: int = 100, size: int = 256, domains: 
     (out / MARKER).write_text("written by `roseprior synth`: `--overwrite` may replace this folder's images\n")
     for label in classes:
         (out / label).mkdir(exist_ok=True)
-    jobs = [(f"{label}/{label}_{i:05d}.jpg", label, ci, i, size, seed, domains, confound)
+    jobs = [(f"{label}/{label}_{i:05d}.jpg", label, ci, i, size, seed, domains, confound, zoom)
             for ci, label in enumerate(classes) for i in range(n_per_class)]
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -381,7 +383,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--preview", action="store_true", help="also write OUT/preview.png, a contact sheet")
     parser.add_argument("--workers", type=int, default=1, help="render in this many processes (default 1)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier synth output in OUT (only if it holds a manifest.csv)")
+                        help="replace an earlier synth output in OUT (only a folder synth wrote)")
+    parser.add_argument("--zoom", type=float, default=1.0,
+                        help="magnify every field by this factor (0.25: 4x lower magnification); recorded per "
+                             "image in the manifest's magnification column")
     parser.set_defaults(func=_run)
     return parser
 
@@ -389,7 +394,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def _run(args: argparse.Namespace) -> int:
     out = generate(args.out, n_per_class=args.n_per_class, size=args.size, domains=args.domains,
                    confound=args.confound, seed=args.seed, preview=args.preview, workers=args.workers,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, zoom=args.zoom)
     print(f"wrote {2 * args.n_per_class} images and {out / 'manifest.csv'}")
     if args.preview:
         print(f"preview: {out / 'preview.png'}")
