@@ -60,6 +60,7 @@ def export_metadata(meta: dict[str, Any], size: int, run: Path) -> dict[str, Any
         "positive_class": meta["positive_class"], "image_size": size, "mean": meta["mean"], "std": meta["std"],
         "temperature": float(meta.get("temperature", 1.0)), "threshold": float(decision.get("threshold", 0.5)),
         "target_sensitivity": decision.get("target_sensitivity"),
+        "stain_normalization": meta.get("stain_normalization"),  # applied before the graph (finetune.predict)
         "input": f"float32 RGB in [0, 1], shape (B, 3, {size}, {size}): the image resized (antialiased) to {size} px; "
                  "normalisation happens inside",
         "output": "calibrated class probabilities (B, classes); call the positive class when its probability >= "

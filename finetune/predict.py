@@ -36,12 +36,16 @@ __all__ = ["Predictor", "load_predictor", "main", "predict_paths"]
 class Predictor:
     """``probabilities(batch)`` for a float (B, 3, S, S) batch in [0, 1], and how to read them."""
 
-    probabilities: Callable[[torch.Tensor], np.ndarray]
+    model: Callable[[torch.Tensor], np.ndarray]
     classes: list[str]
     positive_class: str
     image_size: int
     threshold: float  # call the positive class when its probability >= threshold
     source: str
+    stain: Any = None  # a fitted StainNormalizer when the run was adapted with --stain
+
+    def probabilities(self, x: torch.Tensor) -> np.ndarray:
+        return self.model(self.stain(x) if self.stain is not None else x)
 
     def call(self, p: np.ndarray) -> str:
         positive = self.classes.index(self.positive_class)
@@ -65,7 +69,7 @@ def load_predictor(ckpt: str | None = None, model: str | None = None, device: st
 
         threshold = (meta.get("decision") or {}).get("threshold", 0.5)
         return Predictor(run_torch, list(meta["classes"]), meta["positive_class"], int(meta["image_size"]),
-                         float(threshold), str(ckpt))
+                         float(threshold), str(ckpt), _stain(meta))
     path = Path(str(model))
     if not path.is_file():
         raise CheckpointError(f"--model {path} not found; export one with python -m finetune.export")
@@ -98,7 +102,16 @@ def load_predictor(ckpt: str | None = None, model: str | None = None, device: st
 
         runner = run_script
     return Predictor(runner, list(info["classes"]), info["positive_class"], int(info["image_size"]),
-                     float(info["threshold"]), str(path))
+                     float(info["threshold"]), str(path), _stain(info))
+
+
+def _stain(meta: dict[str, Any]) -> Any:
+    """The stain normaliser an adapted run (``roseprior adapt --stain``) maps every field through, or None."""
+    if not meta.get("stain_normalization"):
+        return None
+    from roseprior.imageops import StainNormalizer
+
+    return StainNormalizer.from_state_dict(meta["stain_normalization"])
 
 
 def _batches(paths: Sequence[Path], size: int, batch_size: int) -> Iterator[tuple[list[Path], torch.Tensor | None, list]]:

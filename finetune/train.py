@@ -236,6 +236,7 @@ def fit(cfg: FinetuneConfig, train_samples: Sequence[Sample], val_samples: Seque
 
     def step(batch: Any, index: int, epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
         images, targets, _ = batch
+        model.train()  # validation at the end of an epoch left it in eval mode
         loss, _ = sam_or_plain(model, augment(images), targets, criterion, optimizer, accelerator, cfg.train.clip_grad)
         epoch_loss["sum"], epoch_loss["n"] = epoch_loss["sum"] + loss.item(), epoch_loss["n"] + 1
         return loss, {}

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -451,6 +451,27 @@ class StainNormalizer:
                           f"normalised (too little stained tissue, e.g. blank fields) and were returned unchanged "
                           f"({self.num_failed} so far)", RuntimeWarning, stacklevel=2)
         return _restore(torch.stack(out), dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The fitted target as plain numbers (JSON-able), for ``load_state_dict`` in another process."""
+        if not self.fitted:
+            raise ConfigError("imageops.StainNormalizer: nothing to save before .fit(target_image)")
+        norm = self._normalizer
+        target = ({"HERef": norm.HERef.tolist(), "maxCRef": norm.maxCRef.tolist()} if self.method == "macenko"
+                  else {"target_means": norm.target_means.tolist(), "target_stds": norm.target_stds.tolist()})
+        return {"method": self.method, "intensity": self.intensity, "od_threshold": self.od_threshold,
+                "percentile": self.percentile, **target}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> StainNormalizer:
+        normalizer = cls(state["method"], state["intensity"], state["od_threshold"], state["percentile"])
+        norm = normalizer._normalizer
+        if state["method"] == "macenko":
+            norm.HERef, norm.maxCRef = torch.tensor(state["HERef"]), torch.tensor(state["maxCRef"])
+        else:
+            norm.target_means, norm.target_stds = torch.tensor(state["target_means"]), torch.tensor(state["target_stds"])
+        normalizer.fitted = True
+        return normalizer
 
     # torchstain's conventions: (3, H, W) float in 0..255 on the CPU; its outputs are 0..255 ints, HWC.
 

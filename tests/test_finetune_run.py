@@ -85,6 +85,18 @@ def test_run_writes_metrics_checkpoint_tb_and_cam(run_dir):
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
 
 
+def test_batchnorm_statistics_follow_every_training_step(run_dir):
+    """Regression: validation at the end of epoch 1 must not leave the model in eval mode for the rest
+    of training (BatchNorm statistics then froze after the first epoch)."""
+    from safetensors.torch import load_file
+
+    out, _, _ = run_dir
+    steps = json.loads((out / "metrics.json").read_text())["steps"]
+    last = sorted((out / "checkpoints").glob("step_*"))[-1] / "model.safetensors"
+    tracked = {int(v) for k, v in load_file(str(last)).items() if k.endswith("num_batches_tracked")}
+    assert steps == 4 and tracked == {steps}, tracked  # SAM: one statistics update per step, every step
+
+
 def test_run_folder_is_a_backbone_for_the_next_stage(run_dir):
     """The selected model's backbone is exported in the stage contract, with its input statistics."""
     import torch

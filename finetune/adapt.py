@@ -1,0 +1,166 @@
+"""``roseprior adapt --run RUN --images NEW_SITE --out OUT [--no-bn] [--stain]``: adapt a classifier to a
+new site without labels.
+
+Two adaptations, each optional, written as a run folder that ``finetune.predict``, ``finetune.export``
+and the probes accept like any other:
+
+- **BatchNorm statistics re-estimated on the new site** (AdaBN, Li et al. 2016,
+  https://arxiv.org/abs/1603.04779): a CNN's normalisation layers hold the training site's feature
+  statistics; recomputing them on the new site's images removes much of a stain or scanner shift.
+  The weights are unchanged; only the running means and variances move.
+- **Stain normalisation of the inputs to the training set's reference** (Macenko, through torchstain):
+  the stain vectors of a sample of the run's training images become the target every new field is
+  mapped to before the model sees it (``best.json`` records the target; predict applies it).
+
+Continued self-supervised pretraining on the new site followed by refitting the head is the third
+route the platform plans; it is not here yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from roseprior.data import ImageDataset, Sample, filter_readable, find_images
+from roseprior.errors import DataError, RosepriorError
+from roseprior.progress import Progress
+
+from .model import Classifier, load_classifier, save_classifier
+
+__all__ = ["adapt", "main", "reestimate_batchnorm"]
+
+STAIN_TARGETS = 16  # training images the stain target is fitted on
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: Classifier, samples: list[Sample], image_size: int, batch_size: int = 32,
+                         transform: Any = None, augment: Any = None, passes: int = 1) -> int:
+    """Replace every BatchNorm layer's running statistics by the cumulative average over ``samples``;
+    returns the number of layers updated. Dropout stays off (the rest of the model in eval mode).
+
+    ``augment`` should be the run's own training augmentation: the trained statistics were gathered on
+    augmented batches (colour jitter widens every feature's spread), so statistics of plain images would
+    not match what the weights were trained against."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0
+    model.eval()
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative moving average: every batch counts equally
+        layer.train()
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, image_size=image_size), batch_size=batch_size)
+    with Progress(len(samples) * passes, "adapt: BatchNorm statistics", unit="img") as progress:
+        for _ in range(passes):
+            for images, _, _ in loader:
+                x = images.float().div_(255.0)
+                x = transform(x) if transform is not None else x
+                model(augment(x) if augment is not None else x)
+                progress.update(len(images))
+    for layer in layers:
+        layer.momentum = 0.1
+    model.eval()
+    return len(layers)
+
+
+def adapt(run: str | Path, images: str | Path, out: str | Path, bn: bool = True, stain: bool = False,
+          max_images: int = 2000, batch_size: int = 32) -> Path:
+    """Write the adapted run into ``out`` (best.* and backbone.*, plus the run's config and image list)."""
+    from roseprior.imageops import StainNormalizer
+    from roseprior.splits import read_image_list
+
+    run, out = Path(run), Path(out)
+    if not (bn or stain):
+        raise DataError("adapt: nothing to do; keep --bn (the default) or add --stain")
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"--out {out} is not empty; adapt writes a new run folder, choose another")
+    model, meta = load_classifier(run)
+    size = int(meta["image_size"])
+    paths = find_images(images)
+    step = max(1, len(paths) // max_images)
+    new_site = filter_readable([Sample(str(p)) for p in paths[::step][:max_images]], None, 0.5)
+    if not new_site:
+        raise DataError(f"adapt: no readable images under {images}")
+    transform, adapted = None, {"images": str(Path(images).resolve()), "new_site_images": len(new_site)}
+    if stain:
+        seen = read_image_list(run) or {}
+        train = [Sample(p) for p, split in seen.items() if split == "train"]
+        if not train:
+            raise DataError(f"adapt --stain: {run} lists no training images (training_images.csv) to take the "
+                            "stain target from")
+        picked = filter_readable(train[:: max(1, len(train) // STAIN_TARGETS)][:STAIN_TARGETS], None, 0.5)
+        reference = ImageDataset(picked, image_size=size)
+        normalizer = StainNormalizer("macenko").fit(torch.stack([reference[i][0] for i in range(len(reference))]))
+        meta["stain_normalization"] = normalizer.state_dict()
+        adapted["stain"] = f"macenko, target fitted on {len(picked)} training images"
+        transform = normalizer
+    if bn:
+        augment = _training_augment(run)
+        adapted["batchnorm_layers"] = reestimate_batchnorm(model, new_site, size, batch_size, transform, augment,
+                                                           passes=2 if augment is not None else 1)
+        if not adapted["batchnorm_layers"]:
+            adapted["batchnorm_layers"] = "none (the backbone has no BatchNorm)"
+    keep = {k: v for k, v in meta.items() if k not in ("format", "backbone", "backbone_kwargs", "embed_dim",
+                                                       "num_classes", "mean", "std")}
+    save_classifier(model, out, {**keep, "adapted_from": str(run.resolve()), "adaptation": adapted})
+    for name in ("config.yaml", "training_images.csv", "metrics.json"):
+        if (run / name).is_file():
+            shutil.copyfile(run / name, out / name)
+    return out
+
+
+def _training_augment(run: Path) -> Any:
+    """The run's training augmentation (from its config.yaml), seeded, or None when it has none."""
+    from roseprior.config import load_config
+
+    from .augment import TrainAugment
+    from .config import FinetuneConfig
+
+    if not (run / "config.yaml").is_file():
+        return None
+    cfg = load_config(FinetuneConfig, run / "config.yaml")
+    return TrainAugment(cfg.augment, seed=cfg.seed)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("adapt", help="adapt a finetune run to a new site without labels",
+                                   description=__doc__.split("\n\n")[0])
+    _arguments(parser)
+    parser.set_defaults(func=_run)
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="a finetune out_dir")
+    parser.add_argument("--images", required=True, help="unlabelled images of the new site (searched recursively)")
+    parser.add_argument("--out", required=True, help="the new run folder to write")
+    parser.add_argument("--no-bn", dest="bn", action="store_false", help="keep the BatchNorm statistics as trained")
+    parser.add_argument("--stain", action="store_true", help="normalise inputs to the training set's stain")
+    parser.add_argument("--max-images", type=int, default=2000, help="new-site images used (default 2000)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    path = adapt(args.run, args.images, args.out, args.bn, args.stain, args.max_images)
+    info = json.loads((path / "best.json").read_text())["adaptation"]
+    print(f"adapt: wrote {path} ({', '.join(f'{k}: {v}' for k, v in info.items() if k != 'images')})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.adapt", description=__doc__.split("\n\n")[0])
+    _arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except RosepriorError as err:
+        print(f"finetune.adapt: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""``roseprior adapt``: a classifier trained on one synthetic site, shown a new site whose stain and scanner
+differ, recovers once its BatchNorm statistics are re-estimated on the new site's unlabelled images; the
+adapted folder is a run like any other (predict, export, probes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _scanner_shift(src: Path, dst: Path) -> Path:
+    """Every image of ``src`` through another stain and camera: stronger haematoxylin, warmer white
+    balance, darker exposure (what a new site's slides and microscope do)."""
+    from roseprior import imageops
+    from roseprior.data import find_images
+    from roseprior.imageio import read_image
+
+    for path in find_images(src):
+        x = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None].float() / 255
+        x = imageops.hed_shift(x, torch.tensor([[1.3, 0.8, 1.0]]), torch.tensor([[0.05, -0.05, 0.0]]))
+        x = imageops.brightness_shift(imageops.white_balance_shift(x, [1.15, 1.0, 0.8]), -0.1)
+        out = dst / path.parent.name / f"{path.stem}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(out)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from finetune.__main__ import main as finetune
+    from roseprior.synth import generate
+
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("adapt")
+    train = generate(tmp / "site_a", n_per_class=80, size=96, domains=["site_a"], seed=1, progress=False)
+    held = generate(tmp / "held", n_per_class=60, size=96, domains=["site_a"], seed=7, progress=False)
+    run = tmp / "run"
+    assert finetune(["--config", str(REPO / "configs" / "finetune" / "msht_tiny_cpu.yaml"), f"data.root={train}",
+                     f"out_dir={run}", "data.image_size=64", "train.batch_size=16", "train.epochs=25", "train.lr=2e-4",
+                     "sam=off", "cam.enabled=false"]) == 0
+    return {"run": run, "held": held, "shifted": _scanner_shift(held, tmp / "new_site")}
+
+
+def balanced_accuracy(run: Path, images: Path) -> float:
+    """At the classifier's own decision (the larger probability): the operating point's threshold was
+    chosen on the training site's validation images."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from finetune.predict import load_predictor, predict_paths
+    from roseprior.data import find_images
+
+    predictor = load_predictor(ckpt=str(run))
+    paths = find_images(images)
+    probs, _ = predict_paths(predictor, paths, 32, progress=False)
+    return balanced_accuracy_score([p.parent.name for p in paths], [predictor.classes[int(probs[p].argmax())]
+                                                                    for p in paths])
+
+
+def test_batchnorm_adaptation_recovers_a_new_sites_accuracy(sites: dict[str, Path], tmp_path: Path) -> None:
+    from roseprior.cli import main
+
+    clean, shifted = balanced_accuracy(sites["run"], sites["held"]), balanced_accuracy(sites["run"], sites["shifted"])
+    out = tmp_path / "adapted"
+    assert main(["adapt", "--run", str(sites["run"]), "--images", str(sites["shifted"]), "--out", str(out)]) == 0
+    adapted = balanced_accuracy(out, sites["shifted"])
+    print(f"held-out site_a {clean:.3f}; new site as trained {shifted:.3f}, after adapt {adapted:.3f}")
+    assert shifted < clean - 0.1  # the shift hurts...
+    assert adapted > shifted + 0.1  # ...and adaptation without a single label wins most of it back
+    info = json.loads((out / "best.json").read_text())["adaptation"]
+    assert info["batchnorm_layers"] > 0 and info["new_site_images"] == 120
+
+
+def test_an_adapted_run_is_a_run_for_predict_export_and_the_probes(sites: dict[str, Path], tmp_path: Path) -> None:
+    import backbones
+    from finetune.adapt import adapt
+    from finetune.export import export
+    from finetune.predict import load_predictor
+
+    out = adapt(sites["run"], sites["shifted"], tmp_path / "stain", bn=False, stain=True)
+    meta = json.loads((out / "best.json").read_text())
+    assert meta["stain_normalization"]["method"] == "macenko" and meta["decision"] and meta["temperature"]
+    predictor = load_predictor(ckpt=str(out))
+    assert predictor.stain is not None  # every field goes through the training set's stain first
+    x = torch.rand(2, 3, 64, 64)
+    raw = load_predictor(ckpt=str(sites["run"]))
+    assert not np.allclose(predictor.probabilities(x), raw.probabilities(x))
+    onnx = load_predictor(model=str(export(out, "onnx", tmp_path / "m.onnx")))
+    assert onnx.stain is not None
+    assert backbones.load(out).forward_embedding(torch.rand(1, 3, 64, 64)).shape == (1, 192)
+    assert (out / "training_images.csv").is_file()  # the probes' overlap check still knows its images
+
+
+def test_adapt_refuses_a_non_empty_out(sites: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from roseprior.cli import main
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("mine")
+    assert main(["adapt", "--run", str(sites["run"]), "--images", str(sites["shifted"]), "--out",
+                 str(tmp_path / "taken")]) == 2
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "taken" / "mine.txt").read_text() == "mine"
