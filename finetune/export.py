@@ -61,6 +61,7 @@ def export_metadata(meta: dict[str, Any], size: int, run: Path) -> dict[str, Any
         "temperature": float(meta.get("temperature", 1.0)), "threshold": float(decision.get("threshold", 0.5)),
         "target_sensitivity": decision.get("target_sensitivity"),
         "stain_normalization": meta.get("stain_normalization"),  # applied before the graph (finetune.predict)
+        "scale": meta.get("scale"),  # the training scale, for finetune.predict --scale
         "input": f"float32 RGB in [0, 1], shape (B, 3, {size}, {size}): the image resized (antialiased) to {size} px; "
                  "normalisation happens inside",
         "output": "calibrated class probabilities (B, classes); call the positive class when its probability >= "

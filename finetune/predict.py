@@ -43,6 +43,7 @@ class Predictor:
     threshold: float  # call the positive class when its probability >= threshold
     source: str
     stain: Any = None  # a fitted StainNormalizer when the run was adapted with --stain
+    scale: dict[str, Any] | None = None  # how the model saw its training images (``finetune.train.training_scale``)
 
     def probabilities(self, x: torch.Tensor) -> np.ndarray:
         return self.model(self.stain(x) if self.stain is not None else x)
@@ -69,7 +70,7 @@ def load_predictor(ckpt: str | None = None, model: str | None = None, device: st
 
         threshold = (meta.get("decision") or {}).get("threshold", 0.5)
         return Predictor(run_torch, list(meta["classes"]), meta["positive_class"], int(meta["image_size"]),
-                         float(threshold), str(ckpt), _stain(meta))
+                         float(threshold), str(ckpt), _stain(meta), meta.get("scale"))
     path = Path(str(model))
     if not path.is_file():
         raise CheckpointError(f"--model {path} not found; export one with python -m finetune.export")
@@ -102,7 +103,7 @@ def load_predictor(ckpt: str | None = None, model: str | None = None, device: st
 
         runner = run_script
     return Predictor(runner, list(info["classes"]), info["positive_class"], int(info["image_size"]),
-                     float(info["threshold"]), str(path), _stain(info))
+                     float(info["threshold"]), str(path), _stain(info), info.get("scale"))
 
 
 def _stain(meta: dict[str, Any]) -> Any:
@@ -131,12 +132,62 @@ def _batches(paths: Sequence[Path], size: int, batch_size: int) -> Iterator[tupl
         yield good, (torch.stack(images).float().div_(255.0) if images else None), bad
 
 
-def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int = 16,
-                  progress: bool = True) -> tuple[dict[Path, np.ndarray], list[tuple[Path, str]]]:
-    """Class probabilities per readable path, and the unreadable paths with their reasons."""
+def tiles(image: np.ndarray, size: int) -> torch.Tensor:
+    """(T, 3, size, size) float tiles in [0, 1] covering ``image`` (H, W, 3): a side shorter than ``size``
+    is mirrored out to it (never stretched); a longer one gets evenly spaced, overlapping tiles."""
+    h, w = image.shape[:2]
+    pad_y, pad_x = max(0, size - h), max(0, size - w)
+    if pad_y or pad_x:
+        image = np.pad(image, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0)),
+                       mode="symmetric")
+        h, w = image.shape[:2]
+    ys = np.linspace(0, h - size, max(1, -(-h // size))).round().astype(int)
+    xs = np.linspace(0, w - size, max(1, -(-w // size))).round().astype(int)
+    crops = [image[y : y + size, x : x + size] for y in ys for x in xs]
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def field_probabilities(predictor: Predictor, image: np.ndarray, scale: str | float) -> tuple[np.ndarray, float, int]:
+    """One field at the training scale: resampled by the known (``scale`` a number: objects appear that
+    many times larger than in the training fields) or estimated (``"auto"``, from its nuclei) relative
+    scale, tiled at the model's input size; the field's probabilities are the mean of its tiles'.
+
+    The mean, not the maximum: one tile's call is noisy, and a maximum would let the noisiest tile of a
+    large field decide it. Returns (probabilities, the relative scale used, number of tiles).
+    """
+    from roseprior.scale import ScaleReference, resample
+
+    info = predictor.scale or {}
+    if scale == "auto":
+        if "reference" not in info:
+            raise DataError(f"--scale auto: {predictor.source} records no training scale; train it again, or give "
+                            "--scale VALUE")
+        relative = ScaleReference.from_json(info["reference"]).relative_scale(image)
+        factor = 1.0 / relative if np.isfinite(relative) else info.get("input_per_native", 1.0)
+        relative = info.get("input_per_native", 1.0) / factor
+    else:
+        relative = float(scale)
+        factor = info.get("input_per_native", 1.0) / relative
+    batch = tiles(resample(image, factor), predictor.image_size)
+    return predictor.probabilities(batch).mean(axis=0), float(relative), len(batch)
+
+
+def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int = 16, progress: bool = True,
+                  scale: str | float | None = None) -> tuple[dict[Path, np.ndarray], list[tuple[Path, str]]]:
+    """Class probabilities per readable path, and the unreadable paths with their reasons. ``scale``:
+    None resizes each field to the model's input, as in training; a number or ``"auto"`` predicts at
+    the training scale (``field_probabilities``)."""
     probs: dict[Path, np.ndarray] = {}
     unreadable: list[tuple[Path, str]] = []
     with Progress(len(paths), "predict", unit="img", enabled=progress) as bar:
+        if scale is not None:
+            for path in paths:
+                try:
+                    probs[path], _, _ = field_probabilities(predictor, read_image(path), scale)
+                except UnreadableImage as err:
+                    unreadable.append((path, err.reason))
+                bar.update()
+            return probs, unreadable
         for good, images, bad in _batches(paths, predictor.image_size, batch_size):
             unreadable.extend(bad)
             if images is not None:
@@ -158,6 +209,18 @@ def write_csv(out: Path, predictor: Predictor, paths: Sequence[Path], probs: dic
         else:
             writer.writerow([str(path), *([""] * len(predictor.classes)), "", reasons.get(path, "unreadable")])
     return atomic_write_text(out, buffer.getvalue())
+
+
+def _scale(text: str) -> str | float | None:
+    if text in ("none", "auto"):
+        return None if text == "none" else text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be none, auto or a positive number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -188,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="CSV to write: path, p_<class>..., predicted, error")
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ... (--ckpt)")
+    parser.add_argument("--scale", default="none", type=_scale,
+                        help="none: resize each field to the model's input (as in training); VALUE: the fields' objects "
+                             "appear VALUE times as large as in the training fields; auto: estimate that from each "
+                             "field's nuclei. With VALUE or auto each field is resampled to the training scale and "
+                             "tiled, and its probabilities are the mean of its tiles'")
     args = parser.parse_args(argv)
     out: Any = Path(args.out)
     try:
@@ -197,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = find_images(args.images)
         if not paths:
             raise DataError(f"no images under {args.images}")
-        probs, unreadable = predict_paths(predictor, paths, args.batch_size)
+        probs, unreadable = predict_paths(predictor, paths, args.batch_size, scale=args.scale)
         write_csv(out, predictor, paths, probs, unreadable)
     except RosepriorError as err:
         print(f"finetune.predict: error: {err}", file=sys.stderr)

@@ -331,14 +331,31 @@ def decide(cfg: FinetuneConfig, val: dict[str, Any], test: dict[str, Any]) -> di
     }
 
 
-def record_decision(out_dir: Path, decision: dict[str, Any]) -> None:
-    """Store the temperature and the threshold in ``best.json``, where predict and export read them."""
+def record_decision(out_dir: Path, decision: dict[str, Any], scale: dict[str, Any] | None = None) -> None:
+    """Store the temperature, the threshold and the training scale in ``best.json``, where predict and
+    export read them."""
     import json
 
     meta = json.loads((out_dir / "best.json").read_text())
     meta["temperature"] = decision["calibration"]["temperature"]
     meta["decision"] = {k: decision["operating_point"][k] for k in ("threshold", "target_sensitivity")}
+    if scale is not None:
+        meta["scale"] = scale
     atomic_write_json(out_dir / "best.json", meta)
+
+
+def training_scale(samples: Sequence[Sample], image_size: int, max_images: int = 32) -> dict[str, Any]:
+    """How the model saw its training images, for ``finetune.predict --scale``: the median model-input
+    pixels per native pixel, and a ``roseprior.scale.ScaleReference`` of the model inputs (their nuclei)."""
+    from roseprior.imageio import read_image
+    from roseprior.scale import ScaleReference
+
+    picked = list(samples)[:: max(1, len(samples) // max_images)][:max_images]
+    shapes = [read_image(s.path).shape[:2] for s in picked]
+    inputs = ImageDataset(picked, image_size=image_size)
+    reference = ScaleReference.build([inputs[i][0].permute(1, 2, 0).numpy() for i in range(len(inputs))])
+    return {"input_per_native": float(np.median([image_size / np.sqrt(h * w) for h, w in shapes])),
+            "reference": reference.to_json()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +432,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         }
     metrics["warnings"] = [w for part in ("val", "test") for w in metrics[part].get("warnings", [])]
     if main:
-        record_decision(out_dir, metrics)
+        record_decision(out_dir, metrics, training_scale(splits["train"], cfg.data.image_size))
         atomic_write_json(out_dir / "metrics.json", metrics)
         write_image_list(out_dir, {"train": splits["train"], "val": splits["val"]})
         accelerator.print(_format_metrics(metrics))

@@ -136,3 +136,29 @@ def test_cam_quality_scores_every_panel_of_a_synthetic_run(tmp_path: Path) -> No
         for scores in summary[which].values():
             assert 0.0 <= scores["pointing_hit"] <= 1.0 and scores["on_mask_lift"] >= 0.0
     assert sorted(p.name for p in (tmp_path / "cq" / "cam").glob("*.png"))
+
+
+def test_shift_quality_scores_every_shift_with_and_without_its_remedy(tmp_path: Path) -> None:
+    """benchmarks/shift_quality.py on a tiny synthetic run: every stain shift as trained and adapted, every
+    zoom as trained, at the known scale and at the estimated one."""
+    import torch
+
+    from benchmarks import shift_quality
+    from finetune.__main__ import main as finetune_main
+
+    threads = torch.get_num_threads()
+    try:
+        run = tmp_path / "ft"
+        assert finetune_main(["--config", str(REPO / "configs" / "finetune" / "msht_tiny_cpu.yaml"), f"out_dir={run}",
+                              "data.image_size=64", "train.batch_size=8", "train.epochs=1", "train.max_steps=2",
+                              "cam.enabled=false", "sam=off"]) == 0
+        assert shift_quality.main(["--runs", str(run), "--max-images", "8", "--out", str(tmp_path / "s.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (result,) = json.loads((tmp_path / "s.json").read_text())
+    assert 0 <= result["clean"] <= 1 and result["test_images"] >= 8
+    stains = [k for k in result if k.startswith("stain/")]
+    assert {"stain/hed_0.1", "stain/hed_0.2", "stain/wb_brightness"} <= set(stains)
+    assert all(set(result[k]) == {"as_trained", "adapted"} for k in stains)
+    assert [k for k in result if k.startswith("scale/")] == ["scale/0.25", "scale/0.5", "scale/2", "scale/4"]
+    assert all(set(result[k]) == {"as_trained", "known_scale", "estimated_scale"} for k in result if k.startswith("scale/"))

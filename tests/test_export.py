@@ -112,3 +112,36 @@ def test_the_operating_point_meets_its_target_with_the_highest_threshold() -> No
         assert point["sensitivity"] >= target
         higher = np.nextafter(point["threshold"], 1.0)
         assert (p[y == 1] >= higher).mean() < target  # any higher threshold misses the target
+
+
+def test_tiles_cover_a_field_and_mirror_a_small_one() -> None:
+    from finetune.predict import tiles
+
+    field = np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8)
+    out = tiles(field, 64)
+    assert out.shape == (6, 3, 64, 64)  # 2 rows x 3 columns, overlapping, edges included
+    torch.testing.assert_close(out[0], torch.from_numpy(field[:64, :64]).permute(2, 0, 1).float() / 255)
+    torch.testing.assert_close(out[-1], torch.from_numpy(field[-64:, -64:]).permute(2, 0, 1).float() / 255)
+    small = tiles(field[:30, :40], 64)
+    assert small.shape == (1, 3, 64, 64)  # mirrored out to the input size, not stretched
+    centre = torch.from_numpy(field[:30, :40]).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(small[0, :, 17:47, 12:52], centre)
+
+
+def test_a_field_at_a_known_scale_is_predicted_at_the_training_scale(run: Path) -> None:
+    """A field whose objects appear twice as large, given --scale 2, is brought back to the training scale:
+    the same probabilities as the field itself at --scale 1."""
+    from finetune.predict import field_probabilities, load_predictor
+    from roseprior.imageio import read_image
+    from roseprior.scale import resample
+
+    predictor = load_predictor(ckpt=str(run))
+    assert predictor.scale["input_per_native"] == pytest.approx(1.0)  # trained at its native 64 px
+    data = yaml.safe_load((run / "config.yaml").read_text())["data"]["root"]
+    field = read_image(sorted(Path(data).rglob("*.jpg"))[0])
+    p1, rel1, n1 = field_probabilities(predictor, field, 1.0)
+    p2, rel2, n2 = field_probabilities(predictor, resample(field, 2.0), 2.0)
+    assert (rel1, rel2, n1, n2) == (1.0, 2.0, 1, 1)
+    assert np.abs(p1 - p2).max() < 0.02
+    auto, relative, _ = field_probabilities(predictor, resample(field, 2.0), "auto")
+    assert 1.3 < relative < 3.0  # estimated from the nuclei

@@ -1,0 +1,174 @@
+"""Do fine-tuned classifiers hold up under stain and scale shift, and do scale handling and adaptation help?
+
+For each finetune run given, its own test split (the shared split of its config) is shifted, test
+images only, and scored with ``finetune.predict``'s machinery, balanced accuracy at the classifier's own
+decision:
+
+- stain: HED jitter 0.1 and 0.2, a white-balance and brightness change, Macenko re-staining to a
+  target that is not in the test split (the run's own training images, darkest and lightest);
+  each also after ``roseprior adapt`` (BatchNorm statistics re-estimated on the shifted images);
+- scale: zoom 0.25x, 0.5x, 2x, 4x at a fixed image size (a weaker or stronger objective on the same
+  camera), predicted as trained (``--scale none``), at the known scale, and with the scale estimated
+  from the nuclei (``--scale auto``).
+
+    python benchmarks/shift_quality.py --runs runs/bench/finetune_quality/pretrained_off runs/bench/finetune_quality/random_off
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+ZOOMS = (0.25, 0.5, 2.0, 4.0)
+
+
+def test_images(run: Path, limit: int | None) -> tuple[list[np.ndarray], np.ndarray, list[Any]]:
+    """The run's test split (decoded) and its labels, and its training samples."""
+    from finetune.config import FinetuneConfig
+    from roseprior.config import load_config
+    from roseprior.imageio import read_image
+    from roseprior.splits import resolve_splits
+
+    cfg = load_config(FinetuneConfig, run / "config.yaml")
+    split = resolve_splits(cfg.data).readable(None, 1.0).splits
+    test = split["test"][:: max(1, len(split["test"]) // limit)] if limit else split["test"]
+    positive = cfg.data.classes.index(cfg.data.positive_class)
+    return [read_image(s.path) for s in test], np.array([int(s.label == positive) for s in test]), split["train"]
+
+
+def stain_shifts(images: list[np.ndarray], train_paths: list[str]) -> dict[str, list[np.ndarray]]:
+    from roseprior import imageops
+    from roseprior.imageio import read_image
+
+    def batch_op(op: Any) -> list[np.ndarray]:
+        out = []
+        for i, img in enumerate(images):
+            x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+            y = op(x, torch.Generator().manual_seed(i))
+            out.append((y[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+        return out
+
+    train = [read_image(s.path) for s in train_paths[:: max(1, len(train_paths) // 64)][:64]]
+    darkness = [float(t.mean()) for t in train]
+    shifts = {
+        "stain/hed_0.1": batch_op(lambda x, g: imageops.hed_jitter(x, 0.1, generator=g)),
+        "stain/hed_0.2": batch_op(lambda x, g: imageops.hed_jitter(x, 0.2, generator=g)),
+        "stain/wb_brightness": batch_op(lambda x, g: imageops.brightness_shift(
+            imageops.white_balance_shift(x, [1.15, 1.0, 0.85]), -0.1)),
+    }
+    for name, pick in (("darkest", int(np.argmin(darkness))), ("lightest", int(np.argmax(darkness)))):
+        target = torch.from_numpy(train[pick]).permute(2, 0, 1)[None]
+        try:
+            normalizer = imageops.StainNormalizer("macenko").fit(target)
+        except Exception:  # noqa: BLE001 - a target Macenko cannot use is skipped, not fatal
+            continue
+        shifts[f"stain/macenko_to_{name}_train_image"] = batch_op(lambda x, g, n=normalizer: n(x))
+    return shifts
+
+
+def zoomed(images: list[np.ndarray], factor: float) -> list[np.ndarray]:
+    from roseprior import imageops
+
+    out = []
+    for img in images:
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+        out.append((imageops.zoom(x, factor)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    return out
+
+
+def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, scale: str | float | None) -> float:
+    import torchvision.transforms.v2.functional as TF
+    from sklearn.metrics import balanced_accuracy_score
+
+    from finetune.predict import field_probabilities
+
+    positive = predictor.classes.index(predictor.positive_class)
+    calls = []
+    for img in images:
+        if scale is None:  # as trained: the whole field resized to the model's input (finetune.predict's default)
+            side = predictor.image_size
+            x = TF.resize(torch.from_numpy(img).permute(2, 0, 1), [side, side], antialias=True)
+            p = predictor.probabilities(x[None].float().div_(255.0))[0]
+        else:
+            p, _, _ = field_probabilities(predictor, img, scale)
+        calls.append(int(p.argmax() == positive))
+    return float(balanced_accuracy_score(y, calls))
+
+
+def adapted_predictor(run: Path, images: list[np.ndarray], tmp: Path) -> Any:
+    """The run adapted (BatchNorm statistics) on the shifted, unlabelled test images themselves."""
+    from PIL import Image
+
+    from finetune.adapt import adapt
+    from finetune.predict import load_predictor
+
+    folder = Path(tempfile.mkdtemp(dir=tmp))
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:05d}.png")
+    return load_predictor(ckpt=str(adapt(run, folder, Path(tempfile.mkdtemp(dir=tmp)) / "adapted")))
+
+
+def measure_run(run: Path, limit: int | None, tmp: Path) -> dict[str, Any]:
+    from finetune.predict import load_predictor
+
+    start = time.perf_counter()
+    images, y, train_paths = test_images(run, limit)
+    predictor = load_predictor(ckpt=str(run))
+    if predictor.scale is None:  # a run from before finetune recorded its training scale
+        from finetune.train import training_scale
+
+        predictor.scale = training_scale(train_paths, predictor.image_size)
+    result: dict[str, Any] = {"run": str(run), "test_images": len(images), "clean": balanced_accuracy(
+        predictor, images, y, None)}
+    for name, shifted in stain_shifts(images, train_paths).items():
+        result[name] = {"as_trained": balanced_accuracy(predictor, shifted, y, None),
+                        "adapted": balanced_accuracy(adapted_predictor(run, shifted, tmp), shifted, y, None)}
+    trained_scale = (predictor.scale or {}).get("input_per_native", 1.0)
+    for factor in ZOOMS:
+        shifted = zoomed(images, factor)
+        result[f"scale/{factor:g}"] = {"as_trained": balanced_accuracy(predictor, shifted, y, None),
+                                       "known_scale": balanced_accuracy(predictor, shifted, y, factor),
+                                       "estimated_scale": balanced_accuracy(predictor, shifted, y, "auto")}
+    result["trained_input_per_native"] = trained_scale
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", required=True, help="finetune out_dirs")
+    parser.add_argument("--max-images", type=int, default=None, help="score about this many test images per run")
+    parser.add_argument("--out", default=None, help="JSON to write")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="shift_quality_") as tmp:
+        for run in args.runs:
+            results.append(measure_run(Path(run), args.max_images, Path(tmp)))
+    for r in results:
+        print(f"\n{r['run']} ({r['test_images']} test images): clean {r['clean']:.3f}")
+        for key, value in r.items():
+            if isinstance(value, dict):
+                print(f"  {key:<38} " + "  ".join(f"{k} {v:.3f}" for k, v in value.items()))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
