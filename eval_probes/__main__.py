@@ -22,7 +22,7 @@ def run(cfg: ProbeConfig) -> None:
     for rank, row in enumerate(summary_rows(report), start=1):
         print(f"  {rank}. {row['name']}: clean kNN {fmt(row['clean_knn'])} linear {fmt(row['clean_linear'])} | "
               f"stain {fmt(row['stain_linear'])} | scale {fmt(row['scale_linear'])} | RI {fmt(row['ri'])} "
-              f"(random init {fmt(row['ri_random_init'])})"
+              f"(k {row['ri_k']}; same architecture at random init {fmt(row['ri_random_init'])})"
               + (f" | trained on {row['test_overlap']} test images" if row["test_overlap"] else ""))
 
 

@@ -107,12 +107,6 @@ class FeatureCache:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def cached_features(
     cache: FeatureCache,
     model_loader: Any,

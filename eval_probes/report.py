@@ -56,6 +56,14 @@ def domain_cell(conds: dict[str, Any], source: str, target: str) -> dict[str, An
                  and c.get("target_domain") == target), None)
 
 
+def _ri_k(by_k: dict[str, float | None]) -> str | None:
+    """k = 20 (PathoROB's choice) when the test set allows it, else the largest k that has a value."""
+    if by_k.get("20") is not None:
+        return "20"
+    usable = [k for k, v in by_k.items() if v is not None]
+    return max(usable, key=int) if usable else None
+
+
 def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per checkpoint, ranked by mean linear-probe balanced accuracy over clean, stain and scale."""
     rows = []
@@ -74,9 +82,10 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             row[f"atypical_{probe}"] = _mean([_ba(c, probe) for c in by_family["domain"] if c["subset"] == "atypical"])
             row[f"cross_domain_{probe}"] = _mean([_ba(c, probe) for c in by_family["domain"] if c["source_domain"]])
         balanced = (result.get("robustness_index_balanced") or {}).get("mean") or {}
-        row["ri"] = balanced.get("20", next(iter(balanced.values()), None)) if balanced else None
+        row["ri_k"] = _ri_k(balanced)
+        row["ri"] = balanced.get(row["ri_k"]) if row["ri_k"] else None
         reference = (result.get("robustness_index_random_init") or {}).get("mean") or {}
-        row["ri_random_init"] = reference.get("20", next(iter(reference.values()), None)) if reference else None
+        row["ri_random_init"] = reference.get(row["ri_k"]) if row["ri_k"] else None
         row["rank_score"] = _mean([row["clean_linear"], row["stain_linear"], row["scale_linear"]])
         rows.append(row)
     rows.sort(key=lambda r: -(r["rank_score"] if r["rank_score"] is not None else -1.0))
@@ -254,7 +263,7 @@ def summary_table(rows: list[dict[str, Any]], has_domains: bool) -> str:
     for _, label in columns:
         head.append(f"<th>{label}<br>kNN</th><th>{label}<br>linear</th>")
     if has_domains:
-        head.append("<th>robustness index<br>(balanced, k=20)</th><th>same arch.<br>random init</th>")
+        head.append("<th>robustness index<br>(balanced; k)</th><th>same arch.<br>random init</th>")
     body = []
     for rank, row in enumerate(rows, start=1):
         seen = (f"<br><span class='bad'>trained on {row['test_overlap']} test images: not held-out</span>"
@@ -264,7 +273,8 @@ def summary_table(rows: list[dict[str, Any]], has_domains: bool) -> str:
             cells.append(f"<td>{_fmt(row[f'{key}_knn'])}{_interval(row.get(f'{key}_knn_ci'))}</td>"
                          f"<td>{_fmt(row[f'{key}_linear'])}{_interval(row.get(f'{key}_linear_ci'))}</td>")
         if has_domains:
-            cells.append(f"<td>{_fmt(row['ri'])}</td><td>{_fmt(row['ri_random_init'])}</td>")
+            cells.append(f"<td>{_fmt(row['ri'])}<span class='ci'> k={row['ri_k'] or '–'}</span></td>"
+                         f"<td>{_fmt(row['ri_random_init'])}</td>")
         body.append(f"<tr class='checkpoint'>{''.join(cells)}</tr>")
     return (f"<table id='summary'><thead><tr>{''.join(head)}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table>")

@@ -70,8 +70,9 @@ def balanced_robustness_index(
     """RI on class x domain-balanced subsamples, as PathoROB computes it: every (class, domain) cell is
     subsampled to the smallest cell's count, so the index does not move with how many images each
     site contributes; repeated over ``repeats`` seeded draws. Returns, per k, the mean and standard
-    deviation over the draws, the images per cell, and ``chance``: the index of neighbours drawn at
-    random from a balanced set, ``(D - 1) / D`` for D domains (two classes)."""
+    deviation over the draws (None for a k above a quarter of the subsample), the images per cell, and
+    ``chance``: the index of neighbours drawn at random from a balanced set, ``(D - 1) / D`` for D
+    domains (two classes)."""
     labels_np = np.asarray(labels)
     domains_np = np.asarray([str(d) for d in domains])
     cells = {(c, d): np.flatnonzero((labels_np == c) & (domains_np == d))
@@ -84,11 +85,14 @@ def balanced_robustness_index(
         out.update(mean={str(k): None for k in ks}, std={str(k): None for k in ks})
         return out
     rng = np.random.default_rng(seed)
+    # A k near the subsample's size makes every image a neighbour: the index then says only how the
+    # subsample was composed (it equals the chance level). Such k are reported as None.
+    usable = [k for k in ks if k <= per_cell * len(cells) / 4]
     draws: dict[str, list[float]] = {str(k): [] for k in ks}
-    for _ in range(repeats):
+    for _ in range(repeats if usable else 0):
         rows = np.concatenate([rng.choice(v, per_cell, replace=False) for v in cells.values()])
         ri = robustness_index(feats[rows], labels_np[rows], domains_np[rows],
-                              None if groups is None else [groups[i] for i in rows], ks)
+                              None if groups is None else [groups[i] for i in rows], usable)
         for k, value in ri.items():
             if value is not None:
                 draws[k].append(value)

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from roseprior.data import ImageDataset, Sample, filter_readable, find_images
-from roseprior.errors import DataError, RosepriorError
+from roseprior.errors import DataError
 from roseprior.progress import Progress
+from roseprior.stage import command_main
 
 from .model import Classifier, load_classifier, save_classifier
 
@@ -154,12 +155,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.adapt", description=__doc__.split("\n\n")[0])
     _arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except RosepriorError as err:
-        print(f"finetune.adapt: error: {err}", file=sys.stderr)
-        return 2
+    return command_main("finetune.adapt", lambda: _run(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from roseprior.checkpoint import atomic_write
-from roseprior.errors import ConfigError, RosepriorError
+from roseprior.errors import ConfigError
+from roseprior.stage import command_main
 
 from .model import Classifier, load_classifier
 
@@ -109,15 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the file to write (e.g. model.onnx)")
     parser.add_argument("--image-size", type=int, default=None, help="input side in px (default: the run's)")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         if Path(args.out).is_dir():
             raise ConfigError(f"--out {args.out} is a folder; give the file to write, e.g. {Path(args.out) / 'model.onnx'}")
-        path = export(args.run, args.format, args.out, args.image_size)
-    except RosepriorError as err:
-        print(f"finetune.export: error: {err}", file=sys.stderr)
-        return 2
-    print(f"finetune.export: wrote {path} ({args.format})")
-    return 0
+        print(f"finetune.export: wrote {export(args.run, args.format, args.out, args.image_size)} ({args.format})")
+
+    return command_main("finetune.export", run)
 
 
 if __name__ == "__main__":

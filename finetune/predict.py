@@ -25,9 +25,11 @@ import torch
 
 from roseprior.checkpoint import atomic_write_text
 from roseprior.data import find_images
-from roseprior.errors import CheckpointError, DataError, RosepriorError
+from roseprior.errors import CheckpointError, DataError
+from roseprior.features import resolve_device
 from roseprior.imageio import UnreadableImage, read_image
 from roseprior.progress import Progress
+from roseprior.stage import command_main
 
 __all__ = ["Predictor", "load_predictor", "main", "predict_paths"]
 
@@ -132,21 +134,6 @@ def _batches(paths: Sequence[Path], size: int, batch_size: int) -> Iterator[tupl
         yield good, (torch.stack(images).float().div_(255.0) if images else None), bad
 
 
-def tiles(image: np.ndarray, size: int) -> torch.Tensor:
-    """(T, 3, size, size) float tiles in [0, 1] covering ``image`` (H, W, 3): a side shorter than ``size``
-    is mirrored out to it (never stretched); a longer one gets evenly spaced, overlapping tiles."""
-    h, w = image.shape[:2]
-    pad_y, pad_x = max(0, size - h), max(0, size - w)
-    if pad_y or pad_x:
-        image = np.pad(image, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0)),
-                       mode="symmetric")
-        h, w = image.shape[:2]
-    ys = np.linspace(0, h - size, max(1, -(-h // size))).round().astype(int)
-    xs = np.linspace(0, w - size, max(1, -(-w // size))).round().astype(int)
-    crops = [image[y : y + size, x : x + size] for y in ys for x in xs]
-    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255.0)
-
-
 def field_probabilities(predictor: Predictor, image: np.ndarray, scale: str | float) -> tuple[np.ndarray, float, int]:
     """One field at the training scale: resampled by the known (``scale`` a number: objects appear that
     many times larger than in the training fields) or estimated (``"auto"``, from its nuclei) relative
@@ -155,7 +142,7 @@ def field_probabilities(predictor: Predictor, image: np.ndarray, scale: str | fl
     The mean, not the maximum: one tile's call is noisy, and a maximum would let the noisiest tile of a
     large field decide it. Returns (probabilities, the relative scale used, number of tiles).
     """
-    from roseprior.scale import ScaleReference, resample
+    from roseprior.scale import ScaleReference, resample, tiles
 
     info = predictor.scale or {}
     if scale == "auto":
@@ -230,18 +217,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: this machine has no CUDA device; use --device cpu (or auto)")
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise DataError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    return name
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.predict", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -257,28 +232,28 @@ def main(argv: list[str] | None = None) -> int:
                              "field's nuclei. With VALUE or auto each field is resampled to the training scale and "
                              "tiled, and its probabilities are the mean of its tiles'")
     args = parser.parse_args(argv)
-    out: Any = Path(args.out)
-    try:
+
+    def run() -> int:
+        out = Path(args.out)
         if out.is_dir():  # checked before any work, not after every prediction
             raise DataError(f"--out {out} is a folder; give the path of the CSV file to write, e.g. {out / 'preds.csv'}")
-        predictor = load_predictor(args.ckpt, args.model, _device(args.device))
+        predictor = load_predictor(args.ckpt, args.model, str(resolve_device(args.device)))
         paths = find_images(args.images)
         if not paths:
             raise DataError(f"no images under {args.images}")
         probs, unreadable = predict_paths(predictor, paths, args.batch_size, scale=args.scale)
-        write_csv(out, predictor, paths, probs, unreadable)
-    except RosepriorError as err:
-        print(f"finetune.predict: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"finetune.predict: error: cannot write {args.out}: {err.strerror}", file=sys.stderr)
-        return 2
-    print(f"finetune.predict: {len(probs)} image(s) scored with {predictor.source}, {len(unreadable)} unreadable "
-          f"-> {args.out}; predicted = {predictor.positive_class} when p_{predictor.positive_class} >= "
-          f"{predictor.threshold:.4f}")
-    for path, reason in unreadable[:20]:
-        print(f"  unreadable: {path}: {reason}", file=sys.stderr)
-    return 0
+        try:
+            write_csv(out, predictor, paths, probs, unreadable)
+        except OSError as err:
+            raise DataError(f"cannot write {out}: {err.strerror}") from None
+        print(f"finetune.predict: {len(probs)} image(s) scored with {predictor.source}, {len(unreadable)} "
+              f"unreadable -> {out}; predicted = {predictor.positive_class} when p_{predictor.positive_class} >= "
+              f"{predictor.threshold:.4f}")
+        for path, reason in unreadable[:20]:
+            print(f"  unreadable: {path}: {reason}", file=sys.stderr)
+        return 0
+
+    return command_main("finetune.predict", run)
 
 
 if __name__ == "__main__":

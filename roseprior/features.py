@@ -16,7 +16,22 @@ import torch
 
 from roseprior.data import ImageDataset, Sample
 
-__all__ = ["extract_features"]
+__all__ = ["extract_features", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``, refused in one line when absent."""
+    from roseprior.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name}: this machine has no CUDA device; use cpu (or auto)")
+    return device
 
 
 @torch.inference_mode()

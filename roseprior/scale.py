@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ScaleReference", "add_parser", "nucleus_size", "resample"]
+__all__ = ["ScaleReference", "add_parser", "nucleus_size", "resample", "tiles"]
 
 PERCENTILE = 90
 WORKING_SIZE = 8.0  # px: a measure below this is repeated on an upsampled copy
@@ -46,6 +46,23 @@ def resample(image: np.ndarray, factor: float) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
     y = F.interpolate(x, size=size, mode="bicubic", antialias=factor < 1, align_corners=False)
     return y[0].permute(1, 2, 0).clamp_(0, 255).round_().to(torch.uint8).numpy()
+
+
+def tiles(image: np.ndarray, size: int) -> Any:
+    """(T, 3, size, size) float tiles in [0, 1] covering ``image`` (H, W, 3): a side shorter than ``size``
+    is mirrored out to it (never stretched); a longer one gets evenly spaced, overlapping tiles."""
+    import torch
+
+    h, w = image.shape[:2]
+    pad_y, pad_x = max(0, size - h), max(0, size - w)
+    if pad_y or pad_x:
+        image = np.pad(image, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0)),
+                       mode="symmetric")
+        h, w = image.shape[:2]
+    ys = np.linspace(0, h - size, max(1, -(-h // size))).round().astype(int)
+    xs = np.linspace(0, w - size, max(1, -(-w // size))).round().astype(int)
+    crops = [image[y : y + size, x : x + size] for y in ys for x in xs]
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def _raw_size(image: np.ndarray) -> float:

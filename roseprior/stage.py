@@ -41,3 +41,12 @@ def stage_main(argv: list[str] | None, *, prog: str, description: str, schema: t
         print(f"{prog}: interrupted; run the same command again to resume (checkpoint.resume=auto)", file=sys.stderr)
         return 130
     return 0
+
+
+def command_main(prog: str, run: Callable[[], Any]) -> int:
+    """A tool's entry (predict, export, adapt): ``run()``'s own code, or 2 and one line for bad input."""
+    try:
+        return int(run() or 0)
+    except RosepriorError as err:
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 2

@@ -52,3 +52,23 @@ def write_image() -> Callable[..., Path]:
         return path
 
     return write
+
+
+def kill_at_first_checkpoint(cmd: list[str], out: Path, env: dict, cwd: Path, timeout: float = 200) -> None:
+    """Run ``cmd`` and SIGKILL it as soon as ``out/checkpoints`` holds a complete checkpoint."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not list((out / "checkpoints").glob("step_*/meta.json")):
+            assert proc.poll() is None, "the run ended before writing a checkpoint"
+            assert time.monotonic() < deadline, f"no checkpoint within {timeout:.0f} s"
+            time.sleep(0.02)
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert alive, "the run finished before it could be killed"

@@ -115,7 +115,7 @@ def test_the_operating_point_meets_its_target_with_the_highest_threshold() -> No
 
 
 def test_tiles_cover_a_field_and_mirror_a_small_one() -> None:
-    from finetune.predict import tiles
+    from roseprior.scale import tiles
 
     field = np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8)
     out = tiles(field, 64)

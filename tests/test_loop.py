@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_at_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -95,19 +94,7 @@ def test_finetune_resumes_after_sigkill_to_the_same_weights(tiny_data: Path, tmp
     assert finetune_in_process(finetune_args(tiny_data, reference)) == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", *finetune_args(tiny_data, killed)], env=ENV, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 200
-        while not list((killed / "checkpoints").glob("step_*/meta.json")):
-            assert proc.poll() is None, "the run ended before writing a checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 200 s"
-            time.sleep(0.02)
-        alive = proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert alive, "the run finished before it could be killed"
+    kill_at_first_checkpoint([sys.executable, "-m", "finetune", *finetune_args(tiny_data, killed)], killed, ENV, REPO)
     assert not (killed / "metrics.json").exists()
 
     assert finetune_in_process(finetune_args(tiny_data, killed)) == 0  # the same command resumes
@@ -164,6 +151,8 @@ NAN_SCRIPT = textwrap.dedent(
         outcome = f"stopped at step {step}: {err}"
     with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as fh:
         json.dump(outcome, fh)
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()  # an open gloo group aborts the process at exit
     """
 )
 

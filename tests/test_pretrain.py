@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_at_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -342,19 +341,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_data: Path, tmp_
     assert run_in_process(tiny_overrides(tiny_data, reference, **steps)) == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "pretrain", *tiny_overrides(tiny_data, killed, **steps)],
-                            env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 200
-        while not list((killed / "checkpoints").glob("step_*/meta.json")):
-            assert proc.poll() is None, "the run ended before writing a checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 200 s"
-            time.sleep(0.02)
-        alive = proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert alive, "the run finished before it could be killed"
+    kill_at_first_checkpoint([sys.executable, "-m", "pretrain", *tiny_overrides(tiny_data, killed, **steps)], killed,
+                             ENV, REPO)
     assert not (killed / "backbone.safetensors").exists()
 
     # Resume with the same command: ends with the same weights as the uninterrupted run.
