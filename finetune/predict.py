@@ -210,6 +210,21 @@ def _scale(text: str) -> str | float | None:
     return value
 
 
+def _scale_of_fields(predictor: Predictor, scale: str | float | None, mpp: float | None) -> str | float | None:
+    """``--scale`` as ``field_probabilities`` takes it; ``--mpp`` turned into a relative scale. A run trained
+    at a canonical scale (``data.target_mpp``) never sees whole fields squeezed into its input."""
+    target = (predictor.scale or {}).get("target_mpp")
+    if mpp is not None:
+        if target is None or scale is not None or not mpp > 0:
+            raise DataError(f"--mpp needs a positive value, no --scale, and a run trained with data.target_mpp "
+                            f"({predictor.source} has {target}); use --scale VALUE|auto instead")
+        return predictor.scale["input_per_native"] * target / mpp
+    if scale is None and target is not None:
+        raise DataError(f"{predictor.source} was trained at {target} micrometres per pixel: give the fields' scale "
+                        "with --mpp VALUE, or --scale auto to estimate it from their nuclei")
+    return scale
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -231,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                              "appear VALUE times as large as in the training fields; auto: estimate that from each "
                              "field's nuclei. With VALUE or auto each field is resampled to the training scale and "
                              "tiled, and its probabilities are the mean of its tiles'")
+    parser.add_argument("--mpp", type=float, default=None,
+                        help="micrometres per pixel of the fields, for a run trained with data.target_mpp: each field "
+                             "is resampled to the training scale and tiled, as with --scale")
     args = parser.parse_args(argv)
 
     def run() -> int:
@@ -238,10 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         if out.is_dir():  # checked before any work, not after every prediction
             raise DataError(f"--out {out} is a folder; give the path of the CSV file to write, e.g. {out / 'preds.csv'}")
         predictor = load_predictor(args.ckpt, args.model, str(resolve_device(args.device)))
+        scale = _scale_of_fields(predictor, args.scale, args.mpp)
         paths = find_images(args.images)
         if not paths:
             raise DataError(f"no images under {args.images}")
-        probs, unreadable = predict_paths(predictor, paths, args.batch_size, scale=args.scale)
+        probs, unreadable = predict_paths(predictor, paths, args.batch_size, scale=scale)
         try:
             write_csv(out, predictor, paths, probs, unreadable)
         except OSError as err:

@@ -224,7 +224,7 @@ def fit(cfg: FinetuneConfig, train_samples: Sequence[Sample], val_samples: Seque
 
     # ====== resume, then the loader from where we are ======
     loop.start(cfg, unwrapped, optimizer, augment=augment)
-    loader = loop.loader(ImageDataset(train_samples, image_size=cfg.data.image_size), _stack,
+    loader = loop.loader(ImageDataset(train_samples, image_size=cfg.data.image_size, random_window=True), _stack,
                          _train_order(train_samples, cfg), cfg.data.num_workers)
     accelerator.print(
         f"finetune: {len(train_samples)} train / {len(val_samples)} val images, {loop.steps_per_epoch} steps/epoch, "
@@ -344,7 +344,8 @@ def record_decision(out_dir: Path, decision: dict[str, Any], scale: dict[str, An
     atomic_write_json(out_dir / "best.json", meta)
 
 
-def training_scale(samples: Sequence[Sample], image_size: int, max_images: int = 32) -> dict[str, Any]:
+def training_scale(samples: Sequence[Sample], image_size: int, target_mpp: float | None = None,
+                  max_images: int = 32) -> dict[str, Any]:
     """How the model saw its training images, for ``finetune.predict --scale``: the median model-input
     pixels per native pixel, and a ``roseprior.scale.ScaleReference`` of the model inputs (their nuclei)."""
     from roseprior.imageio import read_image
@@ -354,6 +355,9 @@ def training_scale(samples: Sequence[Sample], image_size: int, max_images: int =
     shapes = [read_image(s.path).shape[:2] for s in picked]
     inputs = ImageDataset(picked, image_size=image_size)
     reference = ScaleReference.build([inputs[i][0].permute(1, 2, 0).numpy() for i in range(len(inputs))])
+    if picked and picked[0].zoom is not None:  # trained at a canonical scale (data.target_mpp)
+        return {"input_per_native": float(np.median([s.zoom for s in picked])), "target_mpp": target_mpp,
+                "reference": reference.to_json()}
     return {"input_per_native": float(np.median([image_size / np.sqrt(h * w) for h, w in shapes])),
             "reference": reference.to_json()}
 
@@ -432,7 +436,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         }
     metrics["warnings"] = [w for part in ("val", "test") for w in metrics[part].get("warnings", [])]
     if main:
-        record_decision(out_dir, metrics, training_scale(splits["train"], cfg.data.image_size))
+        record_decision(out_dir, metrics, training_scale(splits["train"], cfg.data.image_size, cfg.data.target_mpp))
         atomic_write_json(out_dir / "metrics.json", metrics)
         write_image_list(out_dir, {"train": splits["train"], "val": splits["val"]})
         accelerator.print(_format_metrics(metrics))

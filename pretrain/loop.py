@@ -23,7 +23,7 @@ import torch.nn as nn
 
 import backbones
 from roseprior.config import to_dict
-from roseprior.data import Sample, filter_readable, load_unlabeled, resolve_root
+from roseprior.data import Sample, filter_readable, load_unlabeled, resolve_root, with_scales
 from roseprior.errors import DataError
 from roseprior.loop import Hooks, TrainingStopped, TrainLoop, check_finite, cosine_schedule, make_accelerator
 from roseprior.splits import SplitSet, is_labelled, resolve_splits, split_fingerprint, write_image_list
@@ -44,7 +44,7 @@ def pretrain_images(cfg: PretrainConfig) -> tuple[Path, list[Sample], SplitSet |
     if cfg.data.split_dir or is_labelled(root, cfg.data.classes):
         split = resolve_splits(cfg.data, root=root)
         return root, sorted(split.splits["train"], key=lambda s: s.path), split
-    return root, sorted(load_unlabeled(root), key=lambda s: s.path), None
+    return root, sorted(with_scales(load_unlabeled(root), cfg.data), key=lambda s: s.path), None
 
 
 class ViewCollate:
@@ -102,7 +102,7 @@ def run(cfg: PretrainConfig) -> Path:
     samples = filter_readable(samples, out_dir if main else None, cfg.data.max_unreadable_fraction)
     if not samples:
         raise DataError(f"no readable images under {root}")
-    dataset = DecodedImages([s.path for s in samples], cfg.views.source_max_side)
+    dataset = DecodedImages(samples, cfg.views.source_max_side)
     loop.plan(len(dataset))
     views = MultiCropViews(cfg.views, seed=cfg.seed)
     views_on_device = cfg.views.device == "device" or (cfg.views.device == "auto" and accelerator.device.type != "cpu")

@@ -17,17 +17,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from skimage.color import hed_from_rgb, rgb_from_hed
-from torch.utils.data import Dataset
 
 from roseprior import imageops
-from roseprior.data import read_during_run
+from roseprior.data import DecodedImages
 
 from .config import ViewsConfig
 
@@ -50,27 +47,6 @@ ViewBatch = dict[str, list[torch.Tensor]]  # {"global": [(B,3,G,G)] * n_global, 
 def sample_key(seed: int, epoch: int, index: int) -> int:
     """A 63-bit generator seed from (seed, epoch, sample index); Python's int-tuple hash is stable."""
     return hash((int(seed), int(epoch), int(index))) & 0x7FFF_FFFF_FFFF_FFFF
-
-
-class DecodedImages(Dataset):
-    """Images as uint8 (3, H, W) tensors plus their index: decoding is the only per-image work here."""
-
-    def __init__(self, paths: Sequence[str | Path], source_max_side: int | None = None) -> None:
-        self.paths = [Path(p) for p in paths]
-        self.source_max_side = source_max_side
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(np.ascontiguousarray(read_during_run(self.paths[index]))).permute(2, 0, 1)
-        side = max(image.shape[1:])
-        if self.source_max_side and side > self.source_max_side:
-            scale = self.source_max_side / side
-            size = [max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale))]
-            image = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True,
-                                  align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
-        return image, index
 
 
 def collate_decoded(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:

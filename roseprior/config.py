@@ -105,12 +105,20 @@ class DataConfig:
     split_ratios: str = "7:2:1"  # train:val:test, used when the data has no split of its own
     group_by: str | None = None  # manifest column whose groups never straddle splits (slide, field)
     split_seed: int = 0  # the only seed splits depend on: the test split never moves with a training seed
+    # Physical scale (roseprior.data.with_scales): with target_mpp set, every image is resampled to that many
+    # micrometres per pixel before any crop; its own scale comes from a manifest column (mpp, relative_scale)
+    # or from ``mpp`` (one value for the whole set). null: images are resized whole to image_size.
+    target_mpp: float | None = None
+    mpp: float | None = None
 
     def __post_init__(self) -> None:
         check(0.0 <= self.max_unreadable_fraction <= 1.0, "data.max_unreadable_fraction", "must be in [0, 1]",
               self.max_unreadable_fraction)
         check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
         check(self.image_size >= 8, "data.image_size", "must be at least 8 pixels", self.image_size)
+        for key in ("target_mpp", "mpp"):
+            value = getattr(self, key)
+            check(value is None or 0 < value < float("inf"), f"data.{key}", "must be a positive number or null", value)
         check(len(self.classes) == len(set(self.classes)) >= 1, "data.classes", "must list distinct class names",
               self.classes)
 

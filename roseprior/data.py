@@ -25,6 +25,7 @@ from roseprior.imageio import IMAGE_EXTENSIONS, SkippedFiles, UnreadableImage, i
 __all__ = [
     "MANIFEST_NAME",
     "SPLITS",
+    "DecodedImages",
     "ImageDataset",
     "Sample",
     "filter_readable",
@@ -34,6 +35,8 @@ __all__ = [
     "read_during_run",
     "read_manifest",
     "resolve_root",
+    "to_canonical",
+    "with_scales",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ class Sample:
     domain: str | None = None
     group: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    zoom: float | None = None  # resampling factor to the canonical scale (``with_scales``); None: not resampled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +311,79 @@ def resolve_root(data_cfg: Any) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# Physical scale
+# ---------------------------------------------------------------------------------------------
+
+SCALE_COLUMNS = ("mpp", "relative_scale")  # manifest columns giving an image's scale
+
+
+def with_scales(samples: Sequence[Sample], data_cfg: Any) -> list[Sample]:
+    """``samples`` with ``zoom`` set to the factor that brings each image to ``data.target_mpp``.
+
+    An image's scale comes from its manifest row (``mpp``: micrometres per pixel, or
+    ``relative_scale`` as ``roseprior scale`` writes it: 2.0 = objects appear twice as large as at
+    the canonical scale), else from ``data.mpp`` (one scale for the whole set). Without
+    ``data.target_mpp`` nothing changes: images are resized whole to ``image_size`` as before.
+    """
+    if data_cfg.target_mpp is None:
+        if any(s.extra.get("mpp") for s in samples):
+            log.warning("the manifest gives each image's mpp but data.target_mpp is null: images are resized whole to "
+                        "image_size, whatever their scale; set data.target_mpp to resample them to one scale")
+        return list(samples)
+    out = []
+    for sample in samples:
+        column = next((c for c in SCALE_COLUMNS if (sample.extra.get(c) or "").strip()), None)
+        if column is None and data_cfg.mpp is None:
+            raise DataError(f"{sample.path} has no scale: give the manifest an 'mpp' column (micrometres per pixel) "
+                            "or a 'relative_scale' column (`roseprior scale`), or set data.mpp for the whole set")
+        text = sample.extra[column].strip() if column else str(data_cfg.mpp)
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not value > 0 or value == float("inf"):
+            raise DataError(f"{sample.path}: {column or 'data.mpp'} '{text}' is not a positive number")
+        zoom = 1.0 / value if column == "relative_scale" else value / data_cfg.target_mpp
+        out.append(replace(sample, zoom=zoom))
+    return out
+
+
+def to_canonical(image: Any, zoom: float | None, max_side: int | None = None) -> Any:
+    """A uint8 (3, H, W) tensor resampled by ``zoom`` (antialiased), then shrunk so that its longer side
+    is at most ``max_side``; untouched when neither applies."""
+    import torch.nn.functional as F
+
+    factor = zoom or 1.0
+    if max_side and max(image.shape[1:]) * factor > max_side:
+        factor = max_side / max(image.shape[1:])
+    if factor == 1.0:
+        return image
+    size = [max(1, round(image.shape[1] * factor)), max(1, round(image.shape[2] * factor))]
+    return (F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=factor < 1, align_corners=False)[0]
+            .round_().clamp_(0, 255).to(image.dtype))
+
+
+def _window(image: Any, size: int, random: bool) -> Any:
+    """A ``size`` square of a canonical-scale image: centred, or placed at random (training); a side
+    shorter than ``size`` is mirrored out to it, as ``roseprior.scale.tiles`` does for a small field."""
+    import torch
+    import torch.nn.functional as F
+
+    height, width = image.shape[1:]
+    if height < size or width < size:
+        pad_h, pad_w = max(0, size - height), max(0, size - width)
+        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+        image = F.pad(image[None].float(), (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2),
+                      mode=mode)[0].to(torch.uint8)
+        height, width = image.shape[1:]
+    if random:
+        top, left = (int(torch.randint(0, n - size + 1, ())) for n in (height, width))
+    else:
+        top, left = (height - size) // 2, (width - size) // 2
+    return image[:, top : top + size, left : left + size]
+
+
+# ---------------------------------------------------------------------------------------------
 # Decoding check and the dataset
 # ---------------------------------------------------------------------------------------------
 
@@ -367,7 +444,9 @@ class ImageDataset:
     """Map-style dataset: ``ds[i]`` is ``(image, label, i)`` with ``image`` a uint8 (3, S, S) tensor.
 
     Images are resized (antialiased) to ``image_size`` square when it is given, then ``transform``
-    is applied. It is a plain class rather than a ``torch.utils.data.Dataset`` subclass so that
+    is applied. A sample with a ``zoom`` (``with_scales``) is instead resampled to the canonical
+    scale and a window of ``image_size`` is cut from it: centred, or at random with ``random_window``
+    (training), so a field is never squeezed into the model's input. It is a plain class rather than a ``torch.utils.data.Dataset`` subclass so that
     importing this module (``roseprior split``, ``roseprior --help``) does not load torch;
     ``DataLoader`` needs only ``__len__`` and ``__getitem__``.
     """
@@ -377,10 +456,12 @@ class ImageDataset:
         samples: Sequence[Sample],
         image_size: int | None = None,
         transform: Callable[[Any], Any] | None = None,
+        random_window: bool = False,
     ):
         self.samples = list(samples)
         self.image_size = image_size
         self.transform = transform
+        self.random_window = random_window
         self._warned_small = False  # one warning per dataset (per worker process), not per image
 
     def __len__(self) -> int:
@@ -392,7 +473,11 @@ class ImageDataset:
         sample = self.samples[index]
         image = torch.from_numpy(read_during_run(sample.path)).permute(2, 0, 1).contiguous()
         size = self.image_size
-        if size is not None:
+        if sample.zoom is not None:
+            image = to_canonical(image, sample.zoom)
+            if size is not None:
+                image = _window(image, size, self.random_window)
+        elif size is not None:
             height, width = image.shape[-2:]
             if (height < size or width < size) and not self._warned_small:
                 self._warned_small = True
@@ -408,3 +493,23 @@ class ImageDataset:
         if self.transform is not None:
             image = self.transform(image)
         return image, sample.label, index
+
+
+class DecodedImages:
+    """Images as uint8 (3, H, W) tensors plus their index, for views cut later (pretraining): each at
+    the canonical scale when its sample has a ``zoom``, and no longer than ``source_max_side``."""
+
+    def __init__(self, samples: Sequence[Sample | str | Path], source_max_side: int | None = None) -> None:
+        self.samples = [s if isinstance(s, Sample) else Sample(str(s)) for s in samples]
+        self.source_max_side = source_max_side
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        import numpy as np
+        import torch
+
+        sample = self.samples[index]
+        image = torch.from_numpy(np.ascontiguousarray(read_during_run(sample.path))).permute(2, 0, 1)
+        return to_canonical(image, sample.zoom, self.source_max_side), index

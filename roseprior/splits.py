@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from roseprior.data import MANIFEST_NAME, SPLITS, Sample, load_labelled
+from roseprior.data import MANIFEST_NAME, SPLITS, Sample, load_labelled, with_scales
 from roseprior.errors import ConfigError, DataError
 
 __all__ = [
@@ -294,8 +294,8 @@ def split_fingerprint(splits: dict[str, list[Sample]]) -> str:
     """A digest of which image (absolute path) with which label is in which split."""
     digest = hashlib.sha256()
     for name in SPLITS:
-        for path, label in sorted((os.path.abspath(s.path), s.label) for s in splits.get(name, [])):
-            digest.update(f"{name}\0{path}\0{label}\n".encode())
+        for path, label, zoom in sorted((os.path.abspath(s.path), s.label, s.zoom or 0) for s in splits.get(name, [])):
+            digest.update((f"{name}\0{path}\0{label}" + (f"\0{zoom:.6g}" if zoom else "") + "\n").encode())
     return digest.hexdigest()[:20]
 
 
@@ -333,7 +333,7 @@ def resolve_splits(data_cfg, root: str | Path | None = None) -> SplitSet:
         inner = split_samples(splits["train"], "4:1:0", group_by=data_cfg.group_by, seed=seed)
         splits["train"], splits["val"] = inner["train"], inner["val"]
         source += "; val carved from train (4:1)"
-    return SplitSet(splits, source)
+    return SplitSet({name: with_scales(part, data_cfg) for name, part in splits.items()}, source)
 
 
 IMAGE_LIST = "training_images.csv"

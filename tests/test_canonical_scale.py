@@ -1,0 +1,119 @@
+"""Physical scale as a property of every image: a manifest ``mpp`` column (or ``data.mpp``) and
+``data.target_mpp`` bring every stage's images to one scale before any crop, and predict asks for
+the fields' scale when the run was trained that way."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from roseprior.config import DataConfig
+from roseprior.data import DecodedImages, ImageDataset, Sample, read_manifest, with_scales
+from roseprior.errors import ConfigError, DataError
+from roseprior.scale import resample
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def two_magnifications(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Each synthetic field twice: as drawn (0.5 um/px), and its centre through an objective twice as strong
+    (0.25 um/px: the same pixel count, half the field of view)."""
+    from roseprior.synth import generate
+
+    tmp = tmp_path_factory.mktemp("mpp")
+    data = generate(tmp / "fields", n_per_class=6, size=128, seed=3, progress=False)
+    rows = []
+    for path in sorted(data.rglob("*.jpg")):
+        label = path.parent.name
+        image = np.asarray(Image.open(path).convert("RGB"))
+        big = tmp / "big" / label / path.name
+        big.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(resample(image[32:96, 32:96], 2.0)).save(big, quality=95)
+        rows += [(str(path), label, "0.5", path.stem), (str(big), label, "0.25", path.stem)]
+    manifest = tmp / "manifest.csv"
+    with manifest.open("w", newline="") as fh:
+        csv.writer(fh).writerows([("path", "label", "mpp", "group"), *rows])
+    return manifest
+
+
+def _pairs(samples: list[Sample], size: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    dataset = ImageDataset(samples, image_size=size)
+    return [(dataset[i][0].float(), dataset[i + 1][0].float()) for i in range(0, len(samples), 2)]
+
+
+def test_one_field_at_two_magnifications_meets_at_the_canonical_scale(two_magnifications: Path) -> None:
+    samples = read_manifest(two_magnifications, ["N", "P"])
+    canonical = with_scales(samples, DataConfig(target_mpp=0.5))
+    assert [s.zoom for s in canonical[:2]] == [1.0, 0.5]
+    same = np.mean([(a - b).abs().mean().item() for a, b in _pairs(canonical, 64)])
+    squeezed = np.mean([(a - b).abs().mean().item() for a, b in _pairs(samples, 64)])
+    print(f"mean |difference| at the canonical scale {same:.2f}, squeezed into image_size {squeezed:.2f}")
+    assert same < 6.0 and squeezed > 5 * same
+    # At a finer canonical scale the whole field doubles, the enlarged one stays; windows are cut from them.
+    finer = with_scales(samples[:2], DataConfig(target_mpp=0.25))
+    decoded = DecodedImages(finer)
+    assert (decoded[0][0].shape[1:], decoded[1][0].shape[1:]) == ((256, 256), (128, 128))
+    assert ImageDataset(finer, image_size=96)[0][0].shape == (3, 96, 96)
+    # A field smaller than image_size is mirrored out to it, not stretched.
+    coarse = with_scales(samples[:1], DataConfig(target_mpp=2.0))
+    assert DecodedImages(coarse)[0][0].shape[1:] == (32, 32)
+    assert ImageDataset(coarse, image_size=64)[0][0].shape == (3, 64, 64)
+
+
+def test_random_windows_move_and_centred_ones_do_not(two_magnifications: Path) -> None:
+    samples = with_scales(read_manifest(two_magnifications, ["N", "P"])[:1], DataConfig(target_mpp=0.25))
+    torch.manual_seed(0)
+    random = ImageDataset(samples, image_size=64, random_window=True)
+    centred = ImageDataset(samples, image_size=64)
+    assert torch.equal(centred[0][0], centred[0][0])
+    assert any(not torch.equal(random[0][0], random[0][0]) for _ in range(5))
+
+
+def test_scales_come_from_the_row_then_the_config_and_bad_ones_name_the_file(tmp_path: Path) -> None:
+    rows = [Sample("a.jpg", 0, extra={"mpp": "0.5"}), Sample("b.jpg", 1, extra={"relative_scale": "2"}),
+            Sample("c.jpg", 1)]
+    zooms = [s.zoom for s in with_scales(rows, DataConfig(target_mpp=0.25, mpp=1.0))]
+    assert zooms == [2.0, 0.5, 4.0]
+    assert [s.zoom for s in with_scales(rows, DataConfig())] == [None] * 3  # no target: as before
+    with pytest.raises(DataError, match="c.jpg has no scale.*data.mpp"):
+        with_scales(rows, DataConfig(target_mpp=0.25))
+    with pytest.raises(DataError, match="a.jpg: mpp 'x' is not a positive number"):
+        with_scales([Sample("a.jpg", extra={"mpp": "x"})], DataConfig(target_mpp=0.25))
+    with pytest.raises(ConfigError, match="data.target_mpp"):
+        DataConfig(target_mpp=-1.0)
+
+
+def test_finetune_predict_and_pretrain_run_at_the_canonical_scale(two_magnifications: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from finetune.__main__ import main as finetune_main
+    from finetune.predict import main as predict_main
+    from pretrain.__main__ import main as pretrain_main
+    from roseprior.splits import resolve_splits
+
+    cfg = DataConfig(root=str(two_magnifications), target_mpp=0.5, image_size=64, group_by="group")
+    split = resolve_splits(cfg)
+    assert {s.zoom for part in split.splits.values() for s in part} == {1.0, 0.5}
+    assert split.fingerprint != resolve_splits(DataConfig(root=str(two_magnifications), image_size=64,
+                                                          group_by="group")).fingerprint
+    common = [f"data.root={two_magnifications}", "data.target_mpp=0.5", "data.image_size=64", "data.group_by=group",
+              "train.batch_size=4"]
+    out = tmp_path / "ft"
+    assert finetune_main(["--config", str(REPO / "configs/finetune/msht_tiny_cpu.yaml"), *common, f"out_dir={out}",
+                          "train.epochs=1", "train.max_steps=2", "cam.enabled=false", "sam=off"]) == 0
+    scale = json.loads((out / "best.json").read_text())["scale"]
+    assert scale["target_mpp"] == 0.5 and 0.5 <= scale["input_per_native"] <= 1.0
+    fields = two_magnifications.parent / "big"
+    assert predict_main(["--ckpt", str(out), "--images", str(fields), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "--mpp VALUE" in capsys.readouterr().err
+    assert predict_main(["--ckpt", str(out), "--images", str(fields), "--out", str(tmp_path / "p.csv"),
+                         "--mpp", "0.25"]) == 0
+    assert len(list(csv.DictReader((tmp_path / "p.csv").open()))) == 12
+    assert pretrain_main(["--config", str(REPO / "configs/pretrain/simclr_msht_tiny_cpu.yaml"), *common,
+                          f"out_dir={tmp_path / 'pt'}", "train.max_steps=2"]) == 0
