@@ -54,16 +54,17 @@ def time_step(cfg) -> float:
     import backbones
     from pretrain.loop import ViewCollate, make_step, pretrain_images
     from pretrain.methods import build_method
-    from pretrain.views import DecodedImages, MultiCropViews
+    from pretrain.views import DecodedImages, MultiCropViews, StainBank
     from roseprior.loop import make_accelerator
 
     accelerator = make_accelerator("no")
     method = build_method(cfg.method, backbones.create(cfg.model.name, **cfg.model.kwargs)).train()
     optimizer = torch.optim.AdamW(backbones.param_groups(method, cfg.train.lr, cfg.train.weight_decay))
     _, samples, _ = pretrain_images(cfg)
-    dataset = DecodedImages([s.path for s in samples[: cfg.train.batch_size]])
-    collate, step = ViewCollate(MultiCropViews(cfg.views, seed=cfg.seed)), make_step(accelerator, method, optimizer,
-                                                                                      cfg, None)
+    dataset = DecodedImages(samples[: cfg.train.batch_size])
+    bank = StainBank.build(dataset) if cfg.views.stain_swap else None
+    collate = ViewCollate(MultiCropViews(cfg.views, seed=cfg.seed, stain_bank=bank))
+    step = make_step(accelerator, method, optimizer, cfg, None)
     times = []
     for _ in range(2):
         start = time.perf_counter()

@@ -116,6 +116,9 @@ class ViewsConfig:
     hed_strength: float = 0.05  # Tellez et al.'s HED-light; 0.2 is HED-strong
     white_balance: float = 0.1
     brightness: float = 0.1
+    # Probability that a view is rendered in the stain strength of another training image, of another
+    # domain when the data has domains (``views.StainBank``): the pretext task cannot match views by stain.
+    stain_swap: float = 0.0
     blur_prob: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # global 1, global 2, locals
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # pixels of the output crop
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -139,7 +142,7 @@ class ViewsConfig:
               "must be [low, high] with 0 <= low <= high", self.blur_sigma)
         check(len(self.blur_prob) == 3 and all(0 <= p <= 1 for p in self.blur_prob), "views.blur_prob",
               "must be 3 probabilities (global 1, global 2, locals)", self.blur_prob)
-        for key in ("hed_strength", "white_balance", "brightness", "color_prob"):
+        for key in ("hed_strength", "white_balance", "brightness", "color_prob", "stain_swap"):
             check(0.0 <= getattr(self, key) <= 1.0, f"views.{key}", "must be in [0, 1]", getattr(self, key))
         check(len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0, "views.mean",
               "and views.std must be 3 numbers each, std > 0", (self.mean, self.std))

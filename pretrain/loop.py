@@ -30,7 +30,7 @@ from roseprior.splits import SplitSet, is_labelled, resolve_splits, split_finger
 
 from .config import PretrainConfig
 from .methods import build_method
-from .views import DecodedImages, MultiCropViews, collate_decoded
+from .views import DecodedImages, MultiCropViews, StainBank, collate_decoded
 
 __all__ = ["make_step", "pretrain_images", "run"]
 
@@ -104,7 +104,7 @@ def run(cfg: PretrainConfig) -> Path:
         raise DataError(f"no readable images under {root}")
     dataset = DecodedImages(samples, cfg.views.source_max_side)
     loop.plan(len(dataset))
-    views = MultiCropViews(cfg.views, seed=cfg.seed)
+    views = MultiCropViews(cfg.views, seed=cfg.seed, stain_bank=StainBank.build(dataset) if cfg.views.stain_swap else None)
     views_on_device = cfg.views.device == "device" or (cfg.views.device == "auto" and accelerator.device.type != "cpu")
 
     # ====== preparing model and loss ======

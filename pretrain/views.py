@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -29,13 +30,13 @@ from roseprior.data import DecodedImages
 from .config import ViewsConfig
 
 __all__ = [
-    "DecodedImages", "MultiCropViews", "ViewBatch", "collate_decoded", "crop_resize_cpu", "dihedral_sorted",
+    "DecodedImages", "MultiCropViews", "StainBank", "ViewBatch", "collate_decoded", "crop_resize_cpu", "dihedral_sorted",
     "multicrop_forward", "pad_to_batch", "sample_key",
     "shift_log_image", "stain_and_acquisition_shift",
 ]
 
 # Columns of the per-view uniform draws (one (n_views, _NUM_DRAWS) tensor per sample).
-_SCALE, _ASPECT, _X, _Y, _HFLIP, _UNUSED, _ROT, _COLOR, _BLUR, _SIGMA, _BRIGHT = range(11)
+_SCALE, _ASPECT, _X, _Y, _HFLIP, _SWAP, _ROT, _COLOR, _BLUR, _SIGMA, _BRIGHT = range(11)
 _HED = slice(11, 17)  # 3 alphas, 3 betas
 _WB = slice(17, 20)
 _NUM_DRAWS = 20
@@ -97,6 +98,44 @@ def crop_resize_cpu(images: torch.Tensor | Sequence[torch.Tensor], boxes: torch.
     return out
 
 
+@dataclass
+class StainBank:
+    """Stain strengths (``imageops.stain_strength``) of a sample of the training images, sorted by domain,
+    and the domain of every dataset index: what a stain swap draws its target from.
+
+    A swapped view of an image takes the strength of a bank image of another domain when the data
+    has domains (site folders, a manifest ``domain`` column), else of any bank image.
+    """
+
+    strengths: torch.Tensor  # (N, 3), bank rows sorted by domain
+    start: torch.Tensor  # (D,) first bank row of each domain
+    count: torch.Tensor  # (D,) bank rows of each domain
+    domain_of: torch.Tensor  # (len(dataset),) domain id of every dataset index
+
+    @classmethod
+    def build(cls, dataset: DecodedImages, max_images: int = 512) -> StainBank:
+        names = sorted({s.domain or "" for s in dataset.samples})
+        domain_of = torch.tensor([names.index(s.domain or "") for s in dataset.samples])
+        picked = torch.linspace(0, len(dataset) - 1, min(max_images, len(dataset))).round().long().unique()
+        strengths = imageops.stain_strength([dataset[int(i)][0] for i in picked])
+        order = torch.argsort(domain_of[picked], stable=True)
+        count = torch.bincount(domain_of[picked], minlength=len(names))
+        return cls(strengths[order], torch.cumsum(count, 0) - count, count, domain_of)
+
+    def swap_alpha(self, u: torch.Tensor, probability: float, source: torch.Tensor, indices: torch.Tensor
+                   ) -> torch.Tensor:
+        """(B, V, 3) HED scale factors rendering each view in its drawn target's stain, NaN where the view
+        keeps its own; ``u`` (B, V) uniforms (below ``probability``: swapped, the rest picks the target)."""
+        n = len(self.strengths)
+        own = self.domain_of[indices]
+        start, count = self.start[own][:, None], self.count[own][:, None]
+        others = torch.where(count < n, n - count, n)  # a single-domain bank: any image
+        k = (u / probability).clamp_(max=1 - 1e-9).mul_(others).long()
+        row = torch.where((count < n) & (k >= start), k + count, k)
+        alpha = (self.strengths[row] / source[:, None]).clamp_(1 / 3, 3.0)
+        return torch.where((u < probability)[..., None], alpha, torch.nan)
+
+
 class MultiCropViews:
     """``n_global`` + ``n_local`` augmented views of every image of a batch.
 
@@ -106,9 +145,10 @@ class MultiCropViews:
         >>> [v.shape for v in out["global"]], [v.shape for v in out["local"]]
     """
 
-    def __init__(self, cfg: ViewsConfig, seed: int = 0) -> None:
+    def __init__(self, cfg: ViewsConfig, seed: int = 0, stain_bank: StainBank | None = None) -> None:
         self.cfg = cfg
         self.seed = seed
+        self.stain_bank = stain_bank if cfg.stain_swap > 0 else None
         self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
 
@@ -161,21 +201,27 @@ class MultiCropViews:
         cfg = self.cfg
         return cfg.hed_strength > 0 or cfg.white_balance > 0 or cfg.brightness > 0
 
-    def augment(self, x: torch.Tensor, u: torch.Tensor, sigma: torch.Tensor, log_input: bool = False) -> torch.Tensor:
+    def augment(self, x: torch.Tensor, u: torch.Tensor, sigma: torch.Tensor, log_input: bool = False,
+                swap_alpha: torch.Tensor | None = None) -> torch.Tensor:
         """Stain and acquisition jitter, then blur: per view, on the whole batch, parameters from ``u``.
 
         ``x`` is (K, 3, S, S) float in [0, 1], or its log when ``log_input`` (what the uint8 crops
         give through a table, cheaper than computing it); ``u`` the matching (K, _NUM_DRAWS) draws;
         ``sigma`` the blur per view, sorted so the blurred views are the last ones (a contiguous
-        slice: the per-image convolution, the costliest op, runs on those alone, without a gather).
+        slice: the per-image convolution, the costliest op, runs on those alone, without a gather);
+        ``swap_alpha`` (K, 3) the stain swap's HED factors, NaN for views that keep their stain.
         """
         cfg = self.cfg
         u = u.to(device=x.device, dtype=torch.float32)
         colour = (u[:, _COLOR] < cfg.color_prob)[:, None]
-        if self.shifts_colour:
+        if self.shifts_colour or swap_alpha is not None:
             h, wb, b = cfg.hed_strength, cfg.white_balance, cfg.brightness
             alpha = torch.where(colour, 1.0 - h + 2.0 * h * u[:, _HED][:, :3], 1.0)
             beta = torch.where(colour, -h + 2.0 * h * u[:, _HED][:, 3:], 0.0)
+            if swap_alpha is not None:  # a swapped view: the target's stain strength instead of the jitter
+                swapped = ~swap_alpha[:, :1].isnan().to(x.device)
+                alpha = torch.where(swapped, swap_alpha.to(x.device, torch.float32), alpha)
+                beta = torch.where(swapped, 0.0, beta)
             gains = torch.where(colour, 1.0 - wb + 2.0 * wb * u[:, _WB], 1.0)
             delta = torch.where(colour[:, 0], -b + 2.0 * b * u[:, _BRIGHT], 0.0)
             log_x = x if log_input else x.clamp_min_(1e-6).log_()
@@ -191,7 +237,7 @@ class MultiCropViews:
         return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
     def view_group(self, source: torch.Tensor, sizes: torch.Tensor, u: torch.Tensor, size: int,
-                   is_global: bool) -> torch.Tensor:
+                   is_global: bool, swap_alpha: torch.Tensor | None = None) -> torch.Tensor:
         """(n * B, 3, size, size) normalised views, view-major, from the draws ``u`` (B, n, D).
 
         Views are processed sorted (unblurred ones by symmetry, then blurred ones by sigma), so blur runs
@@ -215,6 +261,8 @@ class MultiCropViews:
         # largest sigma needs (about half the taps of the batch's largest, on average).
         order = torch.argsort(torch.where(sigma > 0, 8.0 + sigma, symmetry.float()), stable=True)
         boxes, symmetry, rows, sigma = self.boxes(u, sizes, size, is_global)[order], symmetry[order], rows[order], sigma[order]
+        if swap_alpha is not None:
+            swap_alpha = swap_alpha.transpose(0, 1).reshape(n * batch, 3)[order]
         on_cpu = source[0].device.type == "cpu"
         if not on_cpu:  # one roi_align call for every crop of the batch
             all_crops = imageops.crop_resize(source.float().div_(255.0), boxes.to(torch.float32), size)
@@ -224,7 +272,7 @@ class MultiCropViews:
         chunk = max(1, _CHUNK_VALUES // (3 * size * size)) if on_cpu else len(order)
         for lo in range(0, len(order), chunk):
             hi = min(lo + chunk, len(order))
-            log_input = on_cpu and self.shifts_colour
+            log_input = on_cpu and (self.shifts_colour or swap_alpha is not None)
             if on_cpu:  # uint8 channels-last crops -> float (or its log) channels-first, one pass
                 crops = crop_resize_cpu(source, boxes[lo:hi], size, symmetry[lo:hi])
                 if log_input:
@@ -234,7 +282,8 @@ class MultiCropViews:
                     crops = crops.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
             else:
                 crops = dihedral_sorted(all_crops[lo:hi], symmetry[lo:hi])
-            crops = self.normalize(self.augment(crops, rows[lo:hi], sigma[lo:hi], log_input=log_input))
+            crops = self.normalize(self.augment(crops, rows[lo:hi], sigma[lo:hi], log_input=log_input,
+                                                swap_alpha=None if swap_alpha is None else swap_alpha[lo:hi]))
             out[order[lo:hi].to(out.device)] = crops  # back to view order
         return out
 
@@ -250,13 +299,18 @@ class MultiCropViews:
         if isinstance(images, torch.Tensor) and images.dtype != torch.uint8:
             images = images.mul(255.0).round_().clamp_(0, 255).byte()
         source = images
+        swap = None
+        if self.stain_bank is not None:
+            own = [img[:, : int(h), : int(w)] for img, (h, w) in zip(images, sizes.tolist(), strict=True)]
+            swap = self.stain_bank.swap_alpha(u[..., _SWAP], cfg.stain_swap, imageops.stain_strength(own), indices)
         out: ViewBatch = {}
         groups = (("global", slice(0, cfg.n_global), cfg.global_size, True),
                   ("local", slice(cfg.n_global, self.n_views), cfg.local_size, False))
         with _cpu_threads(self.cfg.cpu_threads if images[0].device.type == "cpu" else None):
             for name, views, size, is_global in groups:
                 n = views.stop - views.start
-                crops = self.view_group(source, sizes, u[:, views], size, is_global) if n else None
+                crops = self.view_group(source, sizes, u[:, views], size, is_global,
+                                        None if swap is None else swap[:, views]) if n else None
                 out[name] = list(crops.unflatten(0, (n, batch)).unbind(0)) if n else []
         return out
 

@@ -52,6 +52,7 @@ __all__ = [
     "random_white_balance",
     "rotate",
     "stain_normalize",
+    "stain_strength",
     "white_balance_shift",
     "zoom",
 ]
@@ -148,6 +149,27 @@ def hed_shift(x: torch.Tensor, alpha: ScalarOrPerImage | Sequence[float],
     od = xf.clamp_min(_MIN_INTENSITY).log_().neg_()  # clamp_min made a copy: in place is safe from here
     od = torch.einsum("bchw,bcd->bdhw", od, od_map).add_(od_bias[:, :, None, None])
     return _restore(od.neg_().exp_().clamp_(0.0, 1.0), dtype)
+
+
+def stain_strength(images: Sequence[torch.Tensor], max_pixels: int = 4096, min_od: float = 0.15) -> torch.Tensor:
+    """(B, 3) root-mean-square H, E and DAB concentration of each image's stained pixels.
+
+    What a stain swap transfers (``pretrain.views``): scaling each concentration by the ratio of two
+    images' values renders one in the other's stain strength while glass (concentration 0) stays
+    white, which Reinhard-style mean shifts would tint. ``images`` are uint8 (3, H, W), subsampled
+    on a grid to about ``max_pixels``; pixels of optical density sum below ``min_od`` are glass
+    (all pixels count when fewer than 1% are stained).
+    """
+    hed_from_rgb = _HED_FROM_RGB.to(torch.float32)
+    out = torch.empty(len(images), 3)
+    for i, image in enumerate(images):
+        step = max(1, int(math.sqrt(image.shape[1] * image.shape[2] / max_pixels)))
+        od = image[:, ::step, ::step].reshape(3, -1).T.float().div_(255.0).clamp_min_(_MIN_INTENSITY).log_().neg_()
+        stained = od.sum(1) > min_od
+        if int(stained.sum()) >= max(1, od.shape[0] // 100):
+            od = od[stained]
+        out[i] = (od.cpu() @ hed_from_rgb).square_().mean(0).sqrt_()
+    return out.clamp_min_(1e-4)
 
 
 def hed_jitter(x: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -105,6 +105,59 @@ def test_views_depend_only_on_seed_epoch_and_index():
     assert all(torch.isfinite(v).all() for v in together["global"] + together["local"])
 
 
+def _stained(strength: float, seed: int) -> torch.Tensor:
+    """A (3, 64, 64) uint8 field: cells of haematoxylin and eosin at ``strength`` times a base concentration,
+    on white glass."""
+    from roseprior.imageops import _RGB_FROM_HED
+
+    g = torch.Generator().manual_seed(seed)
+    hed = torch.zeros(64, 64, 3, dtype=torch.float64)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    for cy, cx in torch.randint(10, 54, (4, 2), generator=g).tolist():
+        r2 = (yy - cy) ** 2 + (xx - cx) ** 2
+        hed[..., 1] += 0.25 * (r2 < 100)  # cytoplasm
+        hed[..., 0] += 0.5 * (r2 < 25)  # nucleus
+    rgb = torch.exp(-(strength * hed) @ _RGB_FROM_HED)
+    return rgb.permute(2, 0, 1).mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+def test_a_swapped_view_takes_the_stain_strength_of_another_domain(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pretrain.config import ViewsConfig
+    from pretrain.views import MultiCropViews, StainBank
+    from roseprior.data import DecodedImages, Sample
+    from roseprior.imageops import stain_strength
+
+    samples = []
+    for i, (domain, strength) in enumerate([("weak", 1.0)] * 3 + [("strong", 2.0)] * 3):
+        path = tmp_path / f"{domain}{i}.png"
+        Image.fromarray(_stained(strength, i).permute(1, 2, 0).numpy()).save(path)
+        samples.append(Sample(str(path), domain=domain))
+    dataset = DecodedImages(samples)
+    bank = StainBank.build(dataset)
+    images = [dataset[i][0] for i in range(6)]
+    sizes, indices = torch.tensor([[64, 64]] * 6), torch.arange(6)
+    plain = dict(global_size=32, n_local=0, hed_strength=0.0, white_balance=0.0, brightness=0.0,
+                 blur_prob=[0.0, 0.0, 0.0], scale_mode="area", global_area=[0.6, 1.0])
+
+    def strengths(views: MultiCropViews, which: slice = slice(None)) -> torch.Tensor:
+        out = views(images[which], sizes[which], indices[which], epoch=0)["global"]
+        as_uint8 = [(v * 0.25 + 0.5).mul(255).round().clamp(0, 255).byte() for view in out for v in view]
+        return stain_strength(as_uint8)[:, :2].view(len(out), -1, 2)
+
+    own = stain_strength(images)[:, :2]
+    kept = strengths(MultiCropViews(ViewsConfig(**plain), seed=1, stain_bank=bank))
+    swapped = strengths(MultiCropViews(ViewsConfig(**plain, stain_swap=1.0), seed=1, stain_bank=bank))
+    ratio = (swapped / kept).mean(dim=(0, 2))
+    print("stain strength of swapped / kept views, per image:", ratio.round(decimals=2).tolist())
+    assert torch.allclose(kept.mean(0), own, rtol=0.15)
+    assert (ratio[:3] > 1.3).all() and (ratio[3:] < 0.77).all()  # always another domain's (2x, 0.5x)
+    # A sample's swapped views do not depend on the rest of its batch.
+    views = MultiCropViews(ViewsConfig(**plain, stain_swap=0.5), seed=1, stain_bank=bank)
+    torch.testing.assert_close(strengths(views)[:, 4:5], strengths(views, slice(4, 5)))
+
+
 def test_views_cross_magnification_puts_globals_below_locals():
     from pretrain.config import ViewsConfig
     from pretrain.views import MultiCropViews
@@ -322,11 +375,13 @@ def test_with_a_split_only_training_images_are_pretrained_on(tiny_data: Path, tm
 @pytest.mark.parametrize("method", ["dino", "simclr"])
 def test_two_processes_match_one_process_with_the_global_batch(method: str, tiny_data: Path, tmp_path: Path):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert run_in_process(tiny_overrides(tiny_data, one, method, **{"train.batch_size": 8, "train.max_steps": 3})) == 0
+    extra = {"views.n_local": 2, "views.stain_swap": 0.5} if method == "simclr" else {}  # multi-crop, swapped stains
+    assert run_in_process(tiny_overrides(tiny_data, one, method, **extra, **{"train.batch_size": 8,
+                                                                              "train.max_steps": 3})) == 0
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), "-m", "pretrain",
-           *tiny_overrides(tiny_data, two, method, **{"train.batch_size": 4, "train.max_steps": 3})]
+           *tiny_overrides(tiny_data, two, method, **extra, **{"train.batch_size": 4, "train.max_steps": 3})]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es) x batch 4" in proc.stdout + proc.stderr

@@ -1,8 +1,10 @@
 """SimCLR (Chen et al. 2020, https://arxiv.org/abs/2002.05709): contrast two views against all others.
 
 lightly's ``NTXentLoss(gather_distributed=True)`` gathers negatives from every process with gradients,
-so 2 processes x batch B see the same negatives as 1 process x batch 2B. Uses the first two global
-views; set ``views.n_local: 0`` to skip cutting local views it would not use.
+so 2 processes x batch B see the same negatives as 1 process x batch 2B. The first two global views
+are the positive pair; with ``views.n_local > 0`` each local view is also paired with both global views
+of its image (multi-crop, Caron et al. 2020), which with ``views.cross_magnification`` ties nuclear
+detail to its context. The loss is the mean over all pairs.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ class SimCLR(nn.Module):
         self.criterion = NTXentLoss(temperature=cfg.temperature, gather_distributed=True)
 
     def forward(self, views: ViewBatch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        z0, z1 = multicrop_forward(self.student, views["global"][:2])
-        loss = self.criterion(z0.float(), z1.float())
+        z0, z1, *local = (z.float() for z in multicrop_forward(self.student, views["global"][:2] + views["local"]))
+        pairs = [(z0, z1)] + [(z, g) for z in local for g in (z0, z1)]
+        loss = torch.stack([self.criterion(a, b) for a, b in pairs]).mean()
         return loss, spread_metrics(z0)
 
     def export_backbone(self, which: str = "student") -> nn.Module:
