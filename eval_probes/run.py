@@ -30,11 +30,11 @@ from eval_probes.config import ProbeConfig
 from eval_probes.data import ProbeData, class_domain_association, load_probe_data, typical_domain
 from eval_probes.features import FeatureCache, cached_features, data_fingerprint
 from eval_probes.results import PROBES, ConditionResult, ProbeScore
-from eval_probes.robustness import balanced_robustness_index, robustness_index
 from roseprior.data import ImageDataset, Sample
 from roseprior.errors import CheckpointError, ConfigError, DataError
 from roseprior.features import resolve_device
 from roseprior.probes import FittedProbes, fit_probes
+from roseprior.robustness import balanced_robustness_index, robustness_index
 
 log = logging.getLogger(__name__)
 

@@ -12,19 +12,26 @@ and the probes accept like any other:
   the stain vectors of a sample of the run's training images become the target every new field is
   mapped to before the model sees it (``best.json`` records the target; predict applies it).
 
-Continued self-supervised pretraining on the new site followed by refitting the head is the third
-route the platform plans; it is not here yet.
+- **Continued self-supervised pretraining on the new site, then the head refitted on the original
+  labels** (``--ssl-steps N``): the backbone continues with the SimCLR CPU recipe (``pretrain``,
+  ``model.init`` = the classifier's backbone, views at the classifier's input size) on the new site's
+  images; BatchNorm statistics are then re-estimated on the run's training images and the head is
+  refitted on their frozen features (the product's linear probe, C chosen on the run's validation
+  split, folded into the linear head), with temperature and operating point refitted on validation.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from roseprior.data import ImageDataset, Sample, filter_readable, find_images
@@ -37,6 +44,7 @@ from .model import Classifier, load_classifier, save_classifier
 __all__ = ["adapt", "main", "reestimate_batchnorm"]
 
 STAIN_TARGETS = 16  # training images the stain target is fitted on
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "simclr_msht_tiny_cpu.yaml"
 
 
 @torch.no_grad()
@@ -71,14 +79,14 @@ def reestimate_batchnorm(model: Classifier, samples: list[Sample], image_size: i
 
 
 def adapt(run: str | Path, images: str | Path, out: str | Path, bn: bool = True, stain: bool = False,
-          max_images: int = 2000, batch_size: int = 32) -> Path:
+          max_images: int = 2000, batch_size: int = 32, ssl_steps: int = 0) -> Path:
     """Write the adapted run into ``out`` (best.* and backbone.*, plus the run's config and image list)."""
     from roseprior.imageops import StainNormalizer
     from roseprior.splits import read_image_list
 
     run, out = Path(run), Path(out)
-    if not (bn or stain):
-        raise DataError("adapt: nothing to do; keep --bn (the default) or add --stain")
+    if not (bn or stain or ssl_steps):
+        raise DataError("adapt: nothing to do; keep --bn (the default), or add --stain or --ssl-steps N")
     if out.exists() and any(out.iterdir()):
         raise DataError(f"--out {out} is not empty; adapt writes a new run folder, choose another")
     model, meta = load_classifier(run)
@@ -101,6 +109,9 @@ def adapt(run: str | Path, images: str | Path, out: str | Path, bn: bool = True,
         meta["stain_normalization"] = normalizer.state_dict()
         adapted["stain"] = f"macenko, target fitted on {len(picked)} training images"
         transform = normalizer
+    if ssl_steps:
+        continue_pretraining(model, meta, new_site, out / "continued_pretraining", ssl_steps)
+        adapted["continued_pretraining"] = {"steps": ssl_steps, **refit_head(model, meta, run, batch_size)}
     if bn:
         augment = _training_augment(run)
         adapted["batchnorm_layers"] = reestimate_batchnorm(model, new_site, size, batch_size, transform, augment,
@@ -114,6 +125,66 @@ def adapt(run: str | Path, images: str | Path, out: str | Path, bn: bool = True,
         if (run / name).is_file():
             shutil.copyfile(run / name, out / name)
     return out
+
+
+def continue_pretraining(model: Classifier, meta: dict[str, Any], images: list[Sample], out: Path, steps: int) -> None:
+    """The classifier's backbone after ``steps`` of the SimCLR CPU recipe on ``images`` (in place)."""
+    import backbones
+    from pretrain.config import PretrainConfig
+    from pretrain.loop import run as pretrain
+    from roseprior.checkpoint import atomic_write_text
+    from roseprior.config import load_config
+
+    backbones.save(model.backbone, out / "init")
+    rows = io.StringIO()
+    csv.writer(rows, lineterminator="\n").writerows([["path"], *([s.path] for s in images)])
+    manifest = atomic_write_text(out / "new_site_images.csv", rows.getvalue())
+    size = int(meta["image_size"])
+    cfg = load_config(PretrainConfig, RECIPE, [
+        f"data.root={manifest}", f"out_dir={out / 'run'}", f"model.name={meta['backbone']}",
+        f"model.init={out / 'init'}", f"train.max_steps={steps}", "train.lr=2.0e-4", f"train.batch_size={min(256, len(images))}",
+        "train.warmup_epochs=0", f"views.global_size={size}", "views.scale_mode=area", "monitor.progress=false",
+        f"views.mean={list(model.mean.flatten().tolist())}", f"views.std={list(model.std.flatten().tolist())}"])
+    cfg.model.kwargs = dict(meta.get("backbone_kwargs") or {})
+    pretrain(cfg)
+    model.backbone.load_state_dict(backbones.load(out / "run").state_dict())
+
+
+def refit_head(model: Classifier, meta: dict[str, Any], run: Path, batch_size: int) -> dict[str, Any]:
+    """Refit the linear head on the run's training features (BatchNorm statistics of the training images
+    first), then temperature and operating point on its validation split; returns what was fitted."""
+    from roseprior.calibration import apply_temperature, fit_temperature, operating_point
+    from roseprior.config import load_config
+    from roseprior.features import extract_features
+    from roseprior.probes import ProbeProtocol, fit_linear
+    from roseprior.splits import resolve_splits
+
+    from .config import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, run / "config.yaml")
+    splits = resolve_splits(cfg.data).readable(None, cfg.data.max_unreadable_fraction).splits
+    size = int(meta["image_size"])
+    reestimate_batchnorm(model, splits["train"], size, batch_size, augment=_training_augment(run), passes=2)
+    feats = {k: extract_features(model.backbone, splits[k], size, batch_size=batch_size,
+                                 stats=(model.mean.flatten().tolist(), model.std.flatten().tolist()))
+             for k in ("train", "val")}
+    labels = {k: np.array([s.label for s in splits[k]]) for k in ("train", "val")}
+    probe = fit_linear(feats["train"], labels["train"], feats["val"], labels["val"], ProbeProtocol().linear_c)
+    scaler, linear = probe.model[0], probe.model[-1]
+    weight = linear.coef_ / scaler.scale_
+    bias = linear.intercept_ - weight @ scaler.mean_
+    if len(weight) == 1:  # binary: sklearn's one logit is P's minus N's
+        weight, bias = np.concatenate([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
+    model.head.weight.data.copy_(torch.from_numpy(weight))
+    model.head.bias.data.copy_(torch.from_numpy(bias))
+    logits = feats["val"] @ weight.T + bias
+    meta["temperature"] = fit_temperature(logits, labels["val"])
+    positive = list(meta["classes"]).index(meta.get("positive_class", meta["classes"][-1]))
+    target = meta["decision"]["target_sensitivity"]
+    point = operating_point(labels["val"] == positive, apply_temperature(logits, meta["temperature"])[:, positive],
+                            target)
+    meta["decision"] = {"threshold": point["threshold"], "target_sensitivity": target}
+    return {"head_c": probe.c, "temperature": meta["temperature"], "val_balanced_accuracy": probe.val_scores[probe.c]}
 
 
 def _training_augment(run: Path) -> Any:
@@ -143,10 +214,12 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bn", dest="bn", action="store_false", help="keep the BatchNorm statistics as trained")
     parser.add_argument("--stain", action="store_true", help="normalise inputs to the training set's stain")
     parser.add_argument("--max-images", type=int, default=2000, help="new-site images used (default 2000)")
+    parser.add_argument("--ssl-steps", type=int, default=0,
+                        help="continue self-supervised pretraining on the new site for N steps, then refit the head")
 
 
 def _run(args: argparse.Namespace) -> int:
-    path = adapt(args.run, args.images, args.out, args.bn, args.stain, args.max_images)
+    path = adapt(args.run, args.images, args.out, args.bn, args.stain, args.max_images, ssl_steps=args.ssl_steps)
     info = json.loads((path / "best.json").read_text())["adaptation"]
     print(f"adapt: wrote {path} ({', '.join(f'{k}: {v}' for k, v in info.items() if k != 'images')})")
     return 0

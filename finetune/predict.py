@@ -29,6 +29,7 @@ from roseprior.errors import CheckpointError, DataError
 from roseprior.features import resolve_device
 from roseprior.imageio import UnreadableImage, read_image
 from roseprior.progress import Progress
+from roseprior.scale import fields_scale
 from roseprior.stage import command_main
 
 __all__ = ["Predictor", "load_predictor", "main", "predict_paths"]
@@ -135,28 +136,17 @@ def _batches(paths: Sequence[Path], size: int, batch_size: int) -> Iterator[tupl
 
 
 def field_probabilities(predictor: Predictor, image: np.ndarray, scale: str | float) -> tuple[np.ndarray, float, int]:
-    """One field at the training scale: resampled by the known (``scale`` a number: objects appear that
-    many times larger than in the training fields) or estimated (``"auto"``, from its nuclei) relative
-    scale, tiled at the model's input size; the field's probabilities are the mean of its tiles'.
+    """One field at the training scale (``roseprior.scale.at_training_scale``), tiled at the model's input
+    size; the field's probabilities are the mean of its tiles'.
 
     The mean, not the maximum: one tile's call is noisy, and a maximum would let the noisiest tile of a
     large field decide it. Returns (probabilities, the relative scale used, number of tiles).
     """
-    from roseprior.scale import ScaleReference, resample, tiles
+    from roseprior.scale import at_training_scale, tiles
 
-    info = predictor.scale or {}
-    if scale == "auto":
-        if "reference" not in info:
-            raise DataError(f"--scale auto: {predictor.source} records no training scale; train it again, or give "
-                            "--scale VALUE")
-        relative = ScaleReference.from_json(info["reference"]).relative_scale(image)
-        factor = 1.0 / relative if np.isfinite(relative) else info.get("input_per_native", 1.0)
-        relative = info.get("input_per_native", 1.0) / factor
-    else:
-        relative = float(scale)
-        factor = info.get("input_per_native", 1.0) / relative
-    batch = tiles(resample(image, factor), predictor.image_size)
-    return predictor.probabilities(batch).mean(axis=0), float(relative), len(batch)
+    field, relative = at_training_scale(image, predictor.scale, scale, predictor.source)
+    batch = tiles(field, predictor.image_size)
+    return predictor.probabilities(batch).mean(axis=0), relative, len(batch)
 
 
 def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int = 16, progress: bool = True,
@@ -210,21 +200,6 @@ def _scale(text: str) -> str | float | None:
     return value
 
 
-def _scale_of_fields(predictor: Predictor, scale: str | float | None, mpp: float | None) -> str | float | None:
-    """``--scale`` as ``field_probabilities`` takes it; ``--mpp`` turned into a relative scale. A run trained
-    at a canonical scale (``data.target_mpp``) never sees whole fields squeezed into its input."""
-    target = (predictor.scale or {}).get("target_mpp")
-    if mpp is not None:
-        if target is None or scale is not None or not mpp > 0:
-            raise DataError(f"--mpp needs a positive value, no --scale, and a run trained with data.target_mpp "
-                            f"({predictor.source} has {target}); use --scale VALUE|auto instead")
-        return predictor.scale["input_per_native"] * target / mpp
-    if scale is None and target is not None:
-        raise DataError(f"{predictor.source} was trained at {target} micrometres per pixel: give the fields' scale "
-                        "with --mpp VALUE, or --scale auto to estimate it from their nuclei")
-    return scale
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -256,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         if out.is_dir():  # checked before any work, not after every prediction
             raise DataError(f"--out {out} is a folder; give the path of the CSV file to write, e.g. {out / 'preds.csv'}")
         predictor = load_predictor(args.ckpt, args.model, str(resolve_device(args.device)))
-        scale = _scale_of_fields(predictor, args.scale, args.mpp)
+        scale = fields_scale(predictor.scale, args.scale, args.mpp, predictor.source)
         paths = find_images(args.images)
         if not paths:
             raise DataError(f"no images under {args.images}")

@@ -33,6 +33,7 @@ from roseprior.loop import (
     run_identity,
     seeded_permutation,
 )
+from roseprior.scale import training_scale
 from roseprior.splits import resolve_splits, write_image_list
 
 from .augment import TrainAugment
@@ -342,24 +343,6 @@ def record_decision(out_dir: Path, decision: dict[str, Any], scale: dict[str, An
     if scale is not None:
         meta["scale"] = scale
     atomic_write_json(out_dir / "best.json", meta)
-
-
-def training_scale(samples: Sequence[Sample], image_size: int, target_mpp: float | None = None,
-                  max_images: int = 32) -> dict[str, Any]:
-    """How the model saw its training images, for ``finetune.predict --scale``: the median model-input
-    pixels per native pixel, and a ``roseprior.scale.ScaleReference`` of the model inputs (their nuclei)."""
-    from roseprior.imageio import read_image
-    from roseprior.scale import ScaleReference
-
-    picked = list(samples)[:: max(1, len(samples) // max_images)][:max_images]
-    shapes = [read_image(s.path).shape[:2] for s in picked]
-    inputs = ImageDataset(picked, image_size=image_size)
-    reference = ScaleReference.build([inputs[i][0].permute(1, 2, 0).numpy() for i in range(len(inputs))])
-    if picked and picked[0].zoom is not None:  # trained at a canonical scale (data.target_mpp)
-        return {"input_per_native": float(np.median([s.zoom for s in picked])), "target_mpp": target_mpp,
-                "reference": reference.to_json()}
-    return {"input_per_native": float(np.median([image_size / np.sqrt(h * w) for h, w in shapes])),
-            "reference": reference.to_json()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ class ModelConfig:
 
     name: str = "msht_tiny"
     kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {norm: gn}
+    init: str | None = None  # start from these weights (a backbone folder, or PATH@ARCH); null: random init
     sync_batchnorm: bool = True  # SyncBatchNorm under multi-GPU DDP (PyTorch's works on GPU only)
     export: Literal["auto", "teacher", "student"] = "auto"  # auto: the teacher when the method has one
 

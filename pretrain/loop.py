@@ -96,7 +96,7 @@ def run(cfg: PretrainConfig) -> Path:
     # ====== preparing data ======
     root, samples, split = pretrain_images(cfg)
     identity = {"data": split.fingerprint if split else split_fingerprint({"train": samples}),
-                "model": cfg.model.name, "model_kwargs": cfg.model.kwargs, "method": cfg.method.name}
+                "model": cfg.model.name, "model_kwargs": cfg.model.kwargs, "init": cfg.model.init, "method": cfg.method.name}
     loop = TrainLoop(accelerator, cfg.train, cfg.checkpoint, out_dir, identity=identity, seed=cfg.seed,
                      name="pretrain", tensorboard=cfg.monitor.tensorboard, progress=cfg.monitor.progress)
     samples = filter_readable(samples, out_dir if main else None, cfg.data.max_unreadable_fraction)
@@ -109,7 +109,8 @@ def run(cfg: PretrainConfig) -> Path:
 
     # ====== preparing model and loss ======
     set_seed(cfg.seed)  # identical initialisation on every process
-    backbone = backbones.set_input_stats(backbones.create(cfg.model.name, **cfg.model.kwargs),
+    built = backbones.load_init(cfg.model.init, cfg.model.name, **cfg.model.kwargs) if cfg.model.init else None
+    backbone = backbones.set_input_stats(built or backbones.create(cfg.model.name, **cfg.model.kwargs),
                                          cfg.views.mean, cfg.views.std)
     method = build_method(cfg.method, backbone)
     if world > 1 and accelerator.device.type == "cuda" and cfg.model.sync_batchnorm:

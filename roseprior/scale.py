@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ScaleReference", "add_parser", "nucleus_size", "resample", "tiles"]
+__all__ = ["ScaleReference", "add_parser", "at_training_scale", "fields_scale", "nucleus_size", "resample", "tiles",
+           "training_scale"]
 
 PERCENTILE = 90
 WORKING_SIZE = 8.0  # px: a measure below this is repeated on an upsampled copy
@@ -115,6 +116,68 @@ class ScaleReference:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ScaleReference:
         return cls(list(data["scales"]), list(data["sizes"]), int(data.get("images", 0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The training scale a run records, and new fields brought to it (finetune.predict)
+# ---------------------------------------------------------------------------------------------
+
+
+def training_scale(samples: Sequence[Any], image_size: int, target_mpp: float | None = None,
+                   max_images: int = 32) -> dict[str, Any]:
+    """How a model saw its training images (``best.json``'s ``scale``): the median model-input pixels per
+    native pixel, ``target_mpp`` when it was trained at a canonical scale, and a ``ScaleReference`` of the
+    model inputs (their nuclei) for ``--scale auto``. ``samples``: ``roseprior.data.Sample``s."""
+    from roseprior.data import ImageDataset
+    from roseprior.imageio import read_image
+
+    picked = list(samples)[:: max(1, len(samples) // max_images)][:max_images]
+    inputs = ImageDataset(picked, image_size=image_size)
+    reference = ScaleReference.build([inputs[i][0].permute(1, 2, 0).numpy() for i in range(len(inputs))])
+    if picked and picked[0].zoom is not None:  # trained at a canonical scale (data.target_mpp)
+        return {"input_per_native": float(np.median([s.zoom for s in picked])), "target_mpp": target_mpp,
+                "reference": reference.to_json()}
+    shapes = [read_image(s.path).shape[:2] for s in picked]
+    return {"input_per_native": float(np.median([image_size / np.sqrt(h * w) for h, w in shapes])),
+            "reference": reference.to_json()}
+
+
+def fields_scale(info: dict[str, Any] | None, scale: str | float | None, mpp: float | None, source: str
+                 ) -> str | float | None:
+    """predict's ``--scale`` and ``--mpp`` as one relative scale (or ``"auto"``, or None: resize whole fields).
+    A run trained at a canonical scale never sees whole fields squeezed into its input."""
+    from roseprior.errors import DataError
+
+    target = (info or {}).get("target_mpp")
+    if mpp is not None:
+        if target is None or scale is not None or not mpp > 0:
+            raise DataError(f"--mpp needs a positive value, no --scale, and a run trained with data.target_mpp "
+                            f"({source} has {target}); use --scale VALUE|auto instead")
+        return info["input_per_native"] * target / mpp
+    if scale is None and target is not None:
+        raise DataError(f"{source} was trained at {target} micrometres per pixel: give the fields' scale "
+                        "with --mpp VALUE, or --scale auto to estimate it from their nuclei")
+    return scale
+
+
+def at_training_scale(image: np.ndarray, info: dict[str, Any] | None, scale: str | float, source: str
+                      ) -> tuple[np.ndarray, float]:
+    """A field resampled to the scale its model was trained at, and its relative scale: known (``scale`` a
+    number: objects appear that many times larger than in the training fields) or estimated from its nuclei
+    (``"auto"``, against the reference ``info`` records)."""
+    from roseprior.errors import DataError
+
+    info = info or {}
+    if scale == "auto":
+        if "reference" not in info:
+            raise DataError(f"--scale auto: {source} records no training scale; train it again, or give --scale VALUE")
+        relative = ScaleReference.from_json(info["reference"]).relative_scale(image)
+        factor = 1.0 / relative if np.isfinite(relative) else info.get("input_per_native", 1.0)
+        relative = info.get("input_per_native", 1.0) / factor
+    else:
+        relative = float(scale)
+        factor = info.get("input_per_native", 1.0) / relative
+    return resample(image, factor), float(relative)
 
 
 # ---------------------------------------------------------------------------------------------

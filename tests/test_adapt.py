@@ -107,3 +107,24 @@ def test_adapt_refuses_a_non_empty_out(sites: dict[str, Path], tmp_path: Path, c
     assert main(["adapt", "--run", str(sites["run"]), "--images", str(sites["shifted"]), "--out",
                  str(tmp_path / "taken")]) == 2
     assert "not empty" in capsys.readouterr().err and (tmp_path / "taken" / "mine.txt").read_text() == "mine"
+
+
+def test_continued_pretraining_then_a_refitted_head_is_a_run_that_still_classifies(sites: dict[str, Path],
+                                                                                  tmp_path: Path) -> None:
+    """(c) of ``adapt``: the backbone moves (a few SimCLR steps on the new site), the head is refitted on the
+    run's own training images; a wrongly folded head (standardisation, class order) would score ~0.5."""
+    from safetensors.torch import load_file
+
+    from finetune.adapt import adapt
+    from roseprior.probes import ProbeProtocol
+
+    out = adapt(sites["run"], sites["shifted"], tmp_path / "ssl", bn=False, ssl_steps=3)
+    info = json.loads((out / "best.json").read_text())["adaptation"]["continued_pretraining"]
+    assert info["steps"] == 3 and info["head_c"] in ProbeProtocol().linear_c
+    before, after = load_file(sites["run"] / "best.safetensors"), load_file(out / "best.safetensors")
+    moved = [k for k in before if k.startswith("backbone.") and not torch.equal(before[k], after[k])]
+    assert moved and not torch.equal(before["head.weight"], after["head.weight"])
+    assert (out / "continued_pretraining" / "run" / "backbone.safetensors").is_file()
+    held = balanced_accuracy(out, sites["held"])
+    print(f"held-out site_a after continued pretraining and a refitted head: {held:.3f} (val {info['val_balanced_accuracy']:.3f})")
+    assert held > 0.65

@@ -16,11 +16,11 @@ from PIL import Image
 from eval_probes import conditions as cond_lib
 from eval_probes.config import ProbeConfig
 from eval_probes.features import FeatureCache, cached_features, data_fingerprint
-from eval_probes.robustness import robustness_index
 from roseprior.config import load_config
 from roseprior.data import Sample
 from roseprior.errors import ConfigError
 from roseprior.probes import fit_knn, fit_linear
+from roseprior.robustness import robustness_index
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,7 +266,7 @@ def test_input_statistics_travel_with_the_backbone_folder(tmp_path):
 def test_balanced_robustness_index_does_not_move_with_site_sizes():
     """The same embedding, with one site contributing 5x more images: the plain index moves, the
     class x domain-balanced one stays within its spread."""
-    from eval_probes.robustness import balanced_robustness_index
+    from roseprior.robustness import balanced_robustness_index
 
     rng = np.random.default_rng(0)
 
@@ -292,7 +292,7 @@ def test_balanced_robustness_index_does_not_move_with_site_sizes():
 
 
 def test_balanced_robustness_index_of_random_neighbours_is_its_chance_level():
-    from eval_probes.robustness import balanced_robustness_index
+    from roseprior.robustness import balanced_robustness_index
 
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, 600)
