@@ -162,6 +162,7 @@ class PretrainTrainConfig(TrainConfig):
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4  # cosine from weight_decay to this, as DINO
     clip_grad: float | None = 3.0
+    batch_by_domain: bool = False  # every global batch from one domain (Sample.domain): negatives share the site
 
 
 @dataclass

@@ -25,7 +25,15 @@ import backbones
 from roseprior.config import to_dict
 from roseprior.data import Sample, filter_readable, load_unlabeled, resolve_root, with_scales
 from roseprior.errors import DataError
-from roseprior.loop import Hooks, TrainingStopped, TrainLoop, check_finite, cosine_schedule, make_accelerator
+from roseprior.loop import (
+    Hooks,
+    TrainingStopped,
+    TrainLoop,
+    check_finite,
+    cosine_schedule,
+    domain_batches,
+    make_accelerator,
+)
 from roseprior.splits import SplitSet, is_labelled, resolve_splits, split_fingerprint, write_image_list
 
 from .config import PretrainConfig
@@ -130,7 +138,8 @@ def run(cfg: PretrainConfig) -> Path:
 
     # ====== optionally resume, then the loader from where we are ======
     loop.start(cfg, unwrapped, optimizer)
-    loader = loop.loader(dataset, ViewCollate(None if views_on_device else views), num_workers=cfg.data.num_workers)
+    order = domain_batches(cfg.seed, [s.domain for s in samples], loop.global_batch) if t.batch_by_domain else None
+    loader = loop.loader(dataset, ViewCollate(None if views_on_device else views), order, cfg.data.num_workers)
     accelerator.print(f"pretrain: {cfg.method.name} on {cfg.model.name}, {len(dataset)} images from {root}"
                       + (f" (training split: {split.source})" if split else "")
                       + f", {world} process(es) x batch {t.batch_size}, {loop.steps_per_epoch} steps/epoch, "

@@ -29,7 +29,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from roseprior.progress import Progress
 
 __all__ = [
     "Hooks", "NonFiniteLoss", "TrainLoop", "TrainingStopped", "check_finite", "check_same_run", "cosine_schedule",
-    "make_accelerator", "run_identity", "seeded_permutation",
+    "domain_batches", "make_accelerator", "run_identity", "seeded_permutation",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -147,6 +147,29 @@ def seeded_permutation(seed: int) -> Callable[[int, int], np.ndarray]:
     def order(n: int, epoch: int) -> np.ndarray:
         generator = torch.Generator().manual_seed(hash((int(seed), int(epoch), -1)) & 0x7FFF_FFFF_FFFF_FFFF)
         return torch.randperm(n, generator=generator).numpy()
+
+    return order
+
+
+def domain_batches(seed: int, domains: Sequence[str | None], batch_size: int) -> Callable[[int, int], np.ndarray]:
+    """``order(n, epoch)`` whose global batches each hold one domain's images (``Sample.domain``): the negatives
+    of a contrastive loss then share the anchor's site, so telling images apart by site earns nothing. Each
+    domain's shuffled images are cut into batches, the batches shuffled; a domain's remainder (fewer than a
+    batch) goes to the end, where mixed batches are left over. Depends on (seed, epoch) only."""
+    by_domain: dict[str | None, list[int]] = {}
+    for index, domain in enumerate(domains):
+        by_domain.setdefault(domain, []).append(index)
+
+    def order(n: int, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng(hash((int(seed), int(epoch), -3)) & 0x7FFF_FFFF_FFFF_FFFF)
+        batches, rest = [], []
+        for indices in by_domain.values():
+            shuffled = rng.permutation(indices)
+            full = len(shuffled) // batch_size * batch_size
+            batches += list(shuffled[:full].reshape(-1, batch_size))
+            rest += shuffled[full:].tolist()
+        return np.concatenate([*(batches[i] for i in rng.permutation(len(batches))),
+                               rng.permutation(np.asarray(rest, dtype=np.int64))]).astype(np.int64)
 
     return order
 

@@ -166,3 +166,18 @@ def test_a_non_finite_loss_on_one_process_stops_all_of_them(tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr[-3000:]
     outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert outcomes == ["stopped at step 1: loss is not finite on another process", "stopped at step 1: loss is nan"]
+
+
+def test_domain_batches_hold_one_domain_each_and_cover_every_image_once() -> None:
+    import numpy as np
+
+    from roseprior.loop import domain_batches
+
+    domains = ["a"] * 37 + ["b"] * 50 + [None] * 13
+    order = domain_batches(seed=3, domains=domains, batch_size=8)
+    first = order(len(domains), 0)
+    assert sorted(first.tolist()) == list(range(len(domains)))  # a permutation
+    full = [first[i : i + 8] for i in range(0, 8 * (4 + 6 + 1), 8)]  # 4 + 6 + 1 whole batches come first
+    assert all(len({domains[j] for j in batch}) == 1 for batch in full)
+    assert {domains[int(b[0])] for b in full} == {"a", "b", None}
+    assert np.array_equal(first, order(len(domains), 0)) and not np.array_equal(first, order(len(domains), 1))

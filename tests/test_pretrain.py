@@ -497,3 +497,11 @@ def test_resume_with_another_global_batch_is_refused(tiny_data: Path, tmp_path: 
     assert run_in_process(tiny_overrides(tiny_data, out, **{"train.max_steps": 4, "train.batch_size": 4})) == 2
     err = capsys.readouterr().err
     assert "global_batch: 8 there, 4 now" in err and "checkpoint.resume=never" in err
+
+
+def test_batches_by_domain_with_stain_swaps_and_locals_train(tiny_data: Path, tmp_path: Path) -> None:
+    """The site-invariant settings together (one domain per batch, swapped stains, multi-crop SimCLR)."""
+    out = tmp_path / "invariant"
+    assert run_in_process(tiny_overrides(tiny_data, out, "simclr", **{
+        "train.batch_by_domain": True, "views.stain_swap": 0.5, "views.n_local": 2, "train.max_steps": 2})) == 0
+    assert (out / "backbone.safetensors").is_file()
