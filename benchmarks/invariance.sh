@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Does self-supervision learn the site? A synthetic set with 4 domains (stain, white balance, magnification
+# differ by domain, independently of the class), the multi-crop SimCLR recipe for 150 steps with and without
+# stain swaps and batches drawn within one domain, then the probes' class x domain-balanced robustness index
+# beside random init. About 30 minutes on one core; results in README ("Results under shift").
+#   bash benchmarks/invariance.sh [OUT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+base=${1:-runs/bench/invariance}
+py=${PYTHON:-.venv/bin/python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$base"
+[ -f "$base/data/manifest.csv" ] || "$py" -m roseprior synth --out "$base/data" --n-per-class 600 --size 128 --seed 11
+arm() {  # name, overrides...
+  local out=$base/$1; shift
+  [ -f "$out/backbone.safetensors" ] || "$py" -m pretrain --config configs/pretrain/simclr_multicrop_msht_tiny_cpu.yaml \
+    data.root="$base/data/manifest.csv" out_dir="$out" train.batch_size=128 train.max_steps=150 train.epochs=100 \
+    monitor.progress=false checkpoint.every_steps=50 "$@"
+}
+arm swap_0.0 views.stain_swap=0.0
+arm swap_0.5 views.stain_swap=0.5
+arm swap_0.5_by_domain views.stain_swap=0.5 train.batch_by_domain=true
+"$py" -m eval_probes --config configs/probes/robustness_cpu.yaml out_dir="$base/probes" data.root="$base/data/manifest.csv" \
+  "checkpoints=[msht_tiny, $base/swap_0.0, $base/swap_0.5, $base/swap_0.5_by_domain]" umap=false "zooms=[0.5, 2.0]" \
+  "robustness_k=[5, 10, 20]"
