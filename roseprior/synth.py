@@ -41,7 +41,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from roseprior.errors import ConfigError, DataError
-from roseprior.synth_render import CYTOPLASM, NUCLEUS, Acquisition, Scene, draw_scene, render
+from roseprior.synth_render import (
+    BENIGN_RADIUS,
+    CYTOPLASM,
+    NUCLEUS,
+    RBC,
+    Acquisition,
+    Scene,
+    _red_blood_cells,
+    draw_scene,
+    render,
+)
 
 __all__ = ["DOMAIN_PRESETS", "MANIFEST_COLUMNS", "add_parser", "default_dataset", "generate"]
 
@@ -78,7 +88,10 @@ DOMAIN_DESCRIPTIONS = {
 }
 
 ACQUISITION_FIELDS = [f.name for f in dataclasses.fields(Acquisition) if f.name != "domain"]
-MANIFEST_COLUMNS = ["path", "label", "domain", *ACQUISITION_FIELDS]
+MANIFEST_COLUMNS = ["path", "label", "domain", *ACQUISITION_FIELDS, "defect"]
+# Fields a pathologist would not judge (issue 15), drawn independently of the class with ``defects``: defocus
+# over the whole field or one side of it, too few cells, cells buried in blood, a stain too faint to read.
+DEFECTS = ("blur", "partial_blur", "sparse", "blood", "faint")
 DEFAULT_VERSION = "synth-default-v1"
 DEFAULT_SETTINGS = dict(n_per_class=150, size=256, domains=None, confound=0.0, seed=0)
 
@@ -117,11 +130,56 @@ def _scene(label: str, class_index: int, index: int, size: int, seed: int, domai
     return rng, acq, draw_scene(rng, label, size, acq.magnification)
 
 
+def draw_defect(seed: int, class_index: int, index: int, rate: float) -> str:
+    """``none`` or one of ``DEFECTS``, from a generator of its own: clean fields stay byte-identical."""
+    if rate <= 0:
+        return "none"
+    rng = np.random.default_rng([seed, class_index, index, 15])
+    return DEFECTS[int(rng.integers(len(DEFECTS)))] if rng.random() < rate else "none"
+
+
+def _with_defect(defect: str, scene: Scene, acq: Acquisition, rng: np.random.Generator) -> Acquisition:
+    """Damage a field as a bad slide or photograph would (severities a pathologist would reject)."""
+    size = scene.layers.shape[1]
+    if defect == "sparse":  # a few cells left in one small patch of an otherwise empty smear
+        ys, xs = np.mgrid[0:size, 0:size]
+        cy, cx = rng.uniform(0.2, 0.8, 2) * size
+        keep = ((ys - cy) ** 2 + (xs - cx) ** 2 < (0.07 * size) ** 2).astype(np.float32)
+        scene.layers[NUCLEUS] *= keep
+        scene.layers[CYTOPLASM] *= keep
+    elif defect == "blood":  # red blood cells over most of the field
+        count = int(rng.uniform(900, 1400) / acq.magnification**2)
+        _red_blood_cells(rng, size, BENIGN_RADIUS * size * acq.magnification, scene.layers, min(count, 6000))
+        np.minimum(scene.layers[RBC], 1.2, out=scene.layers[RBC])
+    elif defect == "blur":
+        return dataclasses.replace(acq, blur_sigma=float(rng.uniform(3.0, 5.0)))
+    elif defect == "faint":
+        return dataclasses.replace(acq, stain_strength=round(acq.stain_strength * float(rng.uniform(0.15, 0.3)), 4))
+    return acq
+
+
+def _blur_one_side(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Defocus over 40-60% of the field, on a side drawn at random, with a soft edge (a tilted slide)."""
+    from scipy.ndimage import gaussian_filter
+
+    rgb = np.asarray(img, dtype=np.float32)
+    size = rgb.shape[0]
+    blurred = gaussian_filter(rgb, sigma=(4.0 * size / 256, 4.0 * size / 256, 0), truncate=3.0)
+    ramp = np.clip((np.arange(size) - rng.uniform(0.4, 0.6) * size) / (0.05 * size) + 0.5, 0, 1)
+    mask = ramp[None, :, None] if rng.random() < 0.5 else ramp[:, None, None]
+    mask = mask if rng.random() < 0.5 else 1.0 - mask
+    return Image.fromarray(np.clip(rgb + mask * (blurred - rgb) + 0.5, 0, 255).astype(np.uint8))
+
+
 def make_image(label: str, class_index: int, index: int, size: int, seed: int, domains: list[str],
-               confound: float, zoom: float = 1.0) -> tuple[bytes, Acquisition]:
+               confound: float, zoom: float = 1.0, defect: str = "none") -> tuple[bytes, Acquisition]:
     """Encode one field as JPEG bytes; depends on (seed, class_index, index) and settings only."""
     rng, acq, scene = _scene(label, class_index, index, size, seed, domains, confound, zoom)
+    damage = np.random.default_rng([seed, class_index, index, 16])
+    acq = _with_defect(defect, scene, acq, damage)
     img = render(scene, acq, rng)
+    if defect == "partial_blur":
+        img = _blur_one_side(img, damage)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=acq.jpeg_quality)
     return buf.getvalue(), acq
@@ -141,8 +199,8 @@ def cell_mask(label: str, index: int, size: int = 256, seed: int = 0, domains: l
 
 
 def _make_job(job: tuple) -> tuple[str, bytes, Acquisition]:
-    rel, label, class_index, index, size, seed, domains, confound, zoom = job
-    data, acq = make_image(label, class_index, index, size, seed, domains, confound, zoom)
+    rel, label, class_index, index, size, seed, domains, confound, zoom, defect = job
+    data, acq = make_image(label, class_index, index, size, seed, domains, confound, zoom, defect)
     return rel, data, acq
 
 
@@ -203,10 +261,12 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def generate(out: str | Path, n_per_class: int = 100, size: int = 256, domains: list[str] | None = None,
              confound: float = 0.0, seed: int = 0, preview: bool = False, classes: tuple[str, ...] = ("N", "P"),
-             workers: int = 1, overwrite: bool = False, progress: bool = True, zoom: float = 1.0) -> Path:
+             workers: int = 1, overwrite: bool = False, progress: bool = True, zoom: float = 1.0,
+             defects: float = 0.0) -> Path:
     """Write ``out/{N,P}/*.jpg`` and ``out/manifest.csv`` (plus ``preview.png``); returns ``out``.
 
-    ``workers > 1`` renders in processes; the files do not change with it.
+    ``workers > 1`` renders in processes; the files do not change with it. ``defects``: the fraction of
+    fields given one of ``DEFECTS`` (the manifest's ``defect`` column), whatever their class.
     """
     from roseprior.progress import Progress
 
@@ -216,8 +276,10 @@ def generate(out: str | Path, n_per_class: int = 100, size: int = 256, domains: 
     (out / MARKER).write_text("written by `roseprior synth`: `--overwrite` may replace this folder's images\n")
     for label in classes:
         (out / label).mkdir(exist_ok=True)
-    jobs = [(f"{label}/{label}_{i:05d}.jpg", label, ci, i, size, seed, domains, confound, zoom)
-            for ci, label in enumerate(classes) for i in range(n_per_class)]
+    if not 0.0 <= defects <= 1.0:
+        raise ConfigError(f"synth: --defects must be a fraction in [0, 1]; got {defects}")
+    jobs = [(f"{label}/{label}_{i:05d}.jpg", label, ci, i, size, seed, domains, confound, zoom,
+             draw_defect(seed, ci, i, defects)) for ci, label in enumerate(classes) for i in range(n_per_class)]
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
@@ -228,7 +290,7 @@ def generate(out: str | Path, n_per_class: int = 100, size: int = 256, domains: 
             bar.update()
             (out / rel).write_bytes(data)
             row = {"path": rel, "label": job[1], "domain": acq.domain}
-            row.update({k: getattr(acq, k) for k in ACQUISITION_FIELDS})
+            row.update({k: getattr(acq, k) for k in ACQUISITION_FIELDS}, defect=job[-1])
             rows.append(row)
     finally:
         bar.close()
@@ -387,6 +449,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--zoom", type=float, default=1.0,
                         help="magnify every field by this factor (0.25: 4x lower magnification); recorded per "
                              "image in the manifest's magnification column")
+    parser.add_argument("--defects", type=float, default=0.0,
+                        help="fraction of fields given a defect a pathologist would reject (blur, partial_blur, "
+                             "sparse, blood, faint; the manifest's defect column), whatever their class")
     parser.set_defaults(func=_run)
     return parser
 
@@ -394,7 +459,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def _run(args: argparse.Namespace) -> int:
     out = generate(args.out, n_per_class=args.n_per_class, size=args.size, domains=args.domains,
                    confound=args.confound, seed=args.seed, preview=args.preview, workers=args.workers,
-                   overwrite=args.overwrite, zoom=args.zoom)
+                   overwrite=args.overwrite, zoom=args.zoom, defects=args.defects)
     print(f"wrote {2 * args.n_per_class} images and {out / 'manifest.csv'}")
     if args.preview:
         print(f"preview: {out / 'preview.png'}")
