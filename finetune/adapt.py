@@ -139,11 +139,10 @@ def continue_pretraining(model: Classifier, meta: dict[str, Any], images: list[S
     rows = io.StringIO()
     csv.writer(rows, lineterminator="\n").writerows([["path"], *([s.path] for s in images)])
     manifest = atomic_write_text(out / "new_site_images.csv", rows.getvalue())
-    size = int(meta["image_size"])
     cfg = load_config(PretrainConfig, RECIPE, [
         f"data.root={manifest}", f"out_dir={out / 'run'}", f"model.name={meta['backbone']}",
         f"model.init={out / 'init'}", f"train.max_steps={steps}", "train.lr=2.0e-4", f"train.batch_size={min(256, len(images))}",
-        "train.warmup_epochs=0", f"views.global_size={size}", "views.scale_mode=area", "monitor.progress=false",
+        "train.warmup_epochs=0", f"views.global_size={meta['image_size']}", "views.scale_mode=area", "monitor.progress=false",
         f"views.mean={list(model.mean.flatten().tolist())}", f"views.std={list(model.std.flatten().tolist())}"])
     cfg.model.kwargs = dict(meta.get("backbone_kwargs") or {})
     pretrain(cfg)
@@ -171,12 +170,11 @@ def refit_head(model: Classifier, meta: dict[str, Any], run: Path, batch_size: i
     labels = {k: np.array([s.label for s in splits[k]]) for k in ("train", "val")}
     probe = fit_linear(feats["train"], labels["train"], feats["val"], labels["val"], ProbeProtocol().linear_c)
     scaler, linear = probe.model[0], probe.model[-1]
-    weight = linear.coef_ / scaler.scale_
+    weight = linear.coef_ / scaler.scale_  # the standardisation folded into the weights
     bias = linear.intercept_ - weight @ scaler.mean_
     if len(weight) == 1:  # binary: sklearn's one logit is P's minus N's
         weight, bias = np.concatenate([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
-    model.head.weight.data.copy_(torch.from_numpy(weight))
-    model.head.bias.data.copy_(torch.from_numpy(bias))
+    model.head.weight.data, model.head.bias.data = torch.from_numpy(weight).float(), torch.from_numpy(bias).float()
     logits = feats["val"] @ weight.T + bias
     meta["temperature"] = fit_temperature(logits, labels["val"])
     positive = list(meta["classes"]).index(meta.get("positive_class", meta["classes"][-1]))

@@ -174,17 +174,23 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int =
 
 
 def write_csv(out: Path, predictor: Predictor, paths: Sequence[Path], probs: dict[Path, np.ndarray],
-              unreadable: list[tuple[Path, str]]) -> Path:
+              unreadable: list[tuple[Path, str]], judge_all: bool = False) -> Path:
+    """One row per field, with its adequacy (``roseprior.adequacy``): a flagged field is called
+    ``not assessable`` rather than N or P, unless ``judge_all``."""
+    from roseprior.adequacy import COLUMNS, NOT_ASSESSABLE, measure, quality_cells
+
     reasons = dict(unreadable)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", *(f"p_{c}" for c in predictor.classes), "predicted", "error"])
+    writer.writerow(["path", *(f"p_{c}" for c in predictor.classes), "predicted", "error", *COLUMNS[1:]])
     for path in paths:
         if path in probs:
-            p = probs[path]
-            writer.writerow([str(path), *(f"{v:.6f}" for v in p), predictor.call(p), ""])
+            p, quality = probs[path], measure(read_image(path))
+            call = predictor.call(p) if quality.assessable or judge_all else NOT_ASSESSABLE
+            writer.writerow([str(path), *(f"{v:.6f}" for v in p), call, "", *quality_cells(quality)])
         else:
-            writer.writerow([str(path), *([""] * len(predictor.classes)), "", reasons.get(path, "unreadable")])
+            writer.writerow([str(path), *([""] * (len(predictor.classes) + 1)), reasons.get(path, "unreadable"),
+                             *([""] * (len(COLUMNS) - 1))])
     return atomic_write_text(out, buffer.getvalue())
 
 
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--ckpt", help="a finetune out_dir (best.safetensors + best.json)")
     source.add_argument("--model", help="a file written by python -m finetune.export (.onnx, or .pt TorchScript)")
     parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    parser.add_argument("--out", required=True, help="CSV to write: path, p_<class>..., predicted, error")
+    parser.add_argument("--out", required=True, help="CSV: path, p_<class>..., predicted, error, adequacy columns")
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ... (--ckpt)")
     parser.add_argument("--scale", default="none", type=_scale,
@@ -224,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mpp", type=float, default=None,
                         help="micrometres per pixel of the fields, for a run trained with data.target_mpp: each field "
                              "is resampled to the training scale and tiled, as with --scale")
+    parser.add_argument("--judge-all", action="store_true",
+                        help="call N or P even on fields flagged not assessable (out of focus, too few cells, faint)")
     args = parser.parse_args(argv)
 
     def run() -> int:
@@ -237,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"no images under {args.images}")
         probs, unreadable = predict_paths(predictor, paths, args.batch_size, scale=scale)
         try:
-            write_csv(out, predictor, paths, probs, unreadable)
+            write_csv(out, predictor, paths, probs, unreadable, args.judge_all)
         except OSError as err:
             raise DataError(f"cannot write {out}: {err.strerror}") from None
         print(f"finetune.predict: {len(probs)} image(s) scored with {predictor.source}, {len(unreadable)} "

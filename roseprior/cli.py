@@ -13,7 +13,7 @@ import sys
 from roseprior.errors import RosepriorError
 
 # Modules that each register one subcommand through add_parser(subparsers).
-SUBCOMMAND_MODULES = ["roseprior.synth", "roseprior.splits", "roseprior.scale", "finetune.adapt", "roseprior.demo"]
+SUBCOMMAND_MODULES = ["roseprior.synth", "roseprior.splits", "roseprior.scale", "roseprior.adequacy", "finetune.adapt", "roseprior.demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

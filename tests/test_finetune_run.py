@@ -153,8 +153,10 @@ def test_predict_scores_a_folder_and_lists_unreadable_files(run_dir, tiny_data, 
     assert float(scored[0]["p_P"]) == pytest.approx(float(p[1]), abs=1e-4)
     assert abs(float(scored[0]["p_N"]) + float(scored[0]["p_P"]) - 1) < 1e-4
     threshold = meta["decision"]["threshold"]
-    for row in scored:
-        assert row["predicted"] == ("P" if float(row["p_P"]) >= threshold - 1e-6 else "N")
+    for row in scored:  # a field flagged by the adequacy check is not called N or P (unless --judge-all)
+        expected = ("P" if float(row["p_P"]) >= threshold - 1e-6 else "N") if row["assessable"] == "true" \
+            else "not assessable"
+        assert row["predicted"] == expected and (row["assessable"] == "true") == (not row["reason"])
 
 
 def test_metrics_carry_intervals_calibration_and_an_operating_point(run_dir):
