@@ -15,6 +15,8 @@ PY=${PY:-python}
 OUT=${OUT:-runs/gpu_check}
 STEPS=${STEPS:-50}            # optimizer steps per training stage
 N_PER_CLASS=${N_PER_CLASS:-64}
+BENCH=${BENCH:-1}             # 0 skips the benchmarks
+TESTS=${TESTS:-tests}         # what pytest runs at the end (e.g. "tests/test_imageops.py")
 START=$SECONDS
 
 step() { printf '\n=== [%4d s] %s\n' "$((SECONDS - START))" "$*"; }
@@ -42,6 +44,12 @@ step "pretrain: DINO on msht, bf16 (configs/pretrain/dino_msht.yaml), $STEPS ste
     train.max_steps="$STEPS" train.precision=bf16 data.num_workers=8 monitor.progress=false
 tail -n 2 "$OUT/pretrain/metrics.jsonl"
 
+step "pretrain: multi-crop SimCLR with stain swaps and batches by domain, views cut on the GPU, bf16, $STEPS steps"
+"$PY" -m pretrain --config configs/pretrain/simclr_multicrop_msht_tiny_cpu.yaml "${DATA_ARGS[@]}" \
+    out_dir="$OUT/pretrain_invariant" train.max_steps="$STEPS" train.precision=bf16 train.batch_by_domain=true \
+    views.stain_swap=0.5 views.device=device train.batch_size=16 monitor.progress=false
+tail -n 1 "$OUT/pretrain_invariant/metrics.jsonl"
+
 step "finetune: SAM from the pretrained backbone (configs/finetune/msht_sam.yaml), $STEPS steps"
 "$PY" -m finetune --config configs/finetune/msht_sam.yaml "${DATA_ARGS[@]}" init="$OUT/pretrain" \
     out_dir="$OUT/finetune" train.max_steps="$STEPS" train.precision=bf16 data.num_workers=8
@@ -55,10 +63,17 @@ step "probes: robustness protocol on the four checkpoints (configs/probes/robust
     "checkpoints=[msht, $OUT/pretrain, $OUT/finetune, $OUT/finetune_random]" umap=false progress=false
 "$PY" -c "from roseprior.demo import summarize; print('\n'.join(summarize(__import__('pathlib').Path('$OUT/probes/report.json'))))"
 
-step "benchmarks (real sizes, on the GPU)"
-"$PY" -m benchmarks --data "$DATA" --json "$OUT/benchmarks.json"
+step "predict with adequacy, and export, on the GPU-trained classifier"
+"$PY" -m finetune.predict --ckpt "$OUT/finetune" --images "$DATA/P" --out "$OUT/preds.csv" --device cuda
+head -n 3 "$OUT/preds.csv"
 
-step "test suite"
-"$PY" -m pytest -q tests
+if [ "$BENCH" != 0 ]; then
+  step "benchmarks (real sizes, on the GPU)"
+  "$PY" -m benchmarks --data "$DATA" --json "$OUT/benchmarks.json"
+fi
+
+step "tests: $TESTS"
+# shellcheck disable=SC2086
+"$PY" -m pytest -q $TESTS
 
 step "gpu_check passed: everything above ran on $("$PY" -c 'import torch; print(torch.cuda.get_device_name())') in $((SECONDS - START)) s; outputs in $OUT"

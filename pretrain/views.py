@@ -127,7 +127,7 @@ class StainBank:
         """(B, V, 3) HED scale factors rendering each view in its drawn target's stain, NaN where the view
         keeps its own; ``u`` (B, V) uniforms (below ``probability``: swapped, the rest picks the target)."""
         n = len(self.strengths)
-        own = self.domain_of[indices]
+        own = self.domain_of[indices.cpu()]  # the loader may have put the batch on the GPU
         start, count = self.start[own][:, None], self.count[own][:, None]
         others = torch.where(count < n, n - count, n)  # a single-domain bank: any image
         k = (u / probability).clamp_(max=1 - 1e-9).mul_(others).long()
