@@ -233,6 +233,6 @@ class KnnMonitor:
         feats = {k: extract_features(backbone, v, size, batch_size=64, device=device) for k, v in self.splits.items()}
         y = {k: np.array([s.label for s in v]) for k, v in self.splits.items()}
         probe = fit_knn(feats["train"], y["train"], feats["val"], y["val"], len(self.cfg.data.classes),
-                        protocol.knn_k, protocol.knn_temperature)
+                        protocol.knn_k, protocol.knn_temperature, protocol.knn_approximate_above)
         pred = probe.predict_proba(feats["test"]).argmax(1)
         return {"knn/balanced_accuracy": float(balanced_accuracy_score(y["test"], pred)), "knn/k": probe.k}

@@ -31,11 +31,15 @@ class ProbeProtocol:
     knn_temperature: float = 0.07
     linear_c: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])  # C chosen likewise
     linear_max_iter: int = 1000
+    # kNN search is exact below this many training features, an IVF index (roseprior.knn) at or above it
+    knn_approximate_above: int = 1_000_000
 
     def __post_init__(self) -> None:
         check(bool(self.knn_k) and min(self.knn_k) >= 1, "protocol.knn_k", "must be a non-empty list of k >= 1",
               self.knn_k)
         check(self.knn_temperature > 0, "protocol.knn_temperature", "must be > 0", self.knn_temperature)
+        check(self.knn_approximate_above >= 1, "protocol.knn_approximate_above", "must be >= 1",
+              self.knn_approximate_above)
         check(bool(self.linear_c) and min(self.linear_c) > 0, "protocol.linear_c", "must be a non-empty list of C > 0",
               self.linear_c)
 
@@ -56,9 +60,10 @@ class KnnProbe:
     k: int
     temperature: float = 0.07
     val_scores: dict[int, float] = field(default_factory=dict)  # balanced accuracy per k on validation
+    approximate_above: int | None = None  # roseprior.knn.knn_search's switch to an approximate index
 
     def predict_proba(self, feats: np.ndarray, vote: str = "weighted") -> np.ndarray:
-        sims, idx = knn_search(self.train_feats, feats, self.k)
+        sims, idx = knn_search(self.train_feats, feats, self.k, approximate_above=self.approximate_above)
         return knn_vote(sims, self.train_labels[idx], self.num_classes, temperature=self.temperature, vote=vote)
 
 
@@ -70,20 +75,21 @@ def fit_knn(
     num_classes: int,
     k_grid: list[int],
     temperature: float = 0.07,
+    approximate_above: int | None = None,
 ) -> KnnProbe:
     """Choose k on validation (weighted vote); one search at the largest k serves the whole grid."""
     train_labels = np.asarray(train_labels, dtype=np.int64)
     grid = sorted({min(int(k), len(train_feats)) for k in k_grid})
     scores: dict[int, float] = {}
     if len(val_feats):
-        sims, idx = knn_search(train_feats, val_feats, max(grid))
+        sims, idx = knn_search(train_feats, val_feats, max(grid), approximate_above=approximate_above)
         neighbour_labels = train_labels[idx]
         for k in grid:
             probs = knn_vote(sims, neighbour_labels, num_classes, k=k, temperature=temperature)
             scores[k] = _balanced_accuracy(val_labels, probs)
     # Ties go to the larger k: smoother votes, better-calibrated probabilities.
     best = max(grid, key=lambda k: (scores.get(k, 0.0), k)) if scores else grid[-1]
-    return KnnProbe(train_feats, train_labels, num_classes, best, temperature, scores)
+    return KnnProbe(train_feats, train_labels, num_classes, best, temperature, scores, approximate_above)
 
 
 @dataclass
@@ -169,5 +175,6 @@ class FittedProbes:
 def fit_probes(protocol: ProbeProtocol, train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np.ndarray,
                num_classes: int, seed: int = 0) -> FittedProbes:
     """Both probes, each tuned on the validation features."""
-    return FittedProbes(fit_knn(train, y_train, val, y_val, num_classes, protocol.knn_k, protocol.knn_temperature),
+    return FittedProbes(fit_knn(train, y_train, val, y_val, num_classes, protocol.knn_k, protocol.knn_temperature,
+                                protocol.knn_approximate_above),
                         fit_linear(train, y_train, val, y_val, protocol.linear_c, protocol.linear_max_iter, seed))

@@ -84,3 +84,47 @@ def test_bad_input_is_refused():
         knn_predict(np.ones((3, 4)), [0, 1], np.ones((2, 4)), 2)
     with pytest.raises(ValueError, match="vote"):
         knn_vote(np.ones((1, 1)), np.zeros((1, 1), dtype=int), 2, vote="mean")
+
+
+@pytest.mark.parametrize("engine", ["faiss", "blas", "auto"])
+def test_every_exact_engine_finds_the_same_neighbours(features, engine):
+    import roseprior.knn as knn
+
+    train, labels, query = features
+    knn._FASTER.clear()
+    sims, idx = knn_search(train, query, 20, engine=engine)
+    ref_sims, ref_idx, _ = _torch_knn(train, labels, query, 20, 4, 0.07, "weighted")
+    np.testing.assert_array_equal(idx, ref_idx.numpy())
+    np.testing.assert_allclose(sims, ref_sims.numpy(), atol=1e-5)
+    if engine == "auto":  # the first search of a size class measured both engines and kept the faster
+        assert list(knn._FASTER.values())[0] in ("faiss", "blas")
+
+
+def _clustered(n: int, dim: int, centres: int, seed: int) -> np.ndarray:
+    """Embeddings as real ones are: clusters (classes, cell types), not noise."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((centres, dim)).astype(np.float32)
+    return means[rng.integers(centres, size=n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
+
+
+def test_the_approximate_index_keeps_recall_at_20_and_switches_at_its_threshold():
+    train, query = _clustered(20_000, 64, 50, 0), _clustered(300, 64, 50, 1)
+    _, exact = knn_search(train, query, 20, engine="blas")
+    _, approx = knn_search(train, query, 20, approximate_above=10_000)
+    recall = np.mean([len(set(a) & set(e)) / 20 for a, e in zip(approx, exact, strict=True)])
+    print(f"IVF recall@20 on 20,000 clustered embeddings: {recall:.3f}")
+    assert recall >= 0.95 and (approx >= 0).all()
+    _, below = knn_search(train, query, 20, approximate_above=50_000)  # under the threshold: exact
+    np.testing.assert_array_equal(below, exact)
+
+
+def test_the_probes_pass_their_threshold_to_the_search():
+    from roseprior.probes import ProbeProtocol, fit_probes
+
+    train, query = _clustered(3000, 16, 4, 2), _clustered(200, 16, 4, 3)
+    labels = np.arange(3000) % 2
+    fitted = fit_probes(ProbeProtocol(knn_k=[5], linear_c=[1.0], knn_approximate_above=1000), train, labels,
+                        query, np.arange(200) % 2, 2)
+    assert fitted.knn.approximate_above == 1000
+    with pytest.raises(Exception, match="knn_approximate_above"):
+        ProbeProtocol(knn_approximate_above=0)
