@@ -117,8 +117,7 @@ def run(cfg: PretrainConfig) -> Path:
 
     # ====== preparing model and loss ======
     set_seed(cfg.seed)  # identical initialisation on every process
-    built = backbones.load_init(cfg.model.init, cfg.model.name, **cfg.model.kwargs) if cfg.model.init else None
-    backbone = backbones.set_input_stats(built or backbones.create(cfg.model.name, **cfg.model.kwargs),
+    backbone = backbones.set_input_stats(backbones.load_init(cfg.model.init, cfg.model.name, **cfg.model.kwargs),
                                          cfg.views.mean, cfg.views.std)
     method = build_method(cfg.method, backbone)
     if world > 1 and accelerator.device.type == "cuda" and cfg.model.sync_batchnorm:

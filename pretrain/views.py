@@ -199,7 +199,7 @@ class MultiCropViews:
     @property
     def shifts_colour(self) -> bool:
         cfg = self.cfg
-        return cfg.hed_strength > 0 or cfg.white_balance > 0 or cfg.brightness > 0
+        return cfg.hed_strength > 0 or cfg.white_balance > 0 or cfg.brightness > 0 or self.stain_bank is not None
 
     def augment(self, x: torch.Tensor, u: torch.Tensor, sigma: torch.Tensor, log_input: bool = False,
                 swap_alpha: torch.Tensor | None = None) -> torch.Tensor:
@@ -214,7 +214,7 @@ class MultiCropViews:
         cfg = self.cfg
         u = u.to(device=x.device, dtype=torch.float32)
         colour = (u[:, _COLOR] < cfg.color_prob)[:, None]
-        if self.shifts_colour or swap_alpha is not None:
+        if self.shifts_colour:
             h, wb, b = cfg.hed_strength, cfg.white_balance, cfg.brightness
             alpha = torch.where(colour, 1.0 - h + 2.0 * h * u[:, _HED][:, :3], 1.0)
             beta = torch.where(colour, -h + 2.0 * h * u[:, _HED][:, 3:], 0.0)
@@ -272,7 +272,7 @@ class MultiCropViews:
         chunk = max(1, _CHUNK_VALUES // (3 * size * size)) if on_cpu else len(order)
         for lo in range(0, len(order), chunk):
             hi = min(lo + chunk, len(order))
-            log_input = on_cpu and (self.shifts_colour or swap_alpha is not None)
+            log_input = on_cpu and self.shifts_colour
             if on_cpu:  # uint8 channels-last crops -> float (or its log) channels-first, one pass
                 crops = crop_resize_cpu(source, boxes[lo:hi], size, symmetry[lo:hi])
                 if log_input:

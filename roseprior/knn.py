@@ -76,6 +76,9 @@ def _blas_search(train: np.ndarray, query: np.ndarray, k: int, chunk: int = 1024
     return sims_out, idx_out
 
 
+_EXACT = {"faiss": _faiss_search, "blas": _blas_search}  # the exact engines, by the name ``engine`` takes
+
+
 def ivf_index(train: np.ndarray, seed: int = 0) -> Any:
     """faiss ``IndexIVFFlat`` over L2-normalised ``train``: sqrt(N) lists from k-means on a sample of 64 rows
     per list, 4% of the lists (at least 12) probed per query (recall@20 >= 0.95 on clustered embeddings, tests/test_knn.py)."""
@@ -93,7 +96,8 @@ def ivf_index(train: np.ndarray, seed: int = 0) -> Any:
 def knn_search(train: Any, query: Any, k: int, normalize: bool = True, engine: Engine = "auto",
                approximate_above: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k cosine neighbours of each query row among the train rows: exact, unless the train set has at
-    least ``approximate_above`` rows (then an IVF index; -1 marks a neighbour it did not find).
+    least ``approximate_above`` rows (then ``ivf_index``; a query whose probed lists hold fewer than k rows
+    is searched exactly).
 
     Returns ``(sims, indices)``, both ``(Q, k')`` with ``k' = min(k, N)``, sorted by decreasing
     similarity; ``sims`` float32, ``indices`` int64 into ``train``.
@@ -115,7 +119,7 @@ def knn_search(train: Any, query: Any, k: int, normalize: bool = True, engine: E
         if len(short):
             sims[short], indices[short] = _faiss_search(train_np, query_np[short], k)
     elif engine != "auto":
-        sims, indices = (_faiss_search if engine == "faiss" else _blas_search)(train_np, query_np, k)
+        sims, indices = _EXACT[engine](train_np, query_np, k)
     else:
         sims, indices = _measured_search(train_np, query_np, k)
     return sims.astype(np.float32, copy=False), indices.astype(np.int64, copy=False)
@@ -129,9 +133,9 @@ def _measured_search(train: np.ndarray, query: np.ndarray, k: int) -> tuple[np.n
         return _faiss_search(train, query, k)
     size = (round(math.log2(len(train))), round(math.log2(len(query))), round(math.log2(train.shape[1])))
     if size in _FASTER:
-        return (_faiss_search if _FASTER[size] == "faiss" else _blas_search)(train, query, k)
+        return _EXACT[_FASTER[size]](train, query, k)
     times, results = {}, {}
-    for name, search in (("faiss", _faiss_search), ("blas", _blas_search)):
+    for name, search in _EXACT.items():
         start = time.perf_counter()
         results[name] = search(train, query, k)
         times[name] = time.perf_counter() - start

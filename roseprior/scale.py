@@ -101,9 +101,10 @@ class ScaleReference:
         sizes = [float(np.nanmedian([nucleus_size(resample(img, s)) for img in images])) for s in scales]
         return cls(list(scales), sizes, len(images))
 
-    def relative_scale(self, image: np.ndarray) -> float:
-        """How many times larger the objects of ``image`` appear than those of the reference."""
-        size = nucleus_size(image)
+    def relative_scale(self, image: np.ndarray, size: float | None = None) -> float:
+        """How many times larger the objects of ``image`` appear than those of the reference (``size``: its
+        ``nucleus_size`` when already measured)."""
+        size = nucleus_size(image) if size is None else size
         if not np.isfinite(size) or not self.scales:
             return float("nan")
         log_sizes = np.maximum.accumulate(np.log(np.asarray(self.sizes)))  # the measure grows with scale
@@ -226,7 +227,8 @@ def _run(args: argparse.Namespace) -> int:
         for path in paths:
             try:
                 image = read_image(path)
-                writer.writerow([str(path), f"{reference.relative_scale(image):.4f}", f"{nucleus_size(image):.3f}", ""])
+                size = nucleus_size(image)  # measured once: relative_scale reads it off the reference's curve
+                writer.writerow([str(path), f"{reference.relative_scale(image, size):.4f}", f"{size:.3f}", ""])
             except UnreadableImage as err:
                 writer.writerow([str(path), "", "", err.reason])
             progress.update()
