@@ -7,7 +7,7 @@ Two numbers from one run, same config, same process:
 - ceiling: the same method, optimizer and step sequence on one batch of views made once and kept
   on the device, so no data work at all.
 
-Their ratio is how much of the model's speed the data pipeline lets through (aim: >= 0.85). The
+Their ratio is how much of the model's speed the data pipeline lets through (aim: >= 0.9). The
 time to make one batch of views alone is printed too, so a low ratio shows where time goes.
 
     python benchmarks/pretrain_throughput.py [--config configs/pretrain/dino_msht_tiny_cpu.yaml] [--steps 6]
@@ -143,6 +143,9 @@ def measure(argv: list[str] | None = None) -> dict[str, Any]:
 
     from pretrain.config import PretrainConfig
     from roseprior.config import load_config
+    from roseprior.loop import keep_freed_memory
+
+    keep_freed_memory()  # the loop's allocator setting, for the ceiling too (it speeds the step itself on a CPU)
 
     with tempfile.TemporaryDirectory(prefix="pretrain_throughput_") as tmp:
         overrides = [*args.overrides, f"out_dir={tmp}", f"train.max_steps={args.warmup + args.steps}",
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['warmup']} + {r['steps']} steps, {r['wall_s']:.0f} s wall including start-up")
     print(f"  end to end (disk -> views -> step): {r['end_to_end_images_per_s']:8.1f} images/s ({step_s:.2f} s/step)")
     print(f"  ceiling (views already in memory) : {r['ceiling_images_per_s']:8.1f} images/s")
-    print(f"  ratio (end to end / ceiling)      : {r['ratio']:.2f}  (aim >= 0.85)")
+    print(f"  ratio (end to end / ceiling)      : {r['ratio']:.2f}  (aim >= 0.9)")
     print(f"  making one batch of views alone   : {r['views_s_per_batch']:.2f} s ({100 * r['views_s_per_batch'] / step_s:.0f}% "
           "of an end-to-end step)")
     return 0

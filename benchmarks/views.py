@@ -78,6 +78,9 @@ def measure(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
 
     from roseprior.data import find_images
+    from roseprior.loop import keep_freed_memory
+
+    keep_freed_memory()  # as pretrain's loader does (for both pipelines: lightly's allocations alike)
     from roseprior.errors import DataError
 
     if args.root is None:
