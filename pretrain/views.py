@@ -86,16 +86,18 @@ def pad_to_batch(images: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def crop_resize_cpu(images: torch.Tensor | Sequence[torch.Tensor], boxes: torch.Tensor, size: int,
                     symmetry: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(K, 3, size, size) uint8 crops of uint8 ``images`` (a batch, or a list of (3, H, W)) at integer
-    ``boxes`` (K, 5), antialiased.
+    """(K, 3, size, size) crops of uint8 ``images`` (a batch, or a list of (3, H, W)) at integer
+    ``boxes`` (K, 5), antialiased: uint8 channels-last, or into ``out`` (any dtype and layout).
 
     The CPU path of ``imageops.crop_resize``: torchvision's CPU ``roi_align`` is single-threaded
     float code, about 8x slower here than PyTorch's uint8 antialiased bilinear resize (an AVX2
     kernel), even called once per crop. Boxes are rounded to whole pixels, as RandomResizedCrop's.
     ``symmetry`` (K,) applies each crop's flip and quarter turns (as ``dihedral_sorted``) on the
-    way into the output, which saves a pass over the crops. ``out``: a (K, size, size, 3) uint8 buffer to use.
+    way into ``out``: a quarter turn is a transposed view, which the copy into a planar ``out`` of
+    another dtype takes at almost no cost (a transposing copy alone costs a third of the resize).
     """
-    out = (torch.empty(len(boxes), size, size, 3, dtype=torch.uint8) if out is None else out).permute(0, 3, 1, 2)
+    if out is None:
+        out = torch.empty(len(boxes), size, size, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
     turns = symmetry.tolist() if symmetry is not None else [0] * len(boxes)
     for k, ((b, x1, y1, x2, y2), c) in enumerate(zip(boxes.tolist(), turns, strict=True)):
         x1, y1 = int(round(x1)), int(round(y1))
@@ -105,7 +107,7 @@ def crop_resize_cpu(images: torch.Tensor | Sequence[torch.Tensor], boxes: torch.
         if c:
             crop = crop.flip(-1) if c >= 4 else crop
             crop = torch.rot90(crop, c % 4, (-2, -1)) if c % 4 else crop
-        out[k] = crop
+        out[k].copy_(crop)
     return out
 
 
@@ -285,16 +287,16 @@ class MultiCropViews:
         for lo in range(0, len(order), chunk):
             hi = min(lo + chunk, len(order))
             log_input = on_cpu and self.shifts_colour
-            if on_cpu:  # uint8 channels-last crops -> float (or its log) channels-first, one pass
+            if on_cpu:  # crops straight into planar int32 codes (then their log) or floats
                 shape = (hi - lo, 3, size, size)
-                crops = crop_resize_cpu(source, boxes[lo:hi], size, symmetry[lo:hi],
-                                        _scratch("crops", (hi - lo, size, size, 3), torch.uint8))
                 if log_input:
-                    codes = _scratch("codes", shape, torch.int32).copy_(crops)
+                    codes = crop_resize_cpu(source, boxes[lo:hi], size, symmetry[lo:hi],
+                                            _scratch("codes", shape, torch.int32))
                     crops = torch.index_select(_LOG_OF_UINT8, 0, codes.view(-1), out=_scratch("log", (codes.numel(),),
                                                torch.float32)).view(shape)
                 else:
-                    crops = _scratch("float", shape, torch.float32).copy_(crops).div_(255.0)
+                    crops = crop_resize_cpu(source, boxes[lo:hi], size, symmetry[lo:hi],
+                                            _scratch("float", shape, torch.float32)).div_(255.0)
             else:
                 crops = dihedral_sorted(all_crops[lo:hi], symmetry[lo:hi])
             crops = self.normalize(self.augment(crops, rows[lo:hi], sigma[lo:hi], log_input=log_input,

@@ -200,13 +200,15 @@ class RunBatches(Sampler[list[int]]):
 
 
 def keep_freed_memory(*_: Any) -> None:
-    """Keep freed blocks of up to 256 MiB in this process's heap instead of handing them back to the OS.
+    """Keep freed blocks of up to 128 MiB in this process's heap instead of handing them back to the OS.
 
     glibc maps each block above 128 KiB-32 MiB afresh and unmaps it when freed, and trims the heap top,
-    so every step's new view and batch tensors are page-faulted in again, one fault per 4 KiB: 10-20% of
-    CPU view-making (``benchmarks/views.py``), on any processor. PyTorch's CPU performance guide gets the
-    same by preloading jemalloc or tcmalloc; this needs no preload. A no-op where libc is not glibc.
-    Takes and ignores a worker id, so it serves as a loader's ``worker_init_fn`` too.
+    so every step's new view, batch and activation tensors are page-faulted in again, one fault per 4 KiB:
+    10-20% of CPU view-making (``benchmarks/views.py``) and 5-10% of a CPU recipe step, on any
+    processor. PyTorch's CPU performance guide gets the same by preloading jemalloc or tcmalloc; this needs
+    no preload. Blocks above 128 MiB (a decoded 8000 x 6000 field) still go back at once, so a huge image
+    costs its memory only while it is used (``benchmarks/memory.py``: peak 0.99x with one such field).
+    A no-op where libc is not glibc. Takes and ignores a worker id: it is a loader's ``worker_init_fn`` too.
     """
     import ctypes
 
@@ -215,8 +217,8 @@ def keep_freed_memory(*_: Any) -> None:
     except (OSError, AttributeError):
         return
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    mallopt(m_mmap_threshold, 256 << 20)
-    mallopt(m_trim_threshold, 512 << 20)
+    mallopt(m_mmap_threshold, 128 << 20)
+    mallopt(m_trim_threshold, 256 << 20)
 
 
 class _RunItems:

@@ -189,21 +189,23 @@ if sys.argv[1] == "keep":
     from roseprior.loop import keep_freed_memory
     keep_freed_memory()
 faults = []
-for _ in range(3):  # a step's fresh 64 MiB tensor, written, then freed
+for _ in range(24):  # a step's fresh 48 MiB tensor, written, then freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(16 << 20).fill_(1.0)
+    torch.empty(12 << 20).fill_(1.0)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(min(faults[1:]))
+print(min(faults[1:]), max(faults[-4:]))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator is what keep_freed_memory tunes")
 def test_kept_memory_is_not_page_faulted_in_again_at_every_step() -> None:
-    def faults(mode: str) -> int:
+    def faults(mode: str) -> tuple[int, int]:
+        """(fewest faults of any step after the first, most of the last four steps)."""
         result = subprocess.run([sys.executable, "-c", _PAGE_FAULTS, mode], capture_output=True, text=True,
                                 check=True, cwd=Path(__file__).resolve().parents[1])
-        return int(result.stdout.split()[-1])
+        fewest, last = map(int, result.stdout.split()[-2:])
+        return fewest, last
 
-    pages = (64 << 20) // 4096
-    assert faults("default") > pages // 2  # glibc maps a block this large afresh each time
-    assert faults("keep") < pages // 20  # kept in the heap: the second and third steps reuse it
+    pages = (48 << 20) // 4096
+    assert faults("default")[0] > pages // 2  # glibc maps a block this large afresh at every step
+    assert faults("keep")[1] < pages // 20  # kept in the heap: once its free blocks have merged, steps reuse them
