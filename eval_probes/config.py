@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from roseprior.adequacy import AdequacyThresholds
 from roseprior.config import StageConfig, check
 from roseprior.probes import ProbeProtocol
 
@@ -43,6 +44,10 @@ class ProbeConfig(StageConfig):
     zooms: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.5, 2.0])  # 1.0 is the clean run
     domain_transfer: bool = True  # train on one domain, test on each other (when domains exist)
     shortcut_split: bool = True  # test images whose domain is typical vs atypical for their class
+    # Test images scored apart by whether roseprior.adequacy finds them assessable (focus, cells, stain), with
+    # the thresholds finetune.predict uses: is a probe right where a pathologist would not judge?
+    adequacy_split: bool = True
+    adequacy: AdequacyThresholds = field(default_factory=AdequacyThresholds)
 
     # The kNN and linear probes (k and C chosen on validation): the protocol every stage scores with.
     protocol: ProbeProtocol = field(default_factory=ProbeProtocol)

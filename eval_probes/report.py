@@ -280,6 +280,32 @@ def summary_table(rows: list[dict[str, Any]], has_domains: bool) -> str:
             f"<tbody>{''.join(body)}</tbody></table>")
 
 
+def adequacy_section(report: dict[str, Any]) -> str:
+    """How many test images ``roseprior.adequacy`` flags, and each checkpoint's probes on assessable vs flagged."""
+    counts = report["data"].get("adequacy")
+    if not counts:
+        return "<p>Adequacy split switched off (adequacy_split: false).</p>"
+    total = counts["assessable"] + counts["flagged"]
+    reasons = ", ".join(f"{html.escape(k)} {v}" for k, v in sorted(counts["reasons"].items(), key=lambda kv: -kv[1]))
+    head = ("<tr><th class='name'>checkpoint</th><th>assessable<br>kNN</th><th>flagged<br>kNN</th>"
+            "<th>assessable<br>linear</th><th>flagged<br>linear</th></tr>")
+    rows = []
+    for name, result in report["checkpoints"].items():
+        cells = [f"<td class='name'>{html.escape(name)}</td>"]
+        for probe in ("knn", "linear"):
+            for subset in ("assessable", "flagged"):
+                entry = result["conditions"].get(f"adequacy/{subset}") or {}
+                score = (entry.get("scores") or {}).get(probe) or {}
+                cells.append(f"<td>{_fmt(score.get('balanced_accuracy'))}"
+                             f"{_interval((score.get('ci95') or {}).get('balanced_accuracy'))}</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    return (f"<p><code>roseprior adequacy</code> flags {counts['flagged']} of {total} test images as not assessable"
+            f"{' (' + reasons + ')' if reasons else ''}: the fields <code>finetune.predict</code> answers "
+            "<i>not assessable</i> for. Balanced accuracy of the clean-fitted probes on each part; a probe that "
+            "is right on flagged images reads something a pathologist would not judge from.</p>"
+            f"<table>{head}{''.join(rows)}</table>")
+
+
 def detail_table(name: str, result: dict[str, Any]) -> str:
     probes = ("knn", "knn_majority", "linear")
     head = "<tr><th class='name'>condition</th>" + "".join(
@@ -339,7 +365,8 @@ def write_html(path: Path, report: dict[str, Any], runs: list[CheckpointRun], da
                          "Linear probe fitted on one domain's clean train images (rows), scored on each domain's "
                          "test images (columns).")
         assoc = next((c["notes"].get("train_class_domain_association") for r in report["checkpoints"].values()
-                      for c in r["conditions"].values() if c.get("subset") and not c["skipped"]), None)
+                      for c in r["conditions"].values() if c["family"] == "domain" and c.get("subset")
+                      and not c["skipped"]), None)
         if assoc is not None:
             domain += (f"<p>Class-domain association in the train split (Cramér's V): {assoc:.2f}. "
                        "'atypical domain' scores the test images whose domain is not their class's most "
@@ -371,6 +398,7 @@ def write_html(path: Path, report: dict[str, Any], runs: list[CheckpointRun], da
         summary_table=summary_table(rows, has_domains),
         curves=curves,
         domain=domain,
+        adequacy=adequacy_section(report),
         reliability=reliability,
         umap=umap_html,
         details="".join(detail_table(name, result) for name, result in report["checkpoints"].items()),

@@ -166,7 +166,8 @@ def seen_test_images(spec: str, data: ProbeData) -> dict[str, Any] | None:
 
 
 def evaluate_checkpoint(cfg: ProbeConfig, data: ProbeData, conditions: list[Condition], spec: str, name: str,
-                        cache: FeatureCache, device: torch.device) -> CheckpointRun:
+                        cache: FeatureCache, device: torch.device, assessable: np.ndarray | None = None
+                        ) -> CheckpointRun:
     import backbones
     from roseprior.progress import Progress
 
@@ -203,6 +204,9 @@ def evaluate_checkpoint(cfg: ProbeConfig, data: ProbeData, conditions: list[Cond
             results.update(domain_transfer(cfg, data, feats, y))
         if cfg.shortcut_split:
             results.update(shortcut_split(data, probes, feats["test"], y, clean_scores, groups))
+    if assessable is not None:
+        results.update(subset_results("adequacy", {"assessable": assessable, "flagged": ~assessable}, probes,
+                                      feats["test"], y["test"], data.positive, clean_scores, groups))
     used_stats = stats or backbones.input_stats(load_model())
     result: dict[str, Any] = {
         "spec": spec,
@@ -281,6 +285,23 @@ def domain_transfer(cfg: ProbeConfig, data: ProbeData, feats: dict[str, np.ndarr
     return out
 
 
+def subset_results(family: str, subsets: dict[str, np.ndarray], probes: FittedProbes, test_feats: np.ndarray,
+                   y_test: np.ndarray, positive: int, clean_scores: dict[str, ProbeScore],
+                   groups: list[str] | None = None, shifted: tuple[str, ...] = (), notes: dict[str, Any] | None = None
+                   ) -> dict[str, ConditionResult]:
+    """``<family>/<subset>``: the clean-fitted probes scored on each subset (a mask) of the test images."""
+    out: dict[str, ConditionResult] = {}
+    for subset, mask in subsets.items():
+        r = ConditionResult(f"{family}/{subset}", family, subset in shifted, subset=subset, notes=notes or {})
+        if mask.any():
+            r.scores, _ = score_all(probes, test_feats[mask], y_test[mask], positive, clean_scores,
+                                    [groups[i] for i in np.flatnonzero(mask)] if groups else None)
+        else:
+            r.skipped = "no test images in this subset"
+        out[r.name] = r
+    return out
+
+
 def shortcut_split(data: ProbeData, probes: FittedProbes, test_feats: np.ndarray, y: dict[str, np.ndarray],
                    clean_scores: dict[str, ProbeScore], groups: list[str] | None = None) -> dict[str, ConditionResult]:
     """``domain/typical`` and ``domain/atypical``: test images whose domain is / is not their class's
@@ -291,16 +312,33 @@ def shortcut_split(data: ProbeData, probes: FittedProbes, test_feats: np.ndarray
     is_typical = np.array([typical.get(int(label)) == d for label, d in zip(y["test"], test_dom, strict=True)])
     notes = {"train_class_domain_association": round(class_domain_association(y["train"], data.domain_of("train")), 4),
              "typical_domain": {data.classes[c]: d for c, d in typical.items()}}
-    out: dict[str, ConditionResult] = {}
-    for subset, mask in (("typical", is_typical), ("atypical", ~is_typical)):
-        r = ConditionResult(f"domain/{subset}", "domain", subset == "atypical", subset=subset, notes=notes)
-        if mask.any():
-            r.scores, _ = score_all(probes, test_feats[mask], y["test"][mask], data.positive, clean_scores,
-                                    [groups[i] for i in np.flatnonzero(mask)] if groups else None)
-        else:
-            r.skipped = "no test images in this subset"
-        out[r.name] = r
-    return out
+    return subset_results("domain", {"typical": is_typical, "atypical": ~is_typical}, probes, test_feats, y["test"],
+                          data.positive, clean_scores, groups, shifted=("atypical",), notes=notes)
+
+
+def adequacy_of_test_images(cfg: ProbeConfig, data: ProbeData) -> tuple[np.ndarray, dict[str, Any]]:
+    """Whether each test image is assessable (``roseprior.adequacy.measure`` on the image as stored), and the
+    counts per reason; an unreadable image counts as flagged."""
+    from roseprior.adequacy import measure
+    from roseprior.imageio import UnreadableImage, read_image
+    from roseprior.progress import Progress
+
+    assessable, reasons, flagged = [], Counter(), []
+    with Progress(len(data.splits["test"]), "adequacy of the test images", unit="img", enabled=cfg.progress) as bar:
+        for sample in data.splits["test"]:
+            try:
+                q = measure(read_image(sample.path), cfg.adequacy)
+                ok, why = q.assessable, [r.split(" (")[0] for r in q.reason.split("; ") if r]
+            except UnreadableImage:
+                ok, why = False, ["unreadable"]
+            assessable.append(ok)
+            reasons.update(why)
+            if not ok:
+                flagged.append(str(sample.path))
+            bar.update()
+    mask = np.array(assessable, dtype=bool)
+    return mask, {"assessable": int(mask.sum()), "flagged": int((~mask).sum()), "reasons": dict(reasons),
+                  "thresholds": vars(cfg.adequacy), "flagged_images": flagged}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +369,8 @@ def run(cfg: ProbeConfig) -> dict[str, Any]:
         log.warning("eval_probes: warning: %s", warning)
     log.info("eval_probes: %d checkpoints x %d conditions on %s", len(names), len(conditions), data.root)
 
-    runs = [evaluate_checkpoint(cfg, data, conditions, spec, name, cache, device)
+    assessable, adequacy = adequacy_of_test_images(cfg, data) if cfg.adequacy_split else (None, None)
+    runs = [evaluate_checkpoint(cfg, data, conditions, spec, name, cache, device, assessable)
             for spec, name in zip(cfg.checkpoints, names, strict=True)]
     for r in runs:
         overlap = r.result["test_overlap"]
@@ -350,6 +389,7 @@ def run(cfg: ProbeConfig) -> dict[str, Any]:
             "split_fingerprint": data.split_fingerprint,
             "domains": data.domains,
             "fingerprints": data.fingerprints,
+            "adequacy": adequacy,
         },
         "conditions": [c.describe() for c in conditions],
         "probes": list(PROBES),

@@ -27,7 +27,8 @@ def report_dir(tmp_path_factory) -> Path:
     torch.set_num_threads(2)
     tmp = tmp_path_factory.mktemp("probes")
     os.environ.setdefault("NUMBA_CACHE_DIR", str(tmp / "numba"))
-    data = generate(tmp / "data", n_per_class=20, size=64, domains=["site_a", "site_c"], seed=3, progress=False)
+    data = generate(tmp / "data", n_per_class=20, size=64, domains=["site_a", "site_c"], seed=3, progress=False,
+                    defects=0.4)  # fields a pathologist would reject, for the adequacy split
     cfg = ProbeConfig(
         checkpoints=["timm:test_vit", "timm:test_convnext"],
         out_dir=str(tmp / "out"),
@@ -66,13 +67,13 @@ def test_report_json_has_every_condition_probe_and_metric(report_dir):
     expected = {"clean", "stain/hed_0.05", "stain/hed_0.2", "stain/wb_1.1_1_0.9", "stain/brightness_+0.1",
                 "stain/macenko->site_a", "stain/macenko->site_c", "scale/0.5", "scale/2",
                 "domain/site_a->site_a", "domain/site_a->site_c", "domain/site_c->site_a", "domain/site_c->site_c",
-                "domain/typical", "domain/atypical"}
+                "domain/typical", "domain/atypical", "adequacy/assessable", "adequacy/flagged"}
     for name, result in report["checkpoints"].items():
         assert set(result["conditions"]) == expected, name
         assert result["probes"]["knn"]["k"] in (1, 5, 10) and result["probes"]["linear"]["C"] in (0.1, 1.0)
         for cond, entry in result["conditions"].items():
             assert entry["name"] == cond and entry["skipped"] is None
-            shift = {"clean": False, "stain": True, "scale": True}.get(entry["family"])
+            shift = {"clean": False, "stain": True, "scale": True, "adequacy": False}.get(entry["family"])
             if entry["family"] == "domain":
                 shift = entry["subset"] == "atypical" if entry["subset"] else entry["source_domain"] != entry["target_domain"]
             assert entry["shift"] is shift, cond
@@ -92,7 +93,25 @@ def test_report_json_has_every_condition_probe_and_metric(report_dir):
         balanced = result["robustness_index_balanced"]
         assert balanced["per_cell"] >= 1 and balanced["chance"] == 0.5 and balanced["mean"]["1"] is not None
         assert set(result["robustness_index_random_init"]["mean"]) == {"1", "2"}
+        parts = [result["conditions"][f"adequacy/{s}"]["scores"]["linear"]["n"] for s in ("assessable", "flagged")]
+        assert parts == [report["data"]["adequacy"]["assessable"], report["data"]["adequacy"]["flagged"]]
     assert (report_dir / "config.yaml").is_file()
+
+
+def test_the_adequacy_split_flags_defective_test_images_and_no_clean_one(report_dir):
+    import csv
+
+    report = json.loads((report_dir / "report.json").read_text())
+    root = Path(report["data"]["root"])
+    defect = {os.path.realpath(root / r["path"]): r["defect"] for r in csv.DictReader((root / "manifest.csv").open())}
+    adequacy = report["data"]["adequacy"]
+    flagged = [os.path.realpath(p) for p in adequacy["flagged_images"]]
+    assert adequacy["assessable"] + adequacy["flagged"] == report["data"]["splits"]["test"]
+    assert len(flagged) == adequacy["flagged"] >= 1
+    assert all(defect[p] != "none" for p in flagged), [defect[p] for p in flagged]  # no clean field is flagged
+    assert sum(adequacy["reasons"].values()) >= len(flagged) and "stain too faint" in adequacy["reasons"]
+    page = (report_dir / "report.html").read_text()
+    assert "<h2>Adequacy</h2>" in page and f"flags {adequacy['flagged']} of" in page
 
 
 def test_tensorboard_has_scalars_and_projector(report_dir):
