@@ -8,9 +8,10 @@ on such a field gives false confidence. Each measure here is a number with a mea
 - ``focus``: how sharp the field's sharpest edges are: the median, over the 10% strongest gradients, of
   gradient magnitude divided by the local intensity range (9 px window). It is about 1 / edge width in
   px, so it depends neither on contrast nor, much, on magnification (optics, not cell size, set the
-  width of an in-focus edge). ``in_focus_fraction``: the share of 64-px tiles with an edge (a local
-  range of at least 25 grey levels) whose own focus reaches ``focus_min``: a field in focus on one side
-  only scores about one half.
+  width of an in-focus edge). ``in_focus_fraction``: the share of tiles with an edge (a local range of
+  at least 25 grey levels) whose own focus reaches ``focus_min``: a field in focus on one side only
+  scores about one half. Tiles are 64 px, or an eighth of a small field's shorter side (at least 32 px),
+  so that a blurred band of a fifth of the field covers whole tiles.
 - ``cellularity``: the fraction of the field covered by nuclei, i.e. by dark stained material (mean
   optical density above 0.6; haematoxylin-stained nuclei are the darkest structures of a smear).
 - ``blood_fraction``: the fraction covered by eosinophilic material (optical density in green above
@@ -44,7 +45,7 @@ __all__ = ["COLUMNS", "NOT_ASSESSABLE", "AdequacyThresholds", "FieldQuality", "a
 COLUMNS = ["path", "focus", "in_focus_fraction", "cellularity", "blood_fraction", "stain_contrast", "assessable",
            "reason"]
 NOT_ASSESSABLE = "not assessable"  # what finetune.predict calls a flagged field instead of N or P
-TILE = 64  # px: the unit of in_focus_fraction
+TILE = 64  # px: the unit of in_focus_fraction (smaller on fields under 512 px, see ``measure``)
 EDGE_RANGE = 25.0  # grey levels: a window with less range holds no edge to measure
 NUCLEUS_OD = 0.6  # mean optical density of nuclei (natural log units)
 
@@ -54,7 +55,7 @@ class AdequacyThresholds:
     """When a field is assessable; each key's failure gives its own reason."""
 
     focus_min: float = 0.16  # per tile; an in-focus edge spans a few px (about 0.3 on sharp fields)
-    in_focus_min: float = 0.75  # share of tiles with edges that are in focus
+    in_focus_min: float = 0.7  # share of tiles with edges that are in focus
     cellularity_min: float = 0.02  # share of the field covered by nuclei
     # Share of the field covered by red blood cells. Off (1.0) by default: the colour rule cannot yet tell red
     # cells from a magenta stain, which flagged up to a third of clean magenta synthetic fields at 0.8.
@@ -93,8 +94,9 @@ def measure(image: np.ndarray, thresholds: AdequacyThresholds | None = None) -> 
     local_range = ndi.maximum_filter(gray, 9) - ndi.minimum_filter(gray, 9)
     focus = _edge_focus(gradient, local_range)
     height, width = gray.shape
-    tiles = [_edge_focus(gradient[y : y + TILE, c : c + TILE], local_range[y : y + TILE, c : c + TILE])
-             for y in range(0, max(1, height - TILE + 1), TILE) for c in range(0, max(1, width - TILE + 1), TILE)]
+    side = int(np.clip(min(height, width) // 8, TILE // 2, TILE))
+    tiles = [_edge_focus(gradient[y : y + side, c : c + side], local_range[y : y + side, c : c + side])
+             for y in range(0, max(1, height - side + 1), side) for c in range(0, max(1, width - side + 1), side)]
     measured = np.array([v for v in tiles if np.isfinite(v)])
     in_focus = float((measured >= t.focus_min).mean()) if measured.size else 0.0
     od = -np.log(np.clip(x / 255.0, 1e-3, 1.0))
