@@ -56,7 +56,7 @@ class AdequacyThresholds:
 
     focus_min: float = 0.16  # per tile; an in-focus edge spans a few px (about 0.3 on sharp fields)
     in_focus_min: float = 0.7  # share of tiles with edges that are in focus
-    cellularity_min: float = 0.02  # share of the field covered by nuclei
+    cellularity_min: float = 0.03  # share of the field covered by nuclei (real ROSE fields: 30-93%)
     # Share of the field covered by red blood cells. Off (1.0) by default: the colour rule cannot yet tell red
     # cells from a magenta stain, which flagged up to a third of clean magenta synthetic fields at 0.8.
     blood_max: float = 1.0
