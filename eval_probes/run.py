@@ -317,28 +317,16 @@ def shortcut_split(data: ProbeData, probes: FittedProbes, test_feats: np.ndarray
 
 
 def adequacy_of_test_images(cfg: ProbeConfig, data: ProbeData) -> tuple[np.ndarray, dict[str, Any]]:
-    """Whether each test image is assessable (``roseprior.adequacy.measure`` on the image as stored), and the
-    counts per reason; an unreadable image counts as flagged."""
-    from roseprior.adequacy import measure
-    from roseprior.imageio import UnreadableImage, read_image
-    from roseprior.progress import Progress
+    """Whether each test image is assessable (``roseprior.adequacy`` on the image as stored; unreadable:
+    flagged), and the counts per reason."""
+    from roseprior.adequacy import assess_paths
 
-    assessable, reasons, flagged = [], Counter(), []
-    with Progress(len(data.splits["test"]), "adequacy of the test images", unit="img", enabled=cfg.progress) as bar:
-        for sample in data.splits["test"]:
-            try:
-                q = measure(read_image(sample.path), cfg.adequacy)
-                ok, why = q.assessable, [r.split(" (")[0] for r in q.reason.split("; ") if r]
-            except UnreadableImage:
-                ok, why = False, ["unreadable"]
-            assessable.append(ok)
-            reasons.update(why)
-            if not ok:
-                flagged.append(str(sample.path))
-            bar.update()
-    mask = np.array(assessable, dtype=bool)
-    return mask, {"assessable": int(mask.sum()), "flagged": int((~mask).sum()), "reasons": dict(reasons),
-                  "thresholds": vars(cfg.adequacy), "flagged_images": flagged}
+    verdicts = [(str(path), q.reasons if q else ["unreadable"]) for path, q, _ in
+                assess_paths([s.path for s in data.splits["test"]], cfg.adequacy, cfg.progress)]
+    mask = np.array([not why for _, why in verdicts], dtype=bool)
+    return mask, {"assessable": int(mask.sum()), "flagged": int((~mask).sum()), "thresholds": vars(cfg.adequacy),
+                  "reasons": dict(Counter(r for _, why in verdicts for r in why)),
+                  "flagged_images": [path for path, why in verdicts if why]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,12 +35,14 @@ import csv
 import dataclasses
 import io
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["COLUMNS", "NOT_ASSESSABLE", "AdequacyThresholds", "FieldQuality", "add_parser", "measure", "quality_cells"]
+__all__ = ["COLUMNS", "NOT_ASSESSABLE", "AdequacyThresholds", "FieldQuality", "add_parser", "assess_paths", "measure",
+           "quality_cells"]
 
 COLUMNS = ["path", "focus", "in_focus_fraction", "cellularity", "blood_fraction", "stain_contrast", "assessable",
            "reason"]
@@ -72,6 +74,11 @@ class FieldQuality:
     stain_contrast: float
     assessable: bool
     reason: str  # empty when assessable; else every failed check, "; "-separated
+
+    @property
+    def reasons(self) -> list[str]:
+        """The failed checks by name (``out of focus``, ``too few cells``, ...), without their numbers."""
+        return [r.split(" (")[0] for r in self.reason.split("; ") if r]
 
 
 def _edge_focus(gradient: np.ndarray, local_range: np.ndarray) -> float:
@@ -117,6 +124,21 @@ def measure(image: np.ndarray, thresholds: AdequacyThresholds | None = None) -> 
                         "; ".join(reasons))
 
 
+def assess_paths(paths: Sequence[Path], thresholds: AdequacyThresholds | None = None, progress: bool = True
+                 ) -> Iterator[tuple[Path, FieldQuality | None, str]]:
+    """``(path, quality, "")`` per image, or ``(path, None, why)`` for one that cannot be read, with progress."""
+    from roseprior.imageio import UnreadableImage, read_image
+    from roseprior.progress import Progress
+
+    with Progress(len(paths), "adequacy", unit="img", enabled=progress) as bar:
+        for path in paths:
+            try:
+                yield path, measure(read_image(path), thresholds), ""
+            except UnreadableImage as err:
+                yield path, None, err.reason
+            bar.update()
+
+
 def quality_cells(q: FieldQuality) -> list[str]:
     """``q`` as the CSV cells of ``COLUMNS`` after ``path`` (``roseprior adequacy``, ``finetune.predict``)."""
     return [f"{q.focus:.4f}", f"{q.in_focus_fraction:.4f}", f"{q.cellularity:.4f}", f"{q.blood_fraction:.4f}",
@@ -142,8 +164,6 @@ def _run(args: argparse.Namespace) -> int:
     from roseprior.checkpoint import atomic_write_text
     from roseprior.data import find_images
     from roseprior.errors import DataError
-    from roseprior.imageio import UnreadableImage, read_image
-    from roseprior.progress import Progress
 
     thresholds = AdequacyThresholds(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AdequacyThresholds)})
     out = Path(args.out)
@@ -154,17 +174,9 @@ def _run(args: argparse.Namespace) -> int:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(COLUMNS)
     flagged, start = 0, time.perf_counter()
-    with Progress(len(paths), "adequacy", unit="img") as progress:
-        for path in paths:
-            try:
-                q = measure(read_image(path), thresholds)
-            except UnreadableImage as err:
-                writer.writerow([str(path), "", "", "", "", "", "", f"unreadable: {err.reason}"])
-                flagged += 1
-            else:
-                writer.writerow([str(path), *quality_cells(q)])
-                flagged += not q.assessable
-            progress.update()
+    for path, q, error in assess_paths(paths, thresholds):
+        writer.writerow([str(path), *quality_cells(q)] if q else [str(path), "", "", "", "", "", "", f"unreadable: {error}"])
+        flagged += q is None or not q.assessable
     atomic_write_text(out, buffer.getvalue())
     rate = len(paths) / max(time.perf_counter() - start, 1e-9)
     print(f"adequacy: {len(paths) - flagged} of {len(paths)} field(s) assessable, {flagged} flagged "
