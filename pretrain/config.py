@@ -163,6 +163,14 @@ class PretrainTrainConfig(TrainConfig):
     weight_decay_end: float = 0.4  # cosine from weight_decay to this, as DINO
     clip_grad: float | None = 3.0
     batch_by_domain: bool = False  # every global batch from one domain (Sample.domain): negatives share the site
+    # Data that names no site (no domain column, no site folders): cluster the images into this many
+    # pseudo-domains by colour (roseprior.data.with_pseudo_domains) for batch_by_domain and stain swaps; 0: off.
+    pseudo_domains: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.pseudo_domains == 0 or self.pseudo_domains >= 2, "train.pseudo_domains", "must be 0 (off) or >= 2",
+              self.pseudo_domains)
 
 
 @dataclass

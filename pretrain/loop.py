@@ -12,6 +12,8 @@ keyed per sample (``pretrain.views``).
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -22,8 +24,16 @@ import torch
 import torch.nn as nn
 
 import backbones
+from roseprior.checkpoint import atomic_write_text
 from roseprior.config import to_dict
-from roseprior.data import Sample, filter_readable, load_unlabeled, resolve_root, with_scales
+from roseprior.data import (
+    Sample,
+    filter_readable,
+    load_unlabeled,
+    resolve_root,
+    with_pseudo_domains,
+    with_scales,
+)
 from roseprior.errors import DataError
 from roseprior.loop import (
     Hooks,
@@ -110,6 +120,9 @@ def run(cfg: PretrainConfig) -> Path:
     samples = filter_readable(samples, out_dir if main else None, cfg.data.max_unreadable_fraction)
     if not samples:
         raise DataError(f"no readable images under {root}")
+    pseudo = bool(cfg.train.pseudo_domains) and not any(s.domain for s in samples)
+    if pseudo:  # the data names no site: clusters of colour stand in for sites
+        samples = with_pseudo_domains(samples, cfg.train.pseudo_domains, cfg.seed, cfg.monitor.progress and main)
     dataset = DecodedImages(samples, cfg.views.source_max_side)
     loop.plan(len(dataset))
     views = MultiCropViews(cfg.views, seed=cfg.seed, stain_bank=StainBank.build(dataset) if cfg.views.stain_swap else None)
@@ -137,6 +150,10 @@ def run(cfg: PretrainConfig) -> Path:
 
     # ====== optionally resume, then the loader from where we are ======
     loop.start(cfg, unwrapped, optimizer)
+    if pseudo and main:  # which cluster each image fell in, to look at
+        rows = io.StringIO()
+        csv.writer(rows, lineterminator="\n").writerows([("path", "domain"), *((s.path, s.domain) for s in samples)])
+        atomic_write_text(out_dir / "pseudo_domains.csv", rows.getvalue())
     order = domain_batches(cfg.seed, [s.domain for s in samples], loop.global_batch) if t.batch_by_domain else None
     loader = loop.loader(dataset, ViewCollate(None if views_on_device else views), order, cfg.data.num_workers)
     accelerator.print(f"pretrain: {cfg.method.name} on {cfg.model.name}, {len(dataset)} images from {root}"

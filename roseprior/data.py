@@ -35,7 +35,9 @@ __all__ = [
     "read_during_run",
     "read_manifest",
     "resolve_root",
+    "acquisition_signature",
     "to_canonical",
+    "with_pseudo_domains",
     "with_scales",
 ]
 
@@ -315,6 +317,45 @@ def resolve_root(data_cfg: Any) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 SCALE_COLUMNS = ("mpp", "relative_scale")  # manifest columns giving an image's scale
+
+
+def acquisition_signature(path: str | Path) -> list[float]:
+    """What tells one site's or session's images from another's, from a 1/8-scale decode: the log stain
+    strength (H, E, DAB; ``imageops.stain_strength``) and the log colour of the glass (each channel's 99th
+    percentile: white balance and brightness)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from roseprior import imageops
+
+    with Image.open(path) as img:
+        img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))  # JPEG: decoded at 1/8 scale
+        rgb = np.array(img.convert("RGB"))
+    strength = imageops.stain_strength([torch.from_numpy(rgb).permute(2, 0, 1)])[0].log().tolist()
+    glass = np.log(np.percentile(rgb.reshape(-1, 3), 99, axis=0).clip(1, 255) / 255.0).tolist()
+    return strength + glass
+
+
+def with_pseudo_domains(samples: Sequence[Sample], k: int, seed: int = 0, progress: bool = True) -> list[Sample]:
+    """``samples`` with ``domain`` set to one of ``k`` clusters (``pseudo0``..) of their acquisition signature
+    (standardised; scikit-learn's k-means), for data that names no site: what ``train.batch_by_domain``
+    and stain swaps then draw within and across. Deterministic for a seed, so every process agrees."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+
+    from roseprior.progress import Progress
+
+    signatures = []
+    with Progress(len(samples), "pseudo-domains: colour signatures", unit="img", enabled=progress) as bar, \
+            ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        for signature in pool.map(acquisition_signature, [s.path for s in samples]):
+            signatures.append(signature)
+            bar.update()
+    x = np.asarray(signatures)
+    x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
+    clusters = KMeans(n_clusters=min(k, len(samples)), n_init=10, random_state=seed).fit_predict(x)
+    return [replace(s, domain=f"pseudo{c}") for s, c in zip(samples, clusters, strict=True)]
 
 
 def with_scales(samples: Sequence[Sample], data_cfg: Any) -> list[Sample]:

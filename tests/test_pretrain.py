@@ -505,3 +505,29 @@ def test_batches_by_domain_with_stain_swaps_and_locals_train(tiny_data: Path, tm
     assert run_in_process(tiny_overrides(tiny_data, out, "simclr", **{
         "train.batch_by_domain": True, "views.stain_swap": 0.5, "views.n_local": 2, "train.max_steps": 2})) == 0
     assert (out / "backbone.safetensors").is_file()
+
+
+def test_pseudo_domains_recover_the_sites_of_data_that_names_none(tmp_path: Path) -> None:
+    """No domain column, no site folders: ``train.pseudo_domains`` clusters images by colour into sites that
+    batch_by_domain and stain swaps use; the clusters follow the acquisition, not the class."""
+    import csv
+
+    from sklearn.metrics import adjusted_rand_score
+
+    from roseprior.synth import generate
+
+    data = generate(tmp_path / "set", n_per_class=40, size=64, seed=5, progress=False)
+    truth = {os.path.realpath(data / r["path"]): r for r in csv.DictReader((data / "manifest.csv").open())}
+    (data / "manifest.csv").unlink()  # an ImageFolder that names no site
+    out = tmp_path / "run"
+    assert run_in_process(tiny_overrides(data, out, "simclr", **{
+        "train.max_steps": 2, "train.pseudo_domains": 4, "train.batch_by_domain": True, "views.stain_swap": 0.5})) == 0
+    rows = list(csv.DictReader((out / "pseudo_domains.csv").open()))
+    assert len(rows) >= 40 and {r["domain"] for r in rows} == {"pseudo0", "pseudo1", "pseudo2", "pseudo3"}  # training split
+    found = [r["domain"] for r in rows]
+    site = [truth[os.path.realpath(r["path"])]["domain"] for r in rows]
+    label = [truth[os.path.realpath(r["path"])]["label"] for r in rows]
+    print("adjusted Rand index: sites", adjusted_rand_score(site, found), "classes", adjusted_rand_score(label, found))
+    assert adjusted_rand_score(site, found) >= 0.5
+    assert adjusted_rand_score(label, found) < 0.1
+    assert (out / "backbone.safetensors").is_file()
