@@ -21,8 +21,15 @@ arm() {  # name, overrides...
 arm swap_0.0 views.stain_swap=0.0
 arm swap_0.5 views.stain_swap=0.5
 arm swap_0.5_by_domain views.stain_swap=0.5 train.batch_by_domain=true
+# The same data naming no site: 4 pseudo-domains clustered by colour stand in for the sites.
+"$py" -c "import csv, sys; rows = list(csv.DictReader(open(sys.argv[1]))); w = csv.writer(open(sys.argv[2], 'w', newline='')); \
+w.writerow(['path', 'label']); w.writerows([(r['path'], r['label']) for r in rows])" "$base/data/manifest.csv" \
+  "$base/data/manifest_nodomain.csv"
+arm swap_0.5_by_pseudo views.stain_swap=0.5 train.batch_by_domain=true train.pseudo_domains=4 \
+  data.root="$base/data/manifest_nodomain.csv"
 "$py" -m eval_probes --config configs/probes/robustness_cpu.yaml out_dir="$base/probes" data.root="$base/data/manifest.csv" \
-  "checkpoints=[msht_tiny, $base/swap_0.0, $base/swap_0.5, $base/swap_0.5_by_domain]" umap=false "zooms=[0.5, 2.0]" \
+  "checkpoints=[msht_tiny, $base/swap_0.0, $base/swap_0.5, $base/swap_0.5_by_domain, $base/swap_0.5_by_pseudo]" \
+  umap=false "zooms=[0.5, 2.0]" \
   "robustness_k=[5, 10, 20]"
 finetune() {  # name, init
   local out=$base/$1
