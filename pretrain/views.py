@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,7 +42,7 @@ _HED = slice(11, 17)  # 3 alphas, 3 betas
 _WB = slice(17, 20)
 _NUM_DRAWS = 20
 _CHUNK_VALUES = 1 << 20  # floats per chunk of views on the CPU (4 MiB: a cache-sized working set)
-_SCRATCH: dict[str, torch.Tensor] = {}  # this process's reused CPU buffers for the chunks of views (``_scratch``)
+_SCRATCH = threading.local()  # each thread's reused CPU buffers for the chunks of views (``_scratch``)
 
 ViewBatch = dict[str, list[torch.Tensor]]  # {"global": [(B,3,G,G)] * n_global, "local": [(B,3,L,L)] * n_local}
 
@@ -62,12 +63,12 @@ def collate_decoded(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.T
 
 
 def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A CPU buffer of ``shape`` reused from chunk to chunk: a new tensor of a few MiB is memory the OS
-    maps anew, one page fault per 4 KiB on first touch, which cost a fifth of view-making (measured)."""
-    n = math.prod(shape)
-    buffer = _SCRATCH.get(name)
+    """A CPU buffer of ``shape`` reused from chunk to chunk, one set per thread: a new tensor of a few MiB
+    is memory the OS maps anew, one page fault per 4 KiB on first touch, a fifth of view-making (measured)."""
+    n, buffers = math.prod(shape), _SCRATCH.__dict__
+    buffer = buffers.get(name)
     if buffer is None or buffer.numel() < n or buffer.dtype != dtype:
-        buffer = _SCRATCH[name] = torch.empty(n, dtype=dtype)
+        buffer = buffers[name] = torch.empty(n, dtype=dtype)
     return buffer[:n].view(shape)
 
 

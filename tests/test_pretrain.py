@@ -105,6 +105,24 @@ def test_views_depend_only_on_seed_epoch_and_index():
     assert all(torch.isfinite(v).all() for v in together["global"] + together["local"])
 
 
+def test_views_made_in_two_threads_at_once_are_the_views_made_alone():
+    """The CPU chunk buffers are reused per thread, never shared: concurrent callers cannot overwrite each other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pretrain.config import ViewsConfig
+    from pretrain.views import MultiCropViews
+
+    views = MultiCropViews(ViewsConfig(global_size=64, local_size=32, n_local=4), seed=3)
+    batches = [(*_batch(6, 160, 160, seed), torch.arange(6) + 10 * seed) for seed in range(4)]
+    alone = [views(images, sizes, indices, epoch=0) for images, sizes, indices in batches]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda b: views(*b, epoch=0), batches * 3))
+    for i, out in enumerate(together):
+        for name in ("global", "local"):
+            for a, b in zip(out[name], alone[i % 4][name], strict=True):
+                assert torch.equal(a, b), (i, name)
+
+
 def _stained(strength: float, seed: int) -> torch.Tensor:
     """A (3, 64, 64) uint8 field: cells of haematoxylin and eosin at ``strength`` times a base concentration,
     on white glass."""
