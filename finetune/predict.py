@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from roseprior.adequacy import COLUMNS, NOT_ASSESSABLE, FieldQuality, measure, quality_cells
 from roseprior.checkpoint import atomic_write_text
 from roseprior.data import find_images
 from roseprior.errors import CheckpointError, DataError
@@ -33,6 +34,8 @@ from roseprior.scale import fields_scale
 from roseprior.stage import command_main
 
 __all__ = ["Predictor", "load_predictor", "main", "predict_paths"]
+
+FieldHook = Callable[[Path, np.ndarray], None]  # (path, the decoded (H, W, 3) uint8 field)
 
 
 @dataclass
@@ -118,7 +121,8 @@ def _stain(meta: dict[str, Any]) -> Any:
     return StainNormalizer.from_state_dict(meta["stain_normalization"])
 
 
-def _batches(paths: Sequence[Path], size: int, batch_size: int) -> Iterator[tuple[list[Path], torch.Tensor | None, list]]:
+def _batches(paths: Sequence[Path], size: int, batch_size: int, on_field: FieldHook | None = None
+             ) -> Iterator[tuple[list[Path], torch.Tensor | None, list]]:
     """Decoded, resized batches in [0, 1], plus the (path, reason) of each file that did not decode."""
     from torchvision.transforms.v2 import functional as F
 
@@ -126,11 +130,13 @@ def _batches(paths: Sequence[Path], size: int, batch_size: int) -> Iterator[tupl
         good, images, bad = [], [], []
         for path in paths[start : start + batch_size]:
             try:
-                image = torch.from_numpy(read_image(path)).permute(2, 0, 1)
+                field = read_image(path)
             except UnreadableImage as err:
                 bad.append((path, err.reason))
                 continue
-            images.append(F.resize(image, [size, size], antialias=True))
+            if on_field is not None:
+                on_field(path, field)
+            images.append(F.resize(torch.from_numpy(field).permute(2, 0, 1), [size, size], antialias=True))
             good.append(path)
         yield good, (torch.stack(images).float().div_(255.0) if images else None), bad
 
@@ -150,22 +156,28 @@ def field_probabilities(predictor: Predictor, image: np.ndarray, scale: str | fl
 
 
 def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int = 16, progress: bool = True,
-                  scale: str | float | None = None) -> tuple[dict[Path, np.ndarray], list[tuple[Path, str]]]:
+                  scale: str | float | None = None, on_field: FieldHook | None = None
+                  ) -> tuple[dict[Path, np.ndarray], list[tuple[Path, str]]]:
     """Class probabilities per readable path, and the unreadable paths with their reasons. ``scale``:
     None resizes each field to the model's input, as in training; a number or ``"auto"`` predicts at
-    the training scale (``field_probabilities``)."""
+    the training scale (``field_probabilities``). ``on_field(path, image)`` sees each decoded field as
+    read (main measures its adequacy there, so a field is decoded once)."""
     probs: dict[Path, np.ndarray] = {}
     unreadable: list[tuple[Path, str]] = []
     with Progress(len(paths), "predict", unit="img", enabled=progress) as bar:
         if scale is not None:
             for path in paths:
                 try:
-                    probs[path], _, _ = field_probabilities(predictor, read_image(path), scale)
+                    field = read_image(path)
                 except UnreadableImage as err:
                     unreadable.append((path, err.reason))
+                else:
+                    if on_field is not None:
+                        on_field(path, field)
+                    probs[path], _, _ = field_probabilities(predictor, field, scale)
                 bar.update()
             return probs, unreadable
-        for good, images, bad in _batches(paths, predictor.image_size, batch_size):
+        for good, images, bad in _batches(paths, predictor.image_size, batch_size, on_field):
             unreadable.extend(bad)
             if images is not None:
                 probs.update(zip(good, predictor.probabilities(images), strict=True))
@@ -174,18 +186,17 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int =
 
 
 def write_csv(out: Path, predictor: Predictor, paths: Sequence[Path], probs: dict[Path, np.ndarray],
-              unreadable: list[tuple[Path, str]], judge_all: bool = False) -> Path:
-    """One row per field, with its adequacy (``roseprior.adequacy``): a flagged field is called
-    ``not assessable`` rather than N or P, unless ``judge_all``."""
-    from roseprior.adequacy import COLUMNS, NOT_ASSESSABLE, measure, quality_cells
-
+              unreadable: list[tuple[Path, str]], qualities: dict[Path, FieldQuality], judge_all: bool = False
+              ) -> Path:
+    """One row per field, with its adequacy (``qualities``: ``roseprior.adequacy.FieldQuality`` per scored
+    path): a flagged field is called ``not assessable`` rather than N or P, unless ``judge_all``."""
     reasons = dict(unreadable)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", *(f"p_{c}" for c in predictor.classes), "predicted", "error", *COLUMNS[1:]])
     for path in paths:
         if path in probs:
-            p, quality = probs[path], measure(read_image(path))
+            p, quality = probs[path], qualities[path]
             call = predictor.call(p) if quality.assessable or judge_all else NOT_ASSESSABLE
             writer.writerow([str(path), *(f"{v:.6f}" for v in p), call, "", *quality_cells(quality)])
         else:
@@ -243,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         paths = find_images(args.images)
         if not paths:
             raise DataError(f"no images under {args.images}")
-        probs, unreadable = predict_paths(predictor, paths, args.batch_size, scale=scale)
+        qualities: dict[Path, FieldQuality] = {}
+        probs, unreadable = predict_paths(predictor, paths, args.batch_size, scale=scale,
+                                          on_field=lambda path, field: qualities.__setitem__(path, measure(field)))
         try:
-            write_csv(out, predictor, paths, probs, unreadable, args.judge_all)
+            write_csv(out, predictor, paths, probs, unreadable, qualities, args.judge_all)
         except OSError as err:
             raise DataError(f"cannot write {out}: {err.strerror}") from None
         print(f"finetune.predict: {len(probs)} image(s) scored with {predictor.source}, {len(unreadable)} "

@@ -175,7 +175,8 @@ def _run(args: argparse.Namespace) -> int:
     writer.writerow(COLUMNS)
     flagged, start = 0, time.perf_counter()
     for path, q, error in assess_paths(paths, thresholds):
-        writer.writerow([str(path), *quality_cells(q)] if q else [str(path), "", "", "", "", "", "", f"unreadable: {error}"])
+        writer.writerow([str(path), *quality_cells(q)] if q else [str(path), *[""] * (len(COLUMNS) - 2),
+                                                                   f"unreadable: {error}"])
         flagged += q is None or not q.assessable
     atomic_write_text(out, buffer.getvalue())
     rate = len(paths) / max(time.perf_counter() - start, 1e-9)
