@@ -48,8 +48,8 @@ from roseprior.synth_render import (
     RBC,
     Acquisition,
     Scene,
-    _red_blood_cells,
     draw_scene,
+    red_blood_cells,
     render,
 )
 
@@ -149,7 +149,7 @@ def _with_defect(defect: str, scene: Scene, acq: Acquisition, rng: np.random.Gen
         scene.layers[CYTOPLASM] *= keep
     elif defect == "blood":  # red blood cells over most of the field
         count = int(rng.uniform(900, 1400) / acq.magnification**2)
-        _red_blood_cells(rng, size, BENIGN_RADIUS * size * acq.magnification, scene.layers, min(count, 6000))
+        red_blood_cells(rng, size, BENIGN_RADIUS * size * acq.magnification, scene.layers, min(count, 6000))
         np.minimum(scene.layers[RBC], 1.2, out=scene.layers[RBC])
     elif defect == "blur":
         return dataclasses.replace(acq, blur_sigma=float(rng.uniform(3.0, 5.0)))

@@ -244,7 +244,7 @@ def _background(rng: np.random.Generator, size: int, scale: float, layers: np.nd
     layers *= 1.0 - 0.85 * (np.asarray(clear, dtype=np.float32) / 255.0)[None]
 
 
-def _red_blood_cells(rng: np.random.Generator, size: int, scale: float, layers: np.ndarray,
+def red_blood_cells(rng: np.random.Generator, size: int, scale: float, layers: np.ndarray,
                      count: int) -> None:
     """Red blood cells, partly in loose clumps, all about the same size."""
     sprites = [rbc_sprite(scale * rng.uniform(0.95, 1.1), rng.uniform(0.15, 0.4)) for _ in range(4)]
@@ -389,7 +389,7 @@ def draw_scene(rng: np.random.Generator, label: str, size: int, magnification: f
     bloody = rng.random() < 0.35
     n_rbc = int(rng.uniform(60, 160) if bloody else rng.uniform(0, 40))
     n_rbc = int(n_rbc / magnification**2)  # a fixed field of view holds fewer, larger cells when zoomed
-    _red_blood_cells(rng, size, r, layers, min(n_rbc, 1500))
+    red_blood_cells(rng, size, r, layers, min(n_rbc, 1500))
     # Nuclear stain mass (area x concentration, as a fraction of the field) and cytoplasm mass
     # relative to it are drawn from one distribution for both classes: N spreads its mass over
     # many small pale nuclei, P concentrates it in fewer, larger, darker ones.
