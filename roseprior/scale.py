@@ -9,8 +9,9 @@ so pixel discretisation does not bias them.
 
 The measure is not exactly proportional to magnification: resampling blurs small nuclei and merges
 neighbours. ``ScaleReference`` therefore calibrates it on a reference set (e.g. the training images):
-the reference is resampled by known factors, measured at each, and an image's relative scale is read
-off that curve (analysis by synthesis). ``relative_scale`` 2.0 means objects appear twice as large as
+the reference is zoomed by known factors as a camera would see it through other objectives
+(``camera_zoom``: a stronger objective fills the same frame with the centre of the field), measured at
+each, and an image's relative scale is read off that curve (analysis by synthesis). ``relative_scale`` 2.0 means objects appear twice as large as
 in the reference. Written here because no library of the stack estimates magnification.
 
     roseprior scale --images FOLDER --reference FOLDER --out scales.csv
@@ -29,12 +30,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ScaleReference", "add_parser", "at_training_scale", "fields_scale", "nucleus_size", "resample", "tiles",
-           "training_scale"]
+__all__ = ["ScaleReference", "add_parser", "at_training_scale", "camera_zoom", "fields_scale", "nucleus_size",
+           "resample", "tiles", "training_scale"]
 
 PERCENTILE = 90
 WORKING_SIZE = 8.0  # px: a measure below this is repeated on an upsampled copy
-CALIBRATION_SCALES = tuple(float(s) for s in np.geomspace(1 / 6, 6, 21))
+# Wide enough for fields 0.5x-2x of the reference zoomed 0.25x-4x: outside it an estimate is clamped.
+CALIBRATION_SCALES = tuple(float(s) for s in np.geomspace(1 / 8, 8, 25))
 
 
 def resample(image: np.ndarray, factor: float) -> np.ndarray:
@@ -47,6 +49,18 @@ def resample(image: np.ndarray, factor: float) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
     y = F.interpolate(x, size=size, mode="bicubic", antialias=factor < 1, align_corners=False)
     return y[0].permute(1, 2, 0).clamp_(0, 255).round_().to(torch.uint8).numpy()
+
+
+def camera_zoom(image: np.ndarray, factor: float) -> np.ndarray:
+    """``image`` as the same camera would take it through an objective ``factor`` times as strong: above 1
+    the centre 1/``factor`` of the field fills the frame (cells at the border are cut, as they are at the
+    microscope); below 1 the field shrinks to fewer pixels (the wider field's new content is unknown)."""
+    if factor <= 1:
+        return resample(image, factor)
+    h, w = image.shape[:2]
+    crop_h, crop_w = max(1, round(h / factor)), max(1, round(w / factor))
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    return resample(image[top : top + crop_h, left : left + crop_w], factor)
 
 
 def tiles(image: np.ndarray, size: int) -> Any:
@@ -98,7 +112,7 @@ class ScaleReference:
 
     @classmethod
     def build(cls, images: Sequence[np.ndarray], scales: Sequence[float] = CALIBRATION_SCALES) -> ScaleReference:
-        sizes = [float(np.nanmedian([nucleus_size(resample(img, s)) for img in images])) for s in scales]
+        sizes = [float(np.nanmedian([nucleus_size(camera_zoom(img, s)) for img in images])) for s in scales]
         return cls(list(scales), sizes, len(images))
 
     def relative_scale(self, image: np.ndarray, size: float | None = None) -> float:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from roseprior import imageops
 from roseprior.imageio import read_image
@@ -25,11 +26,11 @@ def zoom(image: np.ndarray, factor: float) -> np.ndarray:
     return (imageops.zoom(x, factor)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def median_errors(reference: list[np.ndarray], images: list[np.ndarray], truth: list[float] | None = None
-                  ) -> dict[float, float]:
+def median_errors(reference: list[np.ndarray] | ScaleReference, images: list[np.ndarray],
+                  truth: list[float] | None = None) -> dict[float, float]:
     """Median over ``images`` of estimate / truth at each zoom (``truth``: each image's scale relative to the
     reference before zooming, 1 when all were taken alike)."""
-    ref = ScaleReference.build(reference)
+    ref = reference if isinstance(reference, ScaleReference) else ScaleReference.build(reference)
     truth = truth or [1.0] * len(images)
     return {z: float(np.median([ref.relative_scale(zoom(img, z)) / (z * t) for img, t in zip(images, truth,
                                                                                               strict=True)]))
@@ -46,35 +47,38 @@ def test_nucleus_size_grows_with_the_nuclei(tmp_path: Path) -> None:
     assert np.isnan(nucleus_size(np.full((64, 64, 3), 200, np.uint8)))  # nothing stained: no size
 
 
-def test_synthetic_fields_zoomed_by_known_factors_follow_the_zoom() -> None:
-    """Synthetic fields drawn at magnifications 0.5x-2x, zoomed 0.25x-4x: the estimate follows the zoom
-    (monotone) but not yet within 15% (measured: 1.30, 0.68, 0.82, 0.87, 0.87 of the truth). Nuclear size
-    is also the diagnosis (P nuclei are enlarged), which a size-based scale partly absorbs."""
+def test_synthetic_fields_zoomed_by_known_factors_are_estimated_within_15_percent() -> None:
+    """Synthetic fields of 4 domains (drawn at magnifications 0.5x-2x), one half the reference, the other
+    zoomed 0.25x-4x: the median field reads its zoom within 15%. Per field the estimate also carries the
+    field's own magnification and its diagnosis (P nuclei are enlarged: P fields read about 1.3x, N fields
+    0.75x), which a size-based scale cannot tell apart; corrected for the magnification the synthesis
+    records, the median still follows the zoom within 25%."""
     from roseprior.synth import default_dataset
 
     root = default_dataset()
     magnification = {r["path"]: float(r["magnification"]) for r in csv.DictReader((root / "manifest.csv").open())}
-    paths = sorted(root.rglob("*.jpg"))[::6]  # 50 fields of 4 domains, drawn at magnifications 0.5x to 2x
+    paths = sorted(root.rglob("*.jpg"))  # 300 fields, half N and half P
     images, mags = [read_image(p) for p in paths], [magnification[str(p.relative_to(root))] for p in paths]
+    reference = ScaleReference.build(images[::2])
+    errors = median_errors(reference, images[1::2])
+    print("synthetic, median estimate / zoom:", {z: round(e, 3) for z, e in errors.items()})
+    assert all(abs(e - 1) <= 0.15 for e in errors.values()), errors
     reference_mag = float(np.median(mags[::2]))
-    errors = median_errors(images[::2], images[1::2], [m / reference_mag for m in mags[1::2]])
-    print("synthetic, median estimate / truth:", {z: round(e, 3) for z, e in errors.items()})
-    estimates = [e * z for z, e in errors.items()]
-    assert all(a < b for a, b in zip(estimates, estimates[1:], strict=False)), errors
-    assert all(abs(e - 1) <= 0.35 for e in errors.values()), errors
+    per_field = median_errors(reference, images[1::2], [m / reference_mag for m in mags[1::2]])
+    print("synthetic, median estimate / (zoom x own magnification):", {z: round(e, 3) for z, e in per_field.items()})
+    assert all(abs(e - 1) <= 0.25 for e in per_field.values()), per_field
 
 
 def test_cric_cells_zoomed_by_known_factors_are_estimated_within_15_percent(shared_data: Path) -> None:
-    """Every zoom but 4x within 15%. At 4x a 128-px crop keeps 32 px of its centre: one nucleus,
-    often cut by the border, fills the image; the estimate reads low there (0.78 of the truth)."""
+    """Every zoom from 0.25x to 4x within 15%: at 4x a 128-px crop keeps 32 px of its centre, a cut
+    nucleus, which the reference's camera zoom (``roseprior.scale.camera_zoom``) also cuts."""
     paths = sorted((shared_data / "cric_cells").rglob("*.jpg"))[::40]
     if len(paths) < 40:
         pytest.skip("cric_cells not in the shared data")
     images = [read_image(p) for p in paths]
     errors = median_errors(images[::2], images[1::2])
     print("CRIC, median estimate / truth:", {z: round(e, 3) for z, e in errors.items()})
-    assert all(abs(e - 1) <= 0.15 for z, e in errors.items() if z <= 2), errors
-    assert abs(errors[4.0] - 1) <= 0.25, errors
+    assert all(abs(e - 1) <= 0.15 for e in errors.values()), errors
 
 
 def test_scale_cli_writes_a_row_per_image(tmp_path: Path, write_image) -> None:
@@ -83,13 +87,15 @@ def test_scale_cli_writes_a_row_per_image(tmp_path: Path, write_image) -> None:
 
     ref = generate(tmp_path / "ref", n_per_class=4, size=128, seed=4, progress=False)
     fields = tmp_path / "fields"
+    fields.mkdir()
     for i, path in enumerate(sorted((ref / "P").glob("*.jpg"))[:2]):
-        fields.mkdir(exist_ok=True)
-        from PIL import Image
-
-        Image.fromarray(zoom(read_image(path), 2.0)).save(fields / f"f{i}.png")  # objects twice as large
+        Image.fromarray(read_image(path)).save(fields / f"f{i}_native.png")
+        Image.fromarray(zoom(read_image(path), 2.0)).save(fields / f"f{i}_zoom2.png")  # objects twice as large
     (fields / "broken.jpg").write_bytes(b"nope")
     assert main(["scale", "--images", str(fields), "--reference", str(ref), "--out", str(tmp_path / "s.csv")]) == 0
     rows = list(csv.DictReader((tmp_path / "s.csv").open()))
-    assert [Path(r["path"]).name for r in rows] == ["broken.jpg", "f0.png", "f1.png"]
-    assert rows[0]["error"] and all(1.2 < float(r["relative_scale"]) < 5.0 for r in rows[1:]), rows
+    assert [Path(r["path"]).name for r in rows] == ["broken.jpg", "f0_native.png", "f0_zoom2.png", "f1_native.png",
+                                                    "f1_zoom2.png"]
+    scales = [float(r["relative_scale"]) for r in rows[1:]]
+    assert rows[0]["error"], rows
+    assert all(1.6 < zoomed / native < 2.5 for native, zoomed in zip(scales[::2], scales[1::2], strict=True)), rows
