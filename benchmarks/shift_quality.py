@@ -93,8 +93,11 @@ def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, s
     from sklearn.metrics import balanced_accuracy_score
 
     from finetune.predict import field_probabilities
+    from roseprior.scale import shared_scale
 
     positive = predictor.classes.index(predictor.positive_class)
+    if scale == "auto":  # one folder of fields: one scale, as finetune.predict estimates it
+        scale = shared_scale(images, predictor.scale, predictor.source)[0]
     calls = []
     for img in images:
         if scale is None:  # as trained: the whole field resized to the model's input (finetune.predict's default)
@@ -120,15 +123,14 @@ def adapted_predictor(run: Path, images: list[np.ndarray], tmp: Path) -> Any:
     return load_predictor(ckpt=str(adapt(run, folder, Path(tempfile.mkdtemp(dir=tmp)) / "adapted")))
 
 
-def measure_run(run: Path, limit: int | None, tmp: Path) -> dict[str, Any]:
+def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = False) -> dict[str, Any]:
     from finetune.predict import load_predictor
+    from roseprior.scale import training_scale
 
     start = time.perf_counter()
     images, y, train_paths = test_images(run, limit)
     predictor = load_predictor(ckpt=str(run))
-    if predictor.scale is None:  # a run from before finetune recorded its training scale
-        from finetune.train import training_scale
-
+    if predictor.scale is None or recalibrate:  # a run from before finetune recorded its training scale
         predictor.scale = training_scale(train_paths, predictor.image_size)
     result: dict[str, Any] = {"run": str(run), "test_images": len(images), "clean": balanced_accuracy(
         predictor, images, y, None)}
@@ -152,12 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, default=None, help="score about this many test images per run")
     parser.add_argument("--out", default=None, help="JSON to write")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="rebuild each run's scale reference with today's roseprior.scale (a run keeps the one "
+                             "its finetune stored)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory(prefix="shift_quality_") as tmp:
         for run in args.runs:
-            results.append(measure_run(Path(run), args.max_images, Path(tmp)))
+            results.append(measure_run(Path(run), args.max_images, Path(tmp), args.recalibrate))
     for r in results:
         print(f"\n{r['run']} ({r['test_images']} test images): clean {r['clean']:.3f}")
         for key, value in r.items():

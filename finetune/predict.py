@@ -155,15 +155,41 @@ def field_probabilities(predictor: Predictor, image: np.ndarray, scale: str | fl
     return predictor.probabilities(batch).mean(axis=0), relative, len(batch)
 
 
+def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = True) -> dict[Path, float]:
+    """``--scale auto``: one scale per folder of fields (``roseprior.scale.shared_scale``), from a first
+    pass over them that keeps no field in memory; each folder's value is printed."""
+    from roseprior.scale import shared_scale
+
+    def fields(group: list[Path], bar: Progress) -> Iterator[np.ndarray]:
+        for path in group:
+            try:
+                yield read_image(path)
+            except UnreadableImage:
+                pass  # listed with its reason by the prediction pass
+            bar.update()
+
+    folders: dict[Path, list[Path]] = {}
+    for path in paths:
+        folders.setdefault(path.parent, []).append(path)
+    scales = {}
+    with Progress(len(paths), "scale", unit="img", enabled=progress) as bar:
+        for folder, group in folders.items():
+            scales[folder], measured = shared_scale(fields(group, bar), predictor.scale, predictor.source)
+            print(f"finetune.predict: --scale auto: {folder}: objects appear {scales[folder]:.2f}x as large as in the "
+                  f"training fields (median of {measured} of {len(group)} fields)", file=sys.stderr)
+    return scales
+
+
 def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int = 16, progress: bool = True,
                   scale: str | float | None = None, on_field: FieldHook | None = None
                   ) -> tuple[dict[Path, np.ndarray], list[tuple[Path, str]]]:
     """Class probabilities per readable path, and the unreadable paths with their reasons. ``scale``:
-    None resizes each field to the model's input, as in training; a number or ``"auto"`` predicts at
-    the training scale (``field_probabilities``). ``on_field(path, image)`` sees each decoded field as
+    None resizes each field to the model's input, as in training; a number or ``"auto"`` (one estimate per
+    folder, ``folder_scales``) predicts at the training scale (``field_probabilities``). ``on_field(path, image)`` sees each decoded field as
     read (main measures its adequacy there, so a field is decoded once)."""
     probs: dict[Path, np.ndarray] = {}
     unreadable: list[tuple[Path, str]] = []
+    folder_scale = folder_scales(predictor, paths, progress) if scale == "auto" else {}
     with Progress(len(paths), "predict", unit="img", enabled=progress) as bar:
         if scale is not None:
             for path in paths:
@@ -174,7 +200,7 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int =
                 else:
                     if on_field is not None:
                         on_field(path, field)
-                    probs[path], _, _ = field_probabilities(predictor, field, scale)
+                    probs[path], _, _ = field_probabilities(predictor, field, folder_scale.get(path.parent, scale))
                 bar.update()
             return probs, unreadable
         for good, images, bad in _batches(paths, predictor.image_size, batch_size, on_field):
@@ -235,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ... (--ckpt)")
     parser.add_argument("--scale", default="none", type=_scale,
                         help="none: resize each field to the model's input (as in training); VALUE: the fields' objects "
-                             "appear VALUE times as large as in the training fields; auto: estimate that from each "
-                             "field's nuclei. With VALUE or auto each field is resampled to the training scale and "
+                             "appear VALUE times as large as in the training fields; auto: estimate that from the "
+                             "nuclei, one value per folder (the median of its fields). With VALUE or auto each field is resampled to the training scale and "
                              "tiled, and its probabilities are the mean of its tiles'")
     parser.add_argument("--mpp", type=float, default=None,
                         help="micrometres per pixel of the fields, for a run trained with data.target_mpp: each field "

@@ -145,3 +145,42 @@ def test_a_field_at_a_known_scale_is_predicted_at_the_training_scale(run: Path) 
     assert np.abs(p1 - p2).max() < 0.02
     auto, relative, _ = field_probabilities(predictor, resample(field, 2.0), "auto")
     assert 1.3 < relative < 3.0  # estimated from the nuclei
+
+
+def test_scale_auto_estimates_one_scale_per_folder_and_brings_each_folder_back(tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    """--scale auto: fields taken alike (one folder) share one estimate, the median of theirs; a folder whose
+    objects appear twice as large reads about 2x the other, and its fields get about the same probabilities
+    as the unzoomed ones. A per-field estimate would read enlarged malignant nuclei as magnification. (Fields
+    of 192 px at one site: in 64-px synthetic fields nuclei are 2 px across, too small to measure.)"""
+    from PIL import Image
+
+    from finetune.__main__ import main as finetune
+    from finetune.predict import main
+    from roseprior.imageio import read_image
+    from roseprior.scale import resample
+    from roseprior.synth import generate
+
+    data = generate(tmp_path / "data", n_per_class=10, size=192, domains=["site_a"], seed=7, progress=False)
+    run = tmp_path / "run"
+    assert finetune(["--config", str(REPO / "configs" / "finetune" / "msht_tiny_cpu.yaml"), f"data.root={data}",
+                     f"out_dir={run}", "data.image_size=128", "train.batch_size=4", "train.epochs=1",
+                     "train.max_steps=2", "cam.enabled=false", "sam=off"]) == 0
+    for name, factor in (("native", 1.0), ("zoom2", 2.0)):
+        (tmp_path / "fields" / name).mkdir(parents=True)
+        for path in sorted(data.rglob("*.jpg"))[::2]:
+            Image.fromarray(resample(read_image(path), factor)).save(tmp_path / "fields" / name / f"{path.stem}.png")
+    out = tmp_path / "preds.csv"
+    capsys.readouterr()
+    assert main(["--ckpt", str(run), "--images", str(tmp_path / "fields"), "--out", str(out), "--scale", "auto",
+                 "--judge-all"]) == 0
+    lines = sorted(line for line in capsys.readouterr().err.splitlines() if "--scale auto" in line)
+    assert len(lines) == 2 and all("median of 10 of 10 fields" in line for line in lines), lines
+    native, zoomed = (float(line.split("appear ")[1].split("x")[0]) for line in lines)
+    print("--scale auto, native and 2x folders:", native, zoomed)
+    assert 0.6 < native < 1.6 and 1.6 < zoomed / native < 2.5, lines
+    rows = {Path(r["path"]).relative_to(tmp_path / "fields"): r for r in csv.DictReader(out.open())}
+    assert len(rows) == 20
+    gaps = [abs(float(rows[Path("native") / p.name]["p_P"]) - float(rows[Path("zoom2") / p.name]["p_P"]))
+            for p in (tmp_path / "fields" / "native").iterdir()]
+    assert np.median(gaps) < 0.1, gaps
