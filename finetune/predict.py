@@ -158,7 +158,7 @@ def field_probabilities(predictor: Predictor, image: np.ndarray, scale: str | fl
 def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = True) -> dict[Path, float]:
     """``--scale auto``: one scale per folder of fields (``roseprior.scale.shared_scale``), from a first
     pass over them that keeps no field in memory; each folder's value is printed."""
-    from roseprior.scale import shared_scale
+    from roseprior.scale import SAME_SCALE, shared_scale
 
     def fields(group: list[Path], bar: Progress) -> Iterator[np.ndarray]:
         for path in group:
@@ -176,7 +176,8 @@ def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = 
         for folder, group in folders.items():
             scales[folder], measured = shared_scale(fields(group, bar), predictor.scale, predictor.source)
             print(f"finetune.predict: --scale auto: {folder}: objects appear {scales[folder]:.2f}x as large as in the "
-                  f"training fields (median of {measured} of {len(group)} fields)", file=sys.stderr)
+                  f"training fields (median of {measured} of {len(group)} fields; within {SAME_SCALE:g}x of the "
+                  "training scale reads 1.00)", file=sys.stderr)
     return scales
 
 
