@@ -105,7 +105,7 @@ def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, s
             x = TF.resize(torch.from_numpy(img).permute(2, 0, 1), [side, side], antialias=True)
             p = predictor.probabilities(x[None].float().div_(255.0))[0]
         else:
-            p, _, _ = field_probabilities(predictor, img, scale)
+            p, _ = field_probabilities(predictor, img, scale)
         calls.append(int(p.argmax() == positive))
     return float(balanced_accuracy_score(y, calls))
 

@@ -141,18 +141,18 @@ def _batches(paths: Sequence[Path], size: int, batch_size: int, on_field: FieldH
         yield good, (torch.stack(images).float().div_(255.0) if images else None), bad
 
 
-def field_probabilities(predictor: Predictor, image: np.ndarray, scale: str | float) -> tuple[np.ndarray, float, int]:
-    """One field at the training scale (``roseprior.scale.at_training_scale``), tiled at the model's input
-    size; the field's probabilities are the mean of its tiles'.
+def field_probabilities(predictor: Predictor, image: np.ndarray, scale: float) -> tuple[np.ndarray, int]:
+    """One field at the training scale (``roseprior.scale.at_training_scale``; ``scale``: how many times larger
+    its objects appear than in the training fields), tiled at the model's input size; the field's
+    probabilities are the mean of its tiles'.
 
     The mean, not the maximum: one tile's call is noisy, and a maximum would let the noisiest tile of a
-    large field decide it. Returns (probabilities, the relative scale used, number of tiles).
+    large field decide it. Returns (probabilities, number of tiles).
     """
     from roseprior.scale import at_training_scale, tiles
 
-    field, relative = at_training_scale(image, predictor.scale, scale, predictor.source)
-    batch = tiles(field, predictor.image_size)
-    return predictor.probabilities(batch).mean(axis=0), relative, len(batch)
+    batch = tiles(at_training_scale(image, predictor.scale, scale), predictor.image_size)
+    return predictor.probabilities(batch).mean(axis=0), len(batch)
 
 
 def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = True) -> dict[Path, float]:
@@ -186,8 +186,9 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int =
                   ) -> tuple[dict[Path, np.ndarray], list[tuple[Path, str]]]:
     """Class probabilities per readable path, and the unreadable paths with their reasons. ``scale``:
     None resizes each field to the model's input, as in training; a number or ``"auto"`` (one estimate per
-    folder, ``folder_scales``) predicts at the training scale (``field_probabilities``). ``on_field(path, image)`` sees each decoded field as
-    read (main measures its adequacy there, so a field is decoded once)."""
+    folder, ``folder_scales``) predicts at the training scale (``field_probabilities``). ``on_field(path,
+    image)`` sees each decoded field as read (main measures its adequacy there, so it is decoded once more
+    only for ``"auto"``'s estimate)."""
     probs: dict[Path, np.ndarray] = {}
     unreadable: list[tuple[Path, str]] = []
     folder_scale = folder_scales(predictor, paths, progress) if scale == "auto" else {}
@@ -201,7 +202,7 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int =
                 else:
                     if on_field is not None:
                         on_field(path, field)
-                    probs[path], _, _ = field_probabilities(predictor, field, folder_scale.get(path.parent, scale))
+                    probs[path], _ = field_probabilities(predictor, field, folder_scale.get(path.parent, scale))
                 bar.update()
             return probs, unreadable
         for good, images, bad in _batches(paths, predictor.image_size, batch_size, on_field):

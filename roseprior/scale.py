@@ -178,24 +178,10 @@ def fields_scale(info: dict[str, Any] | None, scale: str | float | None, mpp: fl
     return scale
 
 
-def at_training_scale(image: np.ndarray, info: dict[str, Any] | None, scale: str | float, source: str
-                      ) -> tuple[np.ndarray, float]:
-    """A field resampled to the scale its model was trained at, and its relative scale: known (``scale`` a
-    number: objects appear that many times larger than in the training fields) or estimated from its nuclei
-    (``"auto"``, against the reference ``info`` records)."""
-    from roseprior.errors import DataError
-
-    info = info or {}
-    if scale == "auto":
-        if "reference" not in info:
-            raise DataError(f"--scale auto: {source} records no training scale; train it again, or give --scale VALUE")
-        relative = ScaleReference.from_json(info["reference"]).relative_scale(image)
-        factor = 1.0 / relative if np.isfinite(relative) else info.get("input_per_native", 1.0)
-        relative = info.get("input_per_native", 1.0) / factor
-    else:
-        relative = float(scale)
-        factor = info.get("input_per_native", 1.0) / relative
-    return resample(image, factor), float(relative)
+def at_training_scale(image: np.ndarray, info: dict[str, Any] | None, scale: float) -> np.ndarray:
+    """A field resampled to the scale its model was trained at, given ``scale``: how many times larger its
+    objects appear than in the training fields (known, or a folder's ``shared_scale``)."""
+    return resample(image, (info or {}).get("input_per_native", 1.0) / float(scale))
 
 
 def shared_scale(fields: Iterable[np.ndarray], info: dict[str, Any] | None, source: str) -> tuple[float, int]:
