@@ -264,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", default="none", type=_scale,
                         help="none: resize each field to the model's input (as in training); VALUE: the fields' objects "
                              "appear VALUE times as large as in the training fields; auto: estimate that from the "
-                             "nuclei, one value per folder (the median of its fields). With VALUE or auto each field is resampled to the training scale and "
-                             "tiled, and its probabilities are the mean of its tiles'")
+                             "nuclei, one value per folder (the median of its fields). With VALUE or auto each field "
+                             "is resampled to the training scale and tiled, and its probabilities are the mean of "
+                             "its tiles'")
     parser.add_argument("--mpp", type=float, default=None,
                         help="micrometres per pixel of the fields, for a run trained with data.target_mpp: each field "
                              "is resampled to the training scale and tiled, as with --scale")

@@ -11,8 +11,8 @@ The measure is not exactly proportional to magnification: resampling blurs small
 neighbours. ``ScaleReference`` therefore calibrates it on a reference set (e.g. the training images):
 the reference is zoomed by known factors as a camera would see it through other objectives
 (``camera_zoom``: a stronger objective fills the same frame with the centre of the field), measured at
-each, and an image's relative scale is read off that curve (analysis by synthesis). ``relative_scale`` 2.0 means objects appear twice as large as
-in the reference. Written here because no library of the stack estimates magnification.
+each, and an image's relative scale is read off that curve (analysis by synthesis). ``relative_scale``
+2.0 means objects appear twice as large as in the reference. Written here because no library of the stack estimates magnification.
 
     roseprior scale --images FOLDER --reference FOLDER --out scales.csv
 """
@@ -191,8 +191,8 @@ def shared_scale(fields: Iterable[np.ndarray], info: dict[str, Any] | None, sour
     Magnification belongs to the acquisition, not to a field. Per field, the estimate also reads the enlarged
     nuclei of malignancy as magnification, and bringing each field to the training scale on its own would
     shrink them back toward benign size; one scale per folder keeps each field's nuclei as large, relative to
-    its neighbours', as they are (CRIC zoomed 2x: balanced accuracy 0.754 with the folder's median, 0.654 per
-    field, 0.735 at the known scale; benchmarks/shift_quality.py). A folder within ``SAME_SCALE`` of the
+    its neighbours', as they are (505 CRIC test cells zoomed 2x: balanced accuracy 0.756 with the folder's
+    median, 0.695 per field, 0.769 at the known zoom; benchmarks/shift_quality.py). A folder within ``SAME_SCALE`` of the
     training scale, and one whose fields have no stain to measure, is taken at the training scale (1.0)."""
     from roseprior.errors import DataError
 
