@@ -2,8 +2,9 @@
 # Does self-supervision learn the site? A synthetic set with 4 domains (stain, white balance, magnification
 # differ by domain, independently of the class), the multi-crop SimCLR recipe for 150 steps with and without
 # stain swaps and batches drawn within one domain, then the probes' class x domain-balanced robustness index
-# beside random init; then 3 epochs of fine-tuning on the labels (from the last arm, and from random init) and
-# the index after it. About 35 minutes on one core; results in README ("Results under shift").
+# beside random init; then 10 epochs of fine-tuning on the labels (from the swaps + by-domain arm with the default
+# HED jitter 0.05 and with 0.1, and from random init) and the index after it. About 45 minutes on one core;
+# results in README ("Results under shift").
 #   bash benchmarks/invariance.sh [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,15 +32,18 @@ arm swap_0.5_by_pseudo views.stain_swap=0.5 train.batch_by_domain=true train.pse
   "checkpoints=[msht_tiny, $base/swap_0.0, $base/swap_0.5, $base/swap_0.5_by_domain, $base/swap_0.5_by_pseudo]" \
   umap=false "zooms=[0.5, 2.0]" \
   "robustness_k=[5, 10, 20]"
-finetune() {  # name, init
-  local out=$base/$1
+finetune() {  # name, init, overrides...
+  local out=$base/$1 init=$2
+  shift 2
   [ -f "$out/best.safetensors" ] || "$py" -m finetune --config configs/finetune/msht_tiny_cpu.yaml \
-    data.root="$base/data/manifest.csv" data.image_size=128 init="$2" out_dir="$out" train.epochs=3 \
-    train.batch_size=32 sam=off cam.enabled=false
+    data.root="$base/data/manifest.csv" data.image_size=128 init="$init" out_dir="$out" train.epochs=10 \
+    train.batch_size=32 sam=off cam.enabled=false "$@"
 }
-finetune ft_ssl "$base/swap_0.5_by_domain"
-finetune ft_random msht_tiny
+finetune ft_ssl_e10_hed "$base/swap_0.5_by_domain"
+finetune ft_ssl_e10_hed10 "$base/swap_0.5_by_domain" augment.hed=0.1
+finetune ft_rand_e10_hed msht_tiny
 "$py" -m eval_probes --config configs/probes/robustness_cpu.yaml out_dir="$base/probes_finetuned" \
-  data.root="$base/data/manifest.csv" "checkpoints=[msht_tiny, $base/swap_0.5_by_domain, $base/ft_ssl, $base/ft_random]" \
+  data.root="$base/data/manifest.csv" \
+  "checkpoints=[msht_tiny, $base/swap_0.5_by_domain, $base/ft_ssl_e10_hed, $base/ft_ssl_e10_hed10, $base/ft_rand_e10_hed]" \
   umap=false "zooms=[]" "stain.hed_strengths=[]" stain.restain=false "stain.white_balance=[]" "stain.brightness=[]" \
   "robustness_k=[5, 10, 20]"
