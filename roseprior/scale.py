@@ -223,6 +223,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reference", required=True, help="folder of images at the reference scale")
     parser.add_argument("--out", required=True, help="CSV to write")
     parser.add_argument("--max-reference", type=int, default=64, help="reference images used (default 64)")
+    parser.add_argument("--per-folder", action="store_true",
+                        help="write each folder's median as the relative_scale of all its images: what a manifest "
+                             "for data.target_mpp wants, since per image the estimate also reads enlarged malignant "
+                             "nuclei as magnification")
     parser.set_defaults(func=_run)
 
 
@@ -247,19 +251,31 @@ def _run(args: argparse.Namespace) -> int:
     if not reference_images:
         raise DataError(f"--reference {args.reference}: no readable images")
     reference = ScaleReference.build(reference_images)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "relative_scale", "nucleus_px", "error"])
+    rows: list[tuple[Path, float, float, str]] = []  # path, estimate, nucleus px, error
     paths = find_images(args.images)
     with Progress(len(paths), "scale", unit="img") as progress:
         for path in paths:
             try:
                 image = read_image(path)
                 size = nucleus_size(image)  # measured once: relative_scale reads it off the reference's curve
-                writer.writerow([str(path), f"{reference.relative_scale(image, size):.4f}", f"{size:.3f}", ""])
+                rows.append((path, reference.relative_scale(image, size), size, ""))
             except UnreadableImage as err:
-                writer.writerow([str(path), "", "", err.reason])
+                rows.append((path, float("nan"), float("nan"), err.reason))
             progress.update()
+    if args.per_folder:  # one scale per folder: see shared_scale for why a manifest wants it
+        folders: dict[Path, list[float]] = {}
+        for path, estimate, _, _ in rows:
+            if np.isfinite(estimate):
+                folders.setdefault(path.parent, []).append(estimate)
+        median = {folder: float(np.median(values)) for folder, values in folders.items()}
+        rows = [(path, median.get(path.parent, float("nan")) if not error else estimate, size, error)
+                for path, estimate, size, error in rows]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "relative_scale", "nucleus_px", "error"])
+    for path, estimate, size, error in rows:
+        writer.writerow([str(path), f"{estimate:.4f}" if np.isfinite(estimate) else "",
+                         f"{size:.3f}" if np.isfinite(size) else "", error])
     atomic_write_text(out, buffer.getvalue())
     print(f"roseprior scale: {len(paths)} image(s) measured against {len(reference_images)} reference image(s) "
           f"-> {out}", file=sys.stderr)

@@ -99,3 +99,9 @@ def test_scale_cli_writes_a_row_per_image(tmp_path: Path, write_image) -> None:
     scales = [float(r["relative_scale"]) for r in rows[1:]]
     assert rows[0]["error"], rows
     assert all(1.6 < zoomed / native < 2.5 for native, zoomed in zip(scales[::2], scales[1::2], strict=True)), rows
+    assert main(["scale", "--images", str(fields), "--reference", str(ref), "--out", str(tmp_path / "f.csv"),
+                 "--per-folder"]) == 0  # one value per folder, for a manifest: the median of its images'
+    per_folder = list(csv.DictReader((tmp_path / "f.csv").open()))
+    assert per_folder[0]["relative_scale"] == "" and per_folder[0]["error"]
+    folder_values = {r["relative_scale"] for r in per_folder[1:]}
+    assert len(folder_values) == 1 and float(folder_values.pop()) == pytest.approx(float(np.median(scales)), abs=1e-4)
