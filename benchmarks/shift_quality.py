@@ -130,7 +130,8 @@ def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = Fal
     start = time.perf_counter()
     images, y, train_paths = test_images(run, limit)
     predictor = load_predictor(ckpt=str(run))
-    if predictor.scale is None or recalibrate:  # a run from before finetune recorded its training scale
+    # A run from before finetune recorded its training scale has none; --recalibrate rebuilds it with today's code.
+    if predictor.scale is None or recalibrate:
         predictor.scale = training_scale(train_paths, predictor.image_size)
     result: dict[str, Any] = {"run": str(run), "test_images": len(images), "clean": balanced_accuracy(
         predictor, images, y, None)}

@@ -245,7 +245,7 @@ def _background(rng: np.random.Generator, size: int, scale: float, layers: np.nd
 
 
 def red_blood_cells(rng: np.random.Generator, size: int, scale: float, layers: np.ndarray,
-                     count: int) -> None:
+                    count: int) -> None:
     """Red blood cells, partly in loose clumps, all about the same size."""
     sprites = [rbc_sprite(scale * rng.uniform(0.95, 1.1), rng.uniform(0.15, 0.4)) for _ in range(4)]
     n_clumps = max(1, count // 25)
