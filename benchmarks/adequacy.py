@@ -105,6 +105,32 @@ def figure(root: Path, rows: list[dict], out: Path, per_kind: int = 2, tile: int
     return out
 
 
+def blood_figure(real_root: Path, out: Path, tile: int = 256) -> Path:
+    """The real fields beside what the blood segmenter marks on them (green), captioned with the fraction."""
+    from PIL import Image, ImageDraw
+
+    from roseprior.blood import blood_probability
+    from roseprior.data import find_images
+    from roseprior.imageio import read_image
+
+    paths = find_images(real_root)
+    columns = 3
+    sheet = Image.new("RGB", (2 * columns * tile, -(-len(paths) // columns) * (tile + 16)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, path in enumerate(paths):
+        image = read_image(path)
+        marked = blood_probability(image) > 0.5
+        field = Image.fromarray(image).resize(marked.shape[::-1])
+        shown = np.asarray(field, dtype=np.float32).copy()
+        shown[marked] = 0.45 * shown[marked] + 0.55 * np.array([40.0, 220.0, 60.0])
+        x, y = (i % columns) * 2 * tile, (i // columns) * (tile + 16)
+        sheet.paste(field.resize((tile, tile)), (x, y))
+        sheet.paste(Image.fromarray(shown.astype(np.uint8)).resize((tile, tile)), (x + tile, y))
+        draw.text((x + 2, y + tile + 2), f"{path.relative_to(real_root)}: blood {marked.mean():.0%}", fill="black")
+    sheet.save(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-per-class", type=int, default=300)
@@ -114,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", default=str(REPO.parent / "shared" / "data" / "rose_examples"))
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.add_argument("--figure", default=None, help="PNG contact sheet of clean and defective fields")
+    parser.add_argument("--blood-figure", default=None, help="the real fields beside what the blood segmenter marks")
     args = parser.parse_args(argv)
     from roseprior.synth import generate
 
@@ -126,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.figure:
             figure(root, rows, Path(args.figure))
     result["real"] = real_examples(Path(args.real))
+    if args.blood_figure and result["real"]:
+        blood_figure(Path(args.real), Path(args.blood_figure))
     print(f"adequacy: {2 * args.n_per_class} synthetic fields of {args.size} px, {args.defects:.0%} with a defect")
     for defect, d in result["defects"].items():
         print(f"  {defect:13s} {d['measure']:18s} AUROC {d['auroc']:.3f}   flagged {d['flagged']:.0%} of {d['n']}")

@@ -14,14 +14,15 @@ on such a field gives false confidence. Each measure here is a number with a mea
   so that a blurred band of a fifth of the field covers whole tiles.
 - ``cellularity``: the fraction of the field covered by nuclei, i.e. by dark stained material (mean
   optical density above 0.6; haematoxylin-stained nuclei are the darkest structures of a smear).
-- ``blood_fraction``: the fraction covered by eosinophilic material (optical density in green above
-  0.25 and red below 0.6 of it: light that red blood cells let through). Red and pink blood cells are
-  found; grey-green ones are not, and a magenta stain reads as blood too, so it does not yet decide
-  ``assessable`` unless ``blood_max`` is set below 1.
+- ``blood_fraction``: the fraction covered by red blood cells that no cell lies over, from a small
+  segmenter that reads their shape and their hue relative to the field's nuclei, not their colour
+  (``roseprior.blood``: real red cells are pink, grey-green or brown). A field mostly of blood, with
+  its few cells among it, cannot be judged.
 - ``stain_contrast``: the spread of optical density between the field's median and its 98th percentile:
   faint staining or an empty field leave little.
 
-Written here because none of the field's libraries scores cytology adequacy; it uses scipy's filters.
+Written here because none of the field's libraries scores cytology adequacy; it uses scipy's filters
+and, for blood, the segmenter of ``roseprior.blood``.
 Thresholds were set on clean and defective synthetic fields (``roseprior synth --defects``) and
 checked on the real ROSE examples; the README gives both.
 
@@ -59,9 +60,9 @@ class AdequacyThresholds:
     focus_min: float = 0.16  # per tile; an in-focus edge spans a few px (about 0.3 on sharp fields)
     in_focus_min: float = 0.7  # share of tiles with edges that are in focus
     cellularity_min: float = 0.03  # share of the field covered by nuclei (real ROSE fields: 30-93%)
-    # Share of the field covered by red blood cells. Off (1.0) by default: the colour rule cannot yet tell red
-    # cells from a magenta stain, which flagged up to a third of clean magenta synthetic fields at 0.8.
-    blood_max: float = 1.0
+    # Share of the field covered by red blood cells that no cell lies over. Clean synthetic fields read up to
+    # about 0.4 and the real ROSE examples up to about 0.3; fields buried in blood 0.85 and more.
+    blood_max: float = 0.6
     stain_contrast_min: float = 0.45  # optical-density spread of the stain
 
 
@@ -94,6 +95,8 @@ def measure(image: np.ndarray, thresholds: AdequacyThresholds | None = None) -> 
     """The measures and the verdict for one (H, W, 3) uint8 field."""
     from scipy import ndimage as ndi
 
+    from roseprior.blood import blood_fraction
+
     t = thresholds or AdequacyThresholds()
     x = image.astype(np.float32)
     gray = x.mean(axis=2)
@@ -109,7 +112,7 @@ def measure(image: np.ndarray, thresholds: AdequacyThresholds | None = None) -> 
     od = -np.log(np.clip(x / 255.0, 1e-3, 1.0))
     od_mean = od.mean(axis=2)
     cellularity = float((od_mean > NUCLEUS_OD).mean())
-    blood = float(((od[..., 1] > 0.25) & (od[..., 0] < 0.6 * od[..., 1])).mean())
+    blood = blood_fraction(image)
     contrast = float(np.percentile(od_mean, 98) - np.percentile(od_mean, 50))
     reasons = []
     if not np.isfinite(focus) or in_focus < t.in_focus_min:

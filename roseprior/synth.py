@@ -141,13 +141,14 @@ def draw_defect(seed: int, class_index: int, index: int, rate: float) -> str:
 def _with_defect(defect: str, scene: Scene, acq: Acquisition, rng: np.random.Generator) -> Acquisition:
     """Damage a field as a bad slide or photograph would (severities a pathologist would reject)."""
     size = scene.layers.shape[1]
-    if defect == "sparse":  # a few cells left in one small patch of an otherwise empty smear
+    if defect in ("sparse", "blood"):  # a few cells left in one patch: of an empty smear, or of a sea of blood
         ys, xs = np.mgrid[0:size, 0:size]
         cy, cx = rng.uniform(0.2, 0.8, 2) * size
-        keep = ((ys - cy) ** 2 + (xs - cx) ** 2 < (0.07 * size) ** 2).astype(np.float32)
+        radius = 0.07 if defect == "sparse" else rng.uniform(0.12, 0.2)
+        keep = ((ys - cy) ** 2 + (xs - cx) ** 2 < (radius * size) ** 2).astype(np.float32)
         scene.layers[NUCLEUS] *= keep
         scene.layers[CYTOPLASM] *= keep
-    elif defect == "blood":  # red blood cells over most of the field
+    if defect == "blood":  # red blood cells over most of the field, the few cells among them
         count = int(rng.uniform(900, 1400) / acq.magnification**2)
         red_blood_cells(rng, size, BENIGN_RADIUS * size * acq.magnification, scene.layers, min(count, 6000))
         np.minimum(scene.layers[RBC], 1.2, out=scene.layers[RBC])
@@ -174,15 +175,22 @@ def _blur_one_side(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 def make_image(label: str, class_index: int, index: int, size: int, seed: int, domains: list[str],
                confound: float, zoom: float = 1.0, defect: str = "none") -> tuple[bytes, Acquisition]:
     """Encode one field as JPEG bytes; depends on (seed, class_index, index) and settings only."""
+    img, acq, _ = render_field(label, class_index, index, size, seed, domains, confound, zoom, defect)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=acq.jpeg_quality)
+    return buf.getvalue(), acq
+
+
+def render_field(label: str, class_index: int, index: int, size: int, seed: int, domains: list[str],
+                 confound: float, zoom: float = 1.0, defect: str = "none") -> tuple[Image.Image, Acquisition, Scene]:
+    """One field before JPEG, with the scene it was drawn from (its layers are the ground truth)."""
     rng, acq, scene = _scene(label, class_index, index, size, seed, domains, confound, zoom)
     damage = np.random.default_rng([seed, class_index, index, 16])
     acq = _with_defect(defect, scene, acq, damage)
     img = render(scene, acq, rng)
     if defect == "partial_blur":
         img = _blur_one_side(img, damage)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=acq.jpeg_quality)
-    return buf.getvalue(), acq
+    return img, acq, scene
 
 
 def cell_mask(label: str, index: int, size: int = 256, seed: int = 0, domains: list[str] | None = None,

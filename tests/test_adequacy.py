@@ -24,10 +24,11 @@ def test_each_defect_is_found_by_its_measure(scored: list[dict]) -> None:
 
     result = summary(scored)
     print({d: (round(v["auroc"], 3), round(v["flagged"], 2)) for d, v in result["defects"].items()})
-    for defect in ("blur", "partial_blur", "faint"):
+    for defect in ("blur", "partial_blur", "faint", "blood"):
         assert result["defects"][defect]["auroc"] >= 0.95, (defect, result["defects"][defect])
     assert result["defects"]["sparse"]["auroc"] >= 0.9
-    assert result["defects"]["blur"]["flagged"] >= 0.9 and result["defects"]["partial_blur"]["flagged"] >= 0.9
+    for defect in ("blur", "partial_blur", "blood"):
+        assert result["defects"][defect]["flagged"] >= 0.9, (defect, result["defects"][defect])
     assert result["clean_assessable"]["all"] >= 0.9
 
 
