@@ -68,7 +68,9 @@ def camera_zoom(image: np.ndarray, factor: float) -> np.ndarray:
 
 def tiles(image: np.ndarray, size: int) -> Any:
     """(T, 3, size, size) float tiles in [0, 1] covering ``image`` (H, W, 3): a side shorter than ``size``
-    is mirrored out to it (never stretched); a longer one gets evenly spaced, overlapping tiles."""
+    is mirrored out to it (never stretched); a longer one gets evenly spaced tiles that overlap by at least
+    half, so that anything no larger than half a tile lies whole in one of them. (Tiles that only touched
+    cut the centred cell of a zoomed-out CRIC crop in four: 0.652 against 0.717 balanced accuracy at 0.5×.)"""
     import torch
 
     h, w = image.shape[:2]
@@ -77,8 +79,9 @@ def tiles(image: np.ndarray, size: int) -> Any:
         image = np.pad(image, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0)),
                        mode="symmetric")
         h, w = image.shape[:2]
-    ys = np.linspace(0, h - size, max(1, -(-h // size))).round().astype(int)
-    xs = np.linspace(0, w - size, max(1, -(-w // size))).round().astype(int)
+    stride = size // 2
+    ys = np.linspace(0, h - size, 1 + -(-(h - size) // stride)).round().astype(int)
+    xs = np.linspace(0, w - size, 1 + -(-(w - size) // stride)).round().astype(int)
     crops = [image[y : y + size, x : x + size] for y in ys for x in xs]
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255.0)
 

@@ -119,9 +119,13 @@ def test_tiles_cover_a_field_and_mirror_a_small_one() -> None:
 
     field = np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8)
     out = tiles(field, 64)
-    assert out.shape == (6, 3, 64, 64)  # 2 rows x 3 columns, overlapping, edges included
-    torch.testing.assert_close(out[0], torch.from_numpy(field[:64, :64]).permute(2, 0, 1).float() / 255)
-    torch.testing.assert_close(out[-1], torch.from_numpy(field[-64:, -64:]).permute(2, 0, 1).float() / 255)
+    assert out.shape == (12, 3, 64, 64)  # 3 rows x 4 columns, overlapping by at least half, edges included
+    starts = [(y, x) for y in (0, 18, 36) for x in (0, 29, 57, 86)]
+    for i, (y, x) in enumerate(starts):
+        torch.testing.assert_close(out[i], torch.from_numpy(field[y:y + 64, x:x + 64]).permute(2, 0, 1).float() / 255)
+    for top, left in [(0, 0), (34, 59), (68, 118), (50, 40)]:  # any half-tile window lies whole in one tile
+        assert any(y <= top and top + 32 <= y + 64 and x <= left and left + 32 <= x + 64 for y, x in starts)
+    assert tiles(field[:64, :96], 64).shape[0] == 2 and tiles(field[:64, :97], 64).shape[0] == 3
     small = tiles(field[:30, :40], 64)
     assert small.shape == (1, 3, 64, 64)  # mirrored out to the input size, not stretched
     centre = torch.from_numpy(field[:30, :40]).permute(2, 0, 1).float() / 255
