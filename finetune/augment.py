@@ -1,4 +1,4 @@
-"""Training-batch augmentation on the accelerator: rotation, flips, colour and stain jitter.
+"""Training-batch augmentation on the accelerator: rotation, flips, stain and colour jitter, lost detail.
 
 Rotation is by any angle with reflection padding (``roseprior.imageops.rotate``), so there are
 no fill corners, and nothing is cropped: the users found that centre-cropping only the training
@@ -68,6 +68,8 @@ class TrainAugment:
             x = imageops.random_rotate(x, self.generator)
         if cfg.hed > 0:
             x = imageops.hed_jitter(x, cfg.hed, self.generator)
+        if cfg.resolution > 1:
+            x = imageops.random_resolution(x, cfg.resolution, self.generator)
         return self.color_jitter(x)
 
     def state_dict(self) -> dict:

@@ -53,6 +53,12 @@ class AugmentConfig:
     # slide to slide. CRIC, pretrained, one fine-tune each: clean 0.802 vs 0.789 without, HED-shifted test
     # 0.779-0.788 vs 0.771-0.779 (benchmarks/shift_quality.py, docs/results/shift_quality_hed.json).
     hed: float = 0.05
+    # Lost detail, 1 is off: half the images are shrunk by up to this factor and enlarged back, as a field from a
+    # weaker objective is once predict brings it to the training scale (--scale auto). Size is unchanged.
+    resolution: float = 1.0
+
+    def __post_init__(self) -> None:
+        check(self.resolution >= 1.0, "augment.resolution", "must be >= 1 (1 is off)", self.resolution)
 
 
 @dataclass

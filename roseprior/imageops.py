@@ -48,6 +48,7 @@ __all__ = [
     "hed_shift",
     "random_brightness",
     "random_flip_rot90",
+    "random_resolution",
     "random_rotate",
     "random_white_balance",
     "rotate",
@@ -308,6 +309,31 @@ def zoom(x: torch.Tensor, factor: ScalarOrPerImage, antialias: bool = True) -> t
     theta[:, 0, 0] = 1.0 / factor
     theta[:, 1, 1] = 1.0 / factor
     return _restore(_affine_sample(xf, theta), dtype)
+
+
+def random_resolution(x: torch.Tensor, max_factor: float, generator: torch.Generator | None = None,
+                      probability: float = 0.5) -> torch.Tensor:
+    """Thin the detail of some images as a weaker objective would, at unchanged size and magnification.
+
+    With ``probability``, an image is shrunk by a factor log-uniform in [1, ``max_factor``] (antialiased) and
+    enlarged back (bilinear): what a field taken through a weaker objective looks like once brought up to the
+    training scale (``finetune.predict --scale``). Cells keep their size in pixels; only detail is lost.
+    """
+    _check_batch(x, "random_resolution")
+    if max_factor < 1:
+        raise ConfigError(f"imageops.random_resolution: max_factor must be >= 1 (1 is off), got {max_factor}")
+    if max_factor == 1 or probability <= 0:
+        return x
+    xf, dtype = _to_float(x, "random_resolution")
+    chosen = _uniform((xf.shape[0],), 0.0, 1.0, generator, xf.device) < probability
+    factors = torch.exp(_uniform((xf.shape[0],), 0.0, math.log(max_factor), generator, xf.device))
+    out = xf.clone()
+    height, width = xf.shape[-2:]
+    for i in torch.nonzero(chosen).flatten().tolist():
+        size = [max(1, round(height / float(factors[i]))), max(1, round(width / float(factors[i])))]
+        small = F.interpolate(xf[i : i + 1], size=size, mode="bilinear", antialias=True, align_corners=False)
+        out[i] = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)[0]
+    return _restore(out.clamp_(0.0, 1.0), dtype)
 
 
 def rotate(x: torch.Tensor, angle_deg: ScalarOrPerImage) -> torch.Tensor:

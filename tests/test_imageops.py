@@ -541,3 +541,21 @@ def test_ops_run_on_cuda_and_agree_with_cpu(name):
 def test_stain_normalizer_returns_on_cuda(stain_target):
     out = imageops.StainNormalizer("macenko").fit(stain_target.cuda())(stained_batch().cuda())
     assert out.device.type == "cuda"
+
+
+def test_random_resolution_thins_detail_of_some_images_at_unchanged_size():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 64, 64, generator=g)  # pixel noise: all of it is fine detail
+    out = imageops.random_resolution(x, 4.0, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape
+    changed = (out - x).flatten(1).abs().amax(1) > 1e-6
+    assert 3 <= int(changed.sum()) <= 13  # about half the images
+    torch.testing.assert_close(out[~changed], x[~changed])
+    detail = (out[changed] - out[changed].mean((-2, -1), keepdim=True)).std((-2, -1))
+    assert bool((detail < 0.8 * x[changed].std((-2, -1))).all())  # detail thinned ...
+    torch.testing.assert_close(out[changed].mean((-2, -1)), x[changed].mean((-2, -1)), atol=0.02, rtol=0)  # colour kept
+    again = imageops.random_resolution(x, 4.0, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, again)  # seeded
+    assert imageops.random_resolution(x, 1.0) is x
+    with pytest.raises(ConfigError, match="max_factor"):
+        imageops.random_resolution(x, 0.5)
