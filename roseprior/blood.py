@@ -1,16 +1,18 @@
-"""Where are the red blood cells? A small segmenter that reads shape, not colour, for ``blood_fraction``.
+"""Where are the red blood cells? A small segmenter for ``blood_fraction`` that reads shape, not colour.
 
 Why a network: red blood cells in real smears are grey-blue, green, pink or brown, so no colour rule
 finds them (the one this replaced flagged magenta stains and missed grey-green cells), and in
 obscuring blood they overlap into a carpet that defeats blob detection. What they share is shape: discs
-of one size, paler than nuclei, with a rim and glass between them. None of the field's libraries
-segments them in cytology smears, so this module trains its own from the synthetic generator's ground
-truth (``roseprior.synth``'s red-blood-cell layer where no cell lies over it), on grey optical density
-and on hue relative to the field's nuclei (absolute colour removed), under augmentation of stain strength, contrast, scale, focus and noise.
+of one size, paler than nuclei, with a rim and glass between them, in a hue that is not the nuclei's.
+None of the field's libraries segments them in cytology smears, so this module trains its own from the
+synthetic generator's ground truth (``roseprior.synth``'s red-blood-cell layer where no cell lies over
+it), on grey optical density and on hue relative to the field's nuclei (absolute colour removed), under
+augmentation of stain strength, contrast, scale, focus and noise.
 
 The weights ship with the package as safetensors (nothing unpickled); ``python -m roseprior.blood --out
 FILE`` trains them again in about 4 minutes on one core. Fields are read at ``WORKING_SIDE`` px on their
-shorter side, which puts a red cell at 5-20 px across for the magnifications the generator draws.
+shorter side, which puts a red cell at 9-36 px across for the magnifications the generator draws (about
+20 px on the real 512-px ROSE examples).
 """
 
 from __future__ import annotations
