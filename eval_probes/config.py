@@ -44,7 +44,7 @@ class ProbeConfig(StageConfig):
     zooms: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.5, 2.0])  # 1.0 is the clean run
     domain_transfer: bool = True  # train on one domain, test on each other (when domains exist)
     shortcut_split: bool = True  # test images whose domain is typical vs atypical for their class
-    # Test images scored apart by whether roseprior.adequacy finds them assessable (focus, cells, stain), with
+    # Test images scored apart by whether roseprior.adequacy finds them assessable (focus, cells, blood, stain), with
     # the thresholds finetune.predict uses: is a probe right where a pathologist would not judge?
     adequacy_split: bool = True
     adequacy: AdequacyThresholds = field(default_factory=AdequacyThresholds)
