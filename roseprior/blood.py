@@ -22,13 +22,15 @@ import functools
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WEIGHTS", "WORKING_SIDE", "BloodSegmenter", "blood_fraction", "blood_probability", "density_and_hue", "train"]
+__all__ = ["WEIGHTS", "WORKING_SIDE", "BloodSegmenter", "blood_fraction", "blood_probability", "density_and_hue", "train",
+           "visible_red_cells"]
 
 WEIGHTS = Path(__file__).with_name("weights") / "blood_segmenter.safetensors"
 WORKING_SIDE = 256  # px on the field's shorter side
@@ -111,19 +113,25 @@ def blood_fraction(image: np.ndarray, model: BloodSegmenter | None = None) -> fl
 # ---------------------------------------------------------------------------------------------
 
 
+def visible_red_cells(scene: Any) -> np.ndarray:
+    """(H, W) bool, the ground truth: where a synthetic scene has red blood cells and no cell over them."""
+    from roseprior.synth_render import CYTOPLASM, NUCLEUS, RBC
+
+    layers = scene.layers
+    return (layers[RBC] > 0.1) & (layers[NUCLEUS] < 0.1) & (layers[CYTOPLASM] < 0.1)
+
+
 def _training_fields(n_fields: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and visible-red-cell masks of synthetic fields of every site, 40% of them bloody."""
     from roseprior.synth import DOMAIN_PRESETS, render_field
-    from roseprior.synth_render import CYTOPLASM, NUCLEUS, RBC
 
     inputs, masks = [], []
     for index in range(n_fields):
         label = "NP"[index % 2]
         defect = "blood" if index % 5 < 2 else "none"
         image, _, scene = render_field(label, index % 2, index, 256, seed, list(DOMAIN_PRESETS), 0.0, 1.0, defect)
-        layers = scene.layers
         inputs.append(density_and_hue(np.asarray(image))[0])
-        masks.append(torch.from_numpy((layers[RBC] > 0.1) & (layers[NUCLEUS] < 0.1) & (layers[CYTOPLASM] < 0.1))[None])
+        masks.append(torch.from_numpy(visible_red_cells(scene))[None])
     return torch.stack(inputs), torch.stack(masks).float()
 
 
@@ -174,7 +182,6 @@ def train(out: Path, n_fields: int = 800, steps: int = 2000, batch: int = 8, cro
         if log_every and (step + 1) % log_every == 0:
             elapsed = time.perf_counter() - start
             print(f"blood segmenter: step {step + 1}/{steps}, loss {loss.item():.3f}, {elapsed:.0f} s", flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
     return save_safetensors(model.state_dict(), out,
                             {"trained_on": f"{n_fields} synthetic fields, seed {seed}, {steps} steps"})
 

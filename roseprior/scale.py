@@ -79,7 +79,7 @@ def tiles(image: np.ndarray, size: int) -> Any:
         image = np.pad(image, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0)),
                        mode="symmetric")
         h, w = image.shape[:2]
-    stride = size // 2
+    stride = max(1, size // 2)
     ys = np.linspace(0, h - size, 1 + -(-(h - size) // stride)).round().astype(int)
     xs = np.linspace(0, w - size, 1 + -(-(w - size) // stride)).round().astype(int)
     crops = [image[y : y + size, x : x + size] for y in ys for x in xs]

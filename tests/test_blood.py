@@ -8,15 +8,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _visible_red_cells(scene) -> float:
-    from roseprior.synth_render import CYTOPLASM, NUCLEUS, RBC
-
-    layers = scene.layers
-    return float(((layers[RBC] > 0.1) & (layers[NUCLEUS] < 0.1) & (layers[CYTOPLASM] < 0.1)).mean())
-
-
 def test_blood_fraction_follows_the_generators_truth_on_unseen_fields() -> None:
-    from roseprior.blood import blood_fraction
+    from roseprior.blood import blood_fraction, visible_red_cells
     from roseprior.synth import DOMAIN_PRESETS, render_field
 
     truth, read = [], []
@@ -24,7 +17,7 @@ def test_blood_fraction_follows_the_generators_truth_on_unseen_fields() -> None:
         defect = "blood" if index % 3 == 0 else "none"
         image, _, scene = render_field("NP"[index % 2], index % 2, index, 256, 5, list(DOMAIN_PRESETS), 0.0, 1.0,
                                        defect)
-        truth.append(_visible_red_cells(scene))
+        truth.append(float(visible_red_cells(scene).mean()))
         read.append(blood_fraction(np.asarray(image)))
     truth, read = np.array(truth), np.array(read)
     print(np.round(np.c_[truth, read], 2).tolist())
