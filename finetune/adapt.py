@@ -23,8 +23,6 @@ and the probes accept like any other:
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import shutil
 import sys
@@ -132,13 +130,11 @@ def continue_pretraining(model: Classifier, meta: dict[str, Any], images: list[S
     import backbones
     from pretrain.config import PretrainConfig
     from pretrain.loop import run as pretrain
-    from roseprior.checkpoint import atomic_write_text
+    from roseprior.checkpoint import atomic_write_csv
     from roseprior.config import load_config
 
     backbones.save(model.backbone, out / "init")
-    rows = io.StringIO()
-    csv.writer(rows, lineterminator="\n").writerows([["path"], *([s.path] for s in images)])
-    manifest = atomic_write_text(out / "new_site_images.csv", rows.getvalue())
+    manifest = atomic_write_csv(out / "new_site_images.csv", ["path"], ([s.path] for s in images))
     cfg = load_config(PretrainConfig, RECIPE, [
         f"data.root={manifest}", f"out_dir={out / 'run'}", f"model.name={meta['backbone']}",
         f"model.init={out / 'init'}", f"train.max_steps={steps}", "train.lr=2.0e-4", f"train.batch_size={min(256, len(images))}",

@@ -11,8 +11,6 @@ A file that cannot be decoded is listed in the CSV with its reason and never sto
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +22,7 @@ import numpy as np
 import torch
 
 from roseprior.adequacy import COLUMNS, NOT_ASSESSABLE, FieldQuality, measure, quality_cells
-from roseprior.checkpoint import atomic_write_text
+from roseprior.checkpoint import atomic_write_csv
 from roseprior.data import find_images
 from roseprior.errors import CheckpointError, DataError
 from roseprior.features import resolve_device
@@ -219,18 +217,17 @@ def write_csv(out: Path, predictor: Predictor, paths: Sequence[Path], probs: dic
     """One row per field, with its adequacy (``qualities``: ``roseprior.adequacy.FieldQuality`` per scored
     path): a flagged field is called ``not assessable`` rather than N or P, unless ``judge_all``."""
     reasons = dict(unreadable)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", *(f"p_{c}" for c in predictor.classes), "predicted", "error", *COLUMNS[1:]])
-    for path in paths:
-        if path in probs:
-            p, quality = probs[path], qualities[path]
-            call = predictor.call(p) if quality.assessable or judge_all else NOT_ASSESSABLE
-            writer.writerow([str(path), *(f"{v:.6f}" for v in p), call, "", *quality_cells(quality)])
-        else:
-            writer.writerow([str(path), *([""] * (len(predictor.classes) + 1)), reasons.get(path, "unreadable"),
-                             *([""] * (len(COLUMNS) - 1))])
-    return atomic_write_text(out, buffer.getvalue())
+
+    def row(path: Path) -> list[str]:
+        if path not in probs:
+            return [str(path), *([""] * (len(predictor.classes) + 1)), reasons.get(path, "unreadable"),
+                    *([""] * (len(COLUMNS) - 1))]
+        p, quality = probs[path], qualities[path]
+        call = predictor.call(p) if quality.assessable or judge_all else NOT_ASSESSABLE
+        return [str(path), *(f"{v:.6f}" for v in p), call, "", *quality_cells(quality)]
+
+    header = ["path", *(f"p_{c}" for c in predictor.classes), "predicted", "error", *COLUMNS[1:]]
+    return atomic_write_csv(out, header, map(row, paths))
 
 
 def _scale(text: str) -> str | float | None:

@@ -12,8 +12,6 @@ keyed per sample (``pretrain.views``).
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import backbones
-from roseprior.checkpoint import atomic_write_text
+from roseprior.checkpoint import atomic_write_csv
 from roseprior.config import to_dict
 from roseprior.data import (
     Sample,
@@ -151,9 +149,7 @@ def run(cfg: PretrainConfig) -> Path:
     # ====== optionally resume, then the loader from where we are ======
     loop.start(cfg, unwrapped, optimizer)
     if pseudo and main:  # which cluster each image fell in, to look at
-        rows = io.StringIO()
-        csv.writer(rows, lineterminator="\n").writerows([("path", "domain"), *((s.path, s.domain) for s in samples)])
-        atomic_write_text(out_dir / "pseudo_domains.csv", rows.getvalue())
+        atomic_write_csv(out_dir / "pseudo_domains.csv", ["path", "domain"], ((s.path, s.domain) for s in samples))
     order = domain_batches(cfg.seed, [s.domain for s in samples], loop.global_batch) if t.batch_by_domain else None
     loader = loop.loader(dataset, ViewCollate(None if views_on_device else views), order, cfg.data.num_workers)
     accelerator.print(f"pretrain: {cfg.method.name} on {cfg.model.name}, {len(dataset)} images from {root}"

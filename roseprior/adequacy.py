@@ -32,9 +32,7 @@ checked on the real ROSE examples; the README gives both.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -91,6 +89,9 @@ def _edge_focus(gradient: np.ndarray, local_range: np.ndarray) -> float:
     return float(np.median(g[strongest] / r[strongest]))
 
 
+_OPTICAL_DENSITY = -np.log(np.clip(np.arange(256, dtype=np.float32) / 255.0, 1e-3, 1.0))  # of each uint8 value
+
+
 def measure(image: np.ndarray, thresholds: AdequacyThresholds | None = None) -> FieldQuality:
     """The measures and the verdict for one (H, W, 3) uint8 field."""
     from scipy import ndimage as ndi
@@ -98,8 +99,7 @@ def measure(image: np.ndarray, thresholds: AdequacyThresholds | None = None) -> 
     from roseprior.blood import blood_fraction
 
     t = thresholds or AdequacyThresholds()
-    x = image.astype(np.float32)
-    gray = x.mean(axis=2)
+    gray = image[..., :3].mean(axis=2, dtype=np.float32)  # per-pixel planes only: no float copy of the field
     gradient = ndi.gaussian_gradient_magnitude(gray, 0.7)
     local_range = ndi.maximum_filter(gray, 9) - ndi.minimum_filter(gray, 9)
     focus = _edge_focus(gradient, local_range)
@@ -109,8 +109,7 @@ def measure(image: np.ndarray, thresholds: AdequacyThresholds | None = None) -> 
              for y in range(0, max(1, height - side + 1), side) for c in range(0, max(1, width - side + 1), side)]
     measured = np.array([v for v in tiles if np.isfinite(v)])
     in_focus = float((measured >= t.focus_min).mean()) if measured.size else 0.0
-    od = -np.log(np.clip(x / 255.0, 1e-3, 1.0))
-    od_mean = od.mean(axis=2)
+    od_mean = sum(_OPTICAL_DENSITY[image[..., c]] for c in range(3)) / 3
     cellularity = float((od_mean > NUCLEUS_OD).mean())
     blood = blood_fraction(image)
     contrast = float(np.percentile(od_mean, 98) - np.percentile(od_mean, 50))
@@ -164,7 +163,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from roseprior.checkpoint import atomic_write_text
+    from roseprior.checkpoint import atomic_write_csv
     from roseprior.data import find_images
     from roseprior.errors import DataError
 
@@ -173,15 +172,12 @@ def _run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise DataError(f"--out {out} is a folder; give the path of the CSV file to write")
     paths = find_images(args.images)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    flagged, start = 0, time.perf_counter()
+    rows, flagged, start = [], 0, time.perf_counter()
     for path, q, error in assess_paths(paths, thresholds):
-        writer.writerow([str(path), *quality_cells(q)] if q else [str(path), *[""] * (len(COLUMNS) - 2),
-                                                                   f"unreadable: {error}"])
+        rows.append([str(path), *quality_cells(q)] if q else [str(path), *[""] * (len(COLUMNS) - 2),
+                                                               f"unreadable: {error}"])
         flagged += q is None or not q.assessable
-    atomic_write_text(out, buffer.getvalue())
+    atomic_write_csv(out, COLUMNS, rows)
     rate = len(paths) / max(time.perf_counter() - start, 1e-9)
     print(f"adequacy: {len(paths) - flagged} of {len(paths)} field(s) assessable, {flagged} flagged "
           f"({rate:.1f} fields/s) -> {out}")

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from roseprior import imageops
+
 __all__ = ["WEIGHTS", "WORKING_SIDE", "BloodSegmenter", "blood_fraction", "blood_probability", "density_and_hue", "train",
            "visible_red_cells"]
 
@@ -71,14 +73,9 @@ def density_and_hue(image: np.ndarray) -> torch.Tensor:
     and blue share of density lies from that of the field's darkest 5% (its nuclei). Absolute colour is
     left out on purpose: red cells are pink on one slide and green on the next, but never the nuclei's hue.
     """
-    x = torch.from_numpy(np.array(image[..., :3], dtype=np.float32)).permute(2, 0, 1)[None]
-    scale = WORKING_SIDE / min(x.shape[-2:])
-    size = (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale)))
-    if scale < 1:
-        x = F.interpolate(x, size=size, mode="area")
-    elif scale > 1:
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    od_rgb = -torch.log(torch.clamp(x[0] / 255.0, 1 / 255.0, 1.0))
+    x = torch.from_numpy(np.array(image[..., :3], dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    x = imageops.resample(x, WORKING_SIDE / min(x.shape[-2:]))
+    od_rgb = -torch.log(torch.clamp(x[0], 1 / 255.0, 1.0))
     od = od_rgb.sum(0, keepdim=True)
     share = od_rgb / od.clamp(min=0.15)
     flat = od.flatten()

@@ -8,16 +8,19 @@ unlike ``torch.load``/``pickle``, so a checkpoint folder from anywhere is safe t
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from roseprior.errors import CheckpointError
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "load_state", "save_safetensors", "save_state"]
+__all__ = ["atomic_write", "atomic_write_csv", "atomic_write_json", "atomic_write_text", "load_state",
+           "save_safetensors", "save_state"]
 
 
 def _umask() -> int:
@@ -51,6 +54,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text))
+
+
+def atomic_write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """A CSV table (``header``, then ``rows``) written atomically: every table a stage leaves is written so."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())
 
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:

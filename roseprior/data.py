@@ -390,18 +390,14 @@ def with_scales(samples: Sequence[Sample], data_cfg: Any) -> list[Sample]:
 
 
 def to_canonical(image: Any, zoom: float | None, max_side: int | None = None) -> Any:
-    """A uint8 (3, H, W) tensor resampled by ``zoom`` (antialiased), then shrunk so that its longer side
-    is at most ``max_side``; untouched when neither applies."""
-    import torch.nn.functional as F
+    """A uint8 (3, H, W) tensor resampled by ``zoom``, then shrunk so that its longer side is at most
+    ``max_side``; untouched when neither applies."""
+    from roseprior import imageops
 
     factor = zoom or 1.0
     if max_side and max(image.shape[1:]) * factor > max_side:
         factor = max_side / max(image.shape[1:])
-    if factor == 1.0:
-        return image
-    size = [max(1, round(image.shape[1] * factor)), max(1, round(image.shape[2] * factor))]
-    return (F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=factor < 1, align_corners=False)[0]
-            .round_().clamp_(0, 255).to(image.dtype))
+    return image if factor == 1.0 else imageops.resample(image[None], factor)[0]
 
 
 def _window(image: Any, size: int, random: bool) -> Any:

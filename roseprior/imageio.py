@@ -8,7 +8,6 @@ images through ``read_image`` so they all see the same pixels, and an unreadable
 
 from __future__ import annotations
 
-import csv
 import io
 from pathlib import Path
 
@@ -163,13 +162,9 @@ class SkippedFiles:
     def write_csv(self, out_dir: str | Path) -> Path:
         """Write ``out_dir/skipped_files.csv`` (path,reason); header only when nothing was skipped,
         so a stale list from an earlier run never survives."""
-        from roseprior.checkpoint import atomic_write_text
+        from roseprior.checkpoint import atomic_write_csv
 
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["path", "reason"])
-        writer.writerows(self.entries)
-        self.csv_path = atomic_write_text(Path(out_dir) / self.FILENAME, buffer.getvalue())
+        self.csv_path = atomic_write_csv(Path(out_dir) / self.FILENAME, ["path", "reason"], self.entries)
         return self.csv_path
 
     def check(self, total: int, max_fraction: float) -> None:

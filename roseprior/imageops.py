@@ -51,6 +51,7 @@ __all__ = [
     "random_resolution",
     "random_rotate",
     "random_white_balance",
+    "resample",
     "rotate",
     "stain_normalize",
     "stain_strength",
@@ -309,6 +310,23 @@ def zoom(x: torch.Tensor, factor: ScalarOrPerImage, antialias: bool = True) -> t
     theta[:, 0, 0] = 1.0 / factor
     theta[:, 1, 1] = 1.0 / factor
     return _restore(_affine_sample(xf, theta), dtype)
+
+
+def resample(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Every image of ``x`` resized by ``factor`` (sides rounded, at least 1 px), bicubic, antialiased when
+    shrinking. The one resampler of the stages: training images to the canonical scale, fields to their
+    model's scale at prediction, and the scale estimator's calibration all go through it, so a field is
+    resampled alike at training and prediction. Bicubic, not bilinear: its antialiasing keeps a nucleus's
+    edge sharp at 0.25x, where bilinear's wider kernel blurs it and the scale estimator reads 28% too large."""
+    _check_batch(x, "resample")
+    if factor <= 0:
+        raise ConfigError(f"imageops.resample: factor must be > 0, got {factor}")
+    size = [max(1, round(x.shape[-2] * factor)), max(1, round(x.shape[-1] * factor))]
+    if size == list(x.shape[-2:]):
+        return x
+    xf, dtype = _to_float(x, "resample")
+    y = F.interpolate(xf, size=size, mode="bicubic", antialias=factor < 1, align_corners=False)
+    return _restore(y.clamp_(0.0, 1.0), dtype)  # bicubic overshoots at edges
 
 
 def random_resolution(x: torch.Tensor, max_factor: float, generator: torch.Generator | None = None,

@@ -20,8 +20,6 @@ each, and an image's relative scale is read off that curve (analysis by synthesi
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ScaleReference", "add_parser", "at_training_scale", "camera_zoom", "fields_scale", "nucleus_size",
-           "resample", "shared_scale", "tiles", "training_scale"]
+__all__ = ["ScaleReference", "add_parser", "at_training_scale", "camera_zoom", "fields_scale", "folder_scale",
+           "nucleus_size", "resample", "shared_scale", "tiles", "training_scale"]
 
 PERCENTILE = 90
 WORKING_SIZE = 8.0  # px: a measure below this is repeated on an upsampled copy
@@ -43,15 +41,13 @@ SAME_SCALE = 1.2
 
 
 def resample(image: np.ndarray, factor: float) -> np.ndarray:
-    """(H, W, 3) uint8 resized by ``factor`` (antialiased when shrinking)."""
+    """(H, W, 3) uint8 resized by ``factor``: ``imageops.resample`` (the one resampler) on a numpy field."""
     import torch
-    import torch.nn.functional as F
 
-    h, w = image.shape[:2]
-    size = (max(1, round(h * factor)), max(1, round(w * factor)))
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    y = F.interpolate(x, size=size, mode="bicubic", antialias=factor < 1, align_corners=False)
-    return y[0].permute(1, 2, 0).clamp_(0, 255).round_().to(torch.uint8).numpy()
+    from roseprior import imageops
+
+    x = torch.from_numpy(np.require(image[..., :3], requirements=["C", "W"])).permute(2, 0, 1)[None]  # no copy if can
+    return imageops.resample(x, factor)[0].permute(1, 2, 0).numpy()
 
 
 def camera_zoom(image: np.ndarray, factor: float) -> np.ndarray:
@@ -204,12 +200,19 @@ def shared_scale(fields: Iterable[np.ndarray], info: dict[str, Any] | None, sour
     if "reference" not in info:
         raise DataError(f"--scale auto: {source} records no training scale; train it again, or give --scale VALUE")
     reference = ScaleReference.from_json(info["reference"])
-    estimates = np.array([reference.relative_scale(field) for field in fields], dtype=float)
-    measured = estimates[np.isfinite(estimates)]
-    if not measured.size:
+    median, count = folder_scale(reference.relative_scale(field) for field in fields)
+    if not count:
         return 1.0, 0
-    relative = float(info.get("input_per_native", 1.0) * np.median(measured))
-    return (1.0 if abs(np.log(relative)) < np.log(SAME_SCALE) else relative), int(measured.size)
+    relative = float(info.get("input_per_native", 1.0) * median)
+    return (1.0 if abs(np.log(relative)) < np.log(SAME_SCALE) else relative), count
+
+
+def folder_scale(estimates: Iterable[float]) -> tuple[float, int]:
+    """The median of a folder's finite per-field estimates and how many there were (NaN, 0 when none): the
+    one scale of fields taken alike, for ``shared_scale`` and ``roseprior scale --per-folder``."""
+    values = np.array(list(estimates), dtype=float)
+    measured = values[np.isfinite(values)]
+    return (float(np.median(measured)) if measured.size else float("nan")), int(measured.size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +237,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from roseprior.checkpoint import atomic_write_text
+    from roseprior.checkpoint import atomic_write_csv
     from roseprior.data import find_images
     from roseprior.errors import DataError
     from roseprior.imageio import UnreadableImage, read_image
@@ -268,18 +271,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.per_folder:  # one scale per folder: see shared_scale for why a manifest wants it
         folders: dict[Path, list[float]] = {}
         for path, estimate, _, _ in rows:
-            if np.isfinite(estimate):
-                folders.setdefault(path.parent, []).append(estimate)
-        median = {folder: float(np.median(values)) for folder, values in folders.items()}
-        rows = [(path, median.get(path.parent, float("nan")) if not error else estimate, size, error)
+            folders.setdefault(path.parent, []).append(estimate)
+        median = {folder: folder_scale(values)[0] for folder, values in folders.items()}
+        rows = [(path, median[path.parent] if not error else estimate, size, error)
                 for path, estimate, size, error in rows]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "relative_scale", "nucleus_px", "error"])
-    for path, estimate, size, error in rows:
-        writer.writerow([str(path), f"{estimate:.4f}" if np.isfinite(estimate) else "",
-                         f"{size:.3f}" if np.isfinite(size) else "", error])
-    atomic_write_text(out, buffer.getvalue())
+    atomic_write_csv(out, ["path", "relative_scale", "nucleus_px", "error"], (
+        [str(path), f"{estimate:.4f}" if np.isfinite(estimate) else "", f"{size:.3f}" if np.isfinite(size) else "", error]
+        for path, estimate, size, error in rows))
     print(f"roseprior scale: {len(paths)} image(s) measured against {len(reference_images)} reference image(s) "
           f"-> {out}", file=sys.stderr)
     return 0

@@ -342,13 +342,10 @@ IMAGE_LIST = "training_images.csv"
 def write_image_list(out_dir: str | Path, parts: dict[str, Sequence[Sample]]) -> Path:
     """``out_dir/training_images.csv`` (path, split): the images a run trained or selected on, so the
     probes can tell when a checkpoint has seen their test images."""
-    from roseprior.checkpoint import atomic_write_text
+    from roseprior.checkpoint import atomic_write_csv
 
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "split"])
-    writer.writerows([os.path.realpath(s.path), name] for name, samples in parts.items() for s in samples)
-    return atomic_write_text(Path(out_dir) / IMAGE_LIST, buffer.getvalue())
+    return atomic_write_csv(Path(out_dir) / IMAGE_LIST, ["path", "split"],
+                            ([os.path.realpath(s.path), name] for name, samples in parts.items() for s in samples))
 
 
 def read_image_list(folder: str | Path) -> dict[str, str] | None:
@@ -498,13 +495,9 @@ def find_cross_split_duplicates(splits: dict[str, list[Sample]]) -> list[tuple[s
 
 def write_duplicates_csv(rows: list[tuple[str, str, str]], out: str | Path) -> Path:
     """``out/duplicates_across_splits.csv`` (hash,split,path); header only when there are none."""
-    from roseprior.checkpoint import atomic_write_text
+    from roseprior.checkpoint import atomic_write_csv
 
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["hash", "split", "path"])
-    writer.writerows(rows)
-    return atomic_write_text(Path(out) / DUPLICATES_NAME, buffer.getvalue())
+    return atomic_write_csv(Path(out) / DUPLICATES_NAME, ["hash", "split", "path"], rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
 import torch
 
-from roseprior.checkpoint import atomic_write, atomic_write_json, save_safetensors
+from roseprior.checkpoint import atomic_write, atomic_write_csv, atomic_write_json, save_safetensors
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):
@@ -22,6 +23,18 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         atomic_write(path, broken)
     assert json.loads(path.read_text()) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_csv_tables_round_trip_awkward_cells_and_replace_the_old_table(tmp_path):
+    path = tmp_path / "table.csv"
+    atomic_write_csv(path, ["path", "reason"], [["a.jpg", "old"]] * 3)
+    rows = [["dir, with comma/b.jpg", 'said "no"'], ["c.jpg", ""]]
+    assert atomic_write_csv(path, ["path", "reason"], iter(rows)) == path  # any iterable of rows
+    with path.open(newline="") as fh:
+        assert list(csv.reader(fh)) == [["path", "reason"], *rows]
+    atomic_write_csv(path, ["path", "reason"], [])  # header only: a stale table never survives
+    assert path.read_text() == "path,reason\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
 
 
 def test_safetensors_round_trip(tmp_path):

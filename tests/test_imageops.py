@@ -134,6 +134,7 @@ ALL_OPS = {
     "random_rotate": lambda x: imageops.random_rotate(x, torch.Generator().manual_seed(1)),
     "random_flip_rot90": lambda x: imageops.random_flip_rot90(x, torch.Generator().manual_seed(1)),
     "crop_resize": lambda x: imageops.crop_resize(x, torch.tensor([[0, 0, 0, 32, 32], [3, 4, 4, 20, 28.0]]), 16),
+    "resample": lambda x: imageops.resample(x, 0.37),
 }
 
 
@@ -153,7 +154,7 @@ def test_uint8_in_uint8_out_and_same_values_as_float(name):
 def test_batch_of_four_keeps_shape_range_and_device(name):
     x = bright_batch()
     out = ALL_OPS[name](x)
-    if name != "crop_resize":
+    if name not in ("crop_resize", "resample"):
         assert out.shape == x.shape
     assert out.device == x.device and out.dtype == x.dtype
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
@@ -409,6 +410,23 @@ def test_crop_resize_full_box_same_size_reproduces_the_image():
     torch.testing.assert_close(imageops.crop_resize(x, boxes, 32), x, atol=1e-6, rtol=0)
     crop = imageops.crop_resize(x, torch.tensor([[2, 4.0, 8.0, 20.0, 24.0]]), 16)
     torch.testing.assert_close(crop[0], x[2, :, 8:24, 4:20], atol=1e-6, rtol=0)
+
+
+def test_resample_sizes_antialiasing_and_identity():
+    x = bright_batch(size=32)
+    assert imageops.resample(x, 1.0) is x  # nothing to do: the same tensor, no copy
+    assert imageops.resample(x[:, :, :30, :20], 0.5).shape == (4, 3, 15, 10)
+    assert imageops.resample(x, 1 / 64).shape == (4, 3, 1, 1)  # never a side of 0
+    assert imageops.resample(x, 1.5).shape == (4, 3, 48, 48)
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None]) % 2
+    fine = checker.float().expand(1, 3, 32, 32).contiguous()
+    shrunk = imageops.resample(fine, 0.25)  # antialiased: pixel-scale texture averages to grey, no moire
+    assert (shrunk - 0.5).abs().max() < 0.05
+    smooth = imageops.gaussian_blur(x, 2.0)
+    back = imageops.resample(imageops.resample(smooth, 2.0), 0.5)
+    assert (back - smooth).abs().mean() < 0.01
+    with pytest.raises(ConfigError, match="factor must be > 0"):
+        imageops.resample(x, 0.0)
 
 
 def test_crop_resize_downscaling_averages_source_pixels():
