@@ -61,6 +61,13 @@ class SimCLRConfig:
     out_dim: int = 128
     batch_norm: bool = True  # off for the CPU distributed test: CPU BatchNorm is per process
     temperature: float = 0.1
+    # With local views, the share of the loss that their pairs carry (the rest is the two global views'
+    # pair). Not the plain mean over pairs: that gives 2 locals 4 of 5 pairs and starves the global pair,
+    # the one that teaches views of one image at two magnifications to agree at the probes' input size.
+    local_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.local_weight < 1.0, "method.simclr.local_weight", "must be in [0, 1)", self.local_weight)
 
 
 @dataclass
@@ -98,8 +105,8 @@ class ViewsConfig:
     from ``magnification``, relative to the source pixels) covers S / m source pixels, so the
     physical scale varies continuously, as it does between the users' microscopes.
     ``scale_mode: area``: RandomResizedCrop's rule (a fraction of the image area).
-    ``cross_magnification``: global views from the low half of the range (context, arrangement),
-    local views from the high half (nuclear detail).
+    ``local_magnification``: the local views' own range, e.g. higher than the globals' (nuclear detail
+    beside the arrangement); null: the same as ``magnification``.
     """
 
     global_size: int = 224
@@ -108,7 +115,7 @@ class ViewsConfig:
     n_local: int = 6
     scale_mode: Literal["magnification", "area"] = "magnification"
     magnification: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    cross_magnification: bool = False
+    local_magnification: list[float] | None = None
     global_area: list[float] = field(default_factory=lambda: [0.4, 1.0])
     local_area: list[float] = field(default_factory=lambda: [0.05, 0.4])
     aspect_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
@@ -136,6 +143,8 @@ class ViewsConfig:
         for key in ("global_size", "local_size"):
             check(getattr(self, key) >= 8, f"views.{key}", "must be at least 8 pixels", getattr(self, key))
         _range(self.magnification, "views.magnification")
+        if self.local_magnification is not None:
+            _range(self.local_magnification, "views.local_magnification")
         _range(self.global_area, "views.global_area", high=1.0)
         _range(self.local_area, "views.local_area", high=1.0)
         _range(self.aspect_ratio, "views.aspect_ratio")

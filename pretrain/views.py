@@ -179,12 +179,8 @@ class MultiCropViews:
             out[row] = torch.rand(self.n_views, _NUM_DRAWS, generator=generator, dtype=torch.float64)
         return out
 
-    def _scale_range(self, is_global: bool) -> tuple[float, float]:
-        low, high = self.cfg.magnification
-        if self.cfg.cross_magnification:
-            middle = math.sqrt(low * high)  # geometric middle: magnifications are ratios
-            return (low, middle) if is_global else (middle, high)
-        return low, high
+    def _scale_range(self, is_global: bool) -> list[float]:
+        return self.cfg.magnification if is_global else (self.cfg.local_magnification or self.cfg.magnification)
 
     def boxes(self, u: torch.Tensor, sizes: torch.Tensor, out_size: int, is_global: bool) -> torch.Tensor:
         """(B * V, 5) roi_align boxes, view-major, from the draws ``u`` (B, V, _NUM_DRAWS)."""

@@ -18,6 +18,8 @@ import pytest
 import torch
 from conftest import kill_at_first_checkpoint
 
+from roseprior.errors import ConfigError
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -176,11 +178,12 @@ def test_a_swapped_view_takes_the_stain_strength_of_another_domain(tmp_path: Pat
     torch.testing.assert_close(strengths(views)[:, 4:5], strengths(views, slice(4, 5)))
 
 
-def test_views_cross_magnification_puts_globals_below_locals():
+def test_views_local_magnification_puts_globals_below_locals():
     from pretrain.config import ViewsConfig
     from pretrain.views import MultiCropViews
 
-    cfg = ViewsConfig(global_size=32, local_size=16, n_local=4, magnification=[0.5, 2.0], cross_magnification=True)
+    cfg = ViewsConfig(global_size=32, local_size=16, n_local=4, magnification=[0.5, 1.0],
+                      local_magnification=[1.0, 2.0])
     views = MultiCropViews(cfg, seed=0)
     sizes = torch.tensor([[400, 400]] * 16)  # large enough that no crop is shrunk to fit
     u = views.draws(torch.arange(16), epoch=0)
@@ -191,6 +194,35 @@ def test_views_cross_magnification_puts_globals_below_locals():
     assert mag_g.min() >= 0.5 - 1e-6 and mag_g.max() <= 1.0 + 1e-6
     assert mag_l.min() >= 1.0 - 1e-6 and mag_l.max() <= 2.0 + 1e-6
     assert mag_g.max() - mag_g.min() > 0.1  # drawn from a continuous range, not one scale
+    same = MultiCropViews(ViewsConfig(global_size=32, local_size=16, n_local=4, magnification=[0.5, 1.0]), seed=0)
+    loc = same.boxes(u[:, 2:], sizes, 16, is_global=False)  # no local range: the locals take the globals'
+    assert (16 / ((loc[:, 3] - loc[:, 1]) * (loc[:, 4] - loc[:, 2])).sqrt()).max() <= 1.0 + 1e-6
+    with pytest.raises(ConfigError, match="views.local_magnification"):
+        ViewsConfig(local_magnification=[2.0, 1.0])
+
+
+def test_simclr_local_pairs_carry_local_weight_of_the_loss():
+    """The global pair keeps its own share of the loss however many local views there are."""
+    import backbones
+    from pretrain.config import SimCLRConfig
+    from pretrain.methods.simclr import SimCLR
+
+    torch.manual_seed(0)
+    views = {"global": [torch.rand(6, 3, 64, 64) for _ in range(2)], "local": [torch.rand(6, 3, 32, 32)] * 3}
+    losses = {}
+    for weight in (0.0, 0.5, 0.9):
+        torch.manual_seed(1)
+        method = SimCLR(backbones.create("msht_tiny", norm="bn"), SimCLRConfig(hidden_dim=32, out_dim=16,
+                                                                              local_weight=weight)).eval()
+        losses[weight] = method(views, 0)[0].item()
+        if weight == 0.0:
+            global_only = method({"global": views["global"], "local": []}, 0)[0].item()
+    assert losses[0.0] == pytest.approx(global_only, rel=1e-5)  # weight 0: the two-view SimCLR loss
+    local_only = (losses[0.5] - 0.5 * losses[0.0]) / 0.5
+    assert losses[0.9] == pytest.approx(0.1 * losses[0.0] + 0.9 * local_only, rel=1e-4)
+    assert abs(local_only - losses[0.0]) > 1e-3  # the local pairs do contribute something else
+    with pytest.raises(ConfigError, match="method.simclr.local_weight"):
+        SimCLRConfig(local_weight=1.0)
 
 
 def test_views_of_small_images_stay_inside_the_image():

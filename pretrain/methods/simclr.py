@@ -3,8 +3,9 @@
 lightly's ``NTXentLoss(gather_distributed=True)`` gathers negatives from every process with gradients,
 so 2 processes x batch B see the same negatives as 1 process x batch 2B. The first two global views
 are the positive pair; with ``views.n_local > 0`` each local view is also paired with both global views
-of its image (multi-crop, Caron et al. 2020), which with ``views.cross_magnification`` ties nuclear
-detail to its context. The loss is the mean over all pairs.
+of its image (multi-crop, Caron et al. 2020), which with ``views.local_magnification`` above the globals'
+range ties nuclear detail to its context. The local pairs' mean loss carries ``local_weight`` of the
+total, the global pair the rest.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ class SimCLR(nn.Module):
         head = SimCLRProjectionHead(backbone.embed_dim, cfg.hidden_dim, cfg.out_dim, batch_norm=cfg.batch_norm)
         self.student = EmbeddingHead(backbone, head)
         self.criterion = NTXentLoss(temperature=cfg.temperature, gather_distributed=True)
+        self.local_weight = cfg.local_weight
 
     def forward(self, views: ViewBatch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z0, z1, *local = (z.float() for z in multicrop_forward(self.student, views["global"][:2] + views["local"]))
-        pairs = [(z0, z1)] + [(z, g) for z in local for g in (z0, z1)]
-        loss = torch.stack([self.criterion(a, b) for a, b in pairs]).mean()
+        loss = self.criterion(z0, z1)
+        if local:
+            local_loss = torch.stack([self.criterion(z, g) for z in local for g in (z0, z1)]).mean()
+            loss = (1.0 - self.local_weight) * loss + self.local_weight * local_loss
         return loss, spread_metrics(z0)
 
     def export_backbone(self, which: str = "student") -> nn.Module:
