@@ -46,7 +46,8 @@ def resample(image: np.ndarray, factor: float) -> np.ndarray:
 
     from roseprior import imageops
 
-    x = torch.from_numpy(np.require(image[..., :3], requirements=["C", "W"])).permute(2, 0, 1)[None]  # no copy if can
+    pixels = np.require(image[..., :3], requirements=["C", "W"])  # copies only a read-only or strided field
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None]
     return imageops.resample(x, factor)[0].permute(1, 2, 0).numpy()
 
 
