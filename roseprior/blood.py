@@ -73,7 +73,7 @@ def density_and_hue(image: np.ndarray) -> torch.Tensor:
     and blue share of density lies from that of the field's darkest 5% (its nuclei). Absolute colour is
     left out on purpose: red cells are pink on one slide and green on the next, but never the nuclei's hue.
     """
-    x = torch.from_numpy(np.array(image[..., :3], dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    x = torch.from_numpy(np.array(image[..., :3], dtype=np.float32)).div_(255.0).permute(2, 0, 1)[None]  # one copy
     x = imageops.resample(x, WORKING_SIDE / min(x.shape[-2:]))
     od_rgb = -torch.log(torch.clamp(x[0], 1 / 255.0, 1.0))
     od = od_rgb.sum(0, keepdim=True)
