@@ -198,7 +198,6 @@ def run(cfg: PretrainConfig) -> Path:
         write_image_list(out_dir, {"train": samples})
         accelerator.print(f"pretrain: wrote {out_dir / 'backbone.safetensors'} ({provenance['exported']} backbone)")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return out_dir
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).parents[1]
 
@@ -33,6 +34,7 @@ SCRIPT = textwrap.dedent(
     import torch
     import torch.distributed as dist
     from accelerate import Accelerator
+    from safetensors.torch import save_file
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     import backbones
@@ -104,14 +106,17 @@ SCRIPT = textwrap.dedent(
                 "max_diff_between_processes": float((gathered[0] - gathered[-1]).abs().max()),
             }
             if accelerator.is_main_process:
-                torch.save(params, f"{out}/{sam}_params.pt")
+                save_file({"params": params}, f"{out}/{sam}_params.safetensors")
         if accelerator.is_main_process:
             with open(f"{out}/result.json", "w") as fh:
                 json.dump(result, fh)
 
 
     if __name__ == "__main__":
+        from roseprior.stage import close_process_group
+
         main(sys.argv[1])
+        close_process_group()
     '''
 )
 
@@ -162,7 +167,7 @@ def test_two_processes_match_one_process_with_doubled_batch(two_process_run):
     accelerator = Accelerator(cpu=True, mixed_precision="no")
     assert accelerator.num_processes == 1
     single, _ = namespace["train"](accelerator, "off")
-    double = torch.load(out / "off_params.pt", weights_only=True)
+    double = load_file(out / "off_params.safetensors")["params"]
     start, _ = namespace["build"](accelerator, "off")
     moved = (single - namespace["flat"](start)).abs().max()
     assert moved > 1e-4  # the runs did train

@@ -137,22 +137,26 @@ NAN_SCRIPT = textwrap.dedent(
     import torch
     from accelerate import Accelerator
     from roseprior.loop import NonFiniteLoss, check_finite
+    from roseprior.stage import close_process_group
 
-    accelerator = Accelerator(cpu=True)
-    model = accelerator.prepare(torch.nn.Linear(3, 1))
-    outcome = "trained"
-    try:
-        for step in range(3):
-            x = torch.ones(2, 3) * (float("nan") if step == 1 and accelerator.process_index == 1 else 1.0)
-            loss = model(x).square().mean()
-            check_finite(accelerator, loss)
-            accelerator.backward(loss)  # an all-reduce: a process that stopped alone would leave this one waiting
-    except NonFiniteLoss as err:
-        outcome = f"stopped at step {step}: {err}"
-    with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as fh:
-        json.dump(outcome, fh)
-    accelerator.wait_for_everyone()
-    torch.distributed.destroy_process_group()  # an open gloo group aborts the process at exit
+    def main():
+        accelerator = Accelerator(cpu=True)
+        model = accelerator.prepare(torch.nn.Linear(3, 1))
+        outcome = "trained"
+        try:
+            for step in range(3):
+                x = torch.ones(2, 3) * (float("nan") if step == 1 and accelerator.process_index == 1 else 1.0)
+                loss = model(x).square().mean()
+                check_finite(accelerator, loss)
+                accelerator.backward(loss)  # an all-reduce: a process that stopped alone would leave this one waiting
+        except NonFiniteLoss as err:
+            outcome = f"stopped at step {step}: {err}"
+        with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as fh:
+            json.dump(outcome, fh)
+        accelerator.wait_for_everyone()
+
+    main()
+    close_process_group()  # as every stage's entry does: a group left to the exit can abort the process
     """
 )
 
