@@ -7,9 +7,14 @@ decision:
 - stain: HED jitter 0.1 and 0.2, a white-balance and brightness change, Macenko re-staining to a
   target that is not in the test split (the run's own training images, darkest and lightest);
   each also after ``roseprior adapt`` (BatchNorm statistics re-estimated on the shifted images);
-- scale: zoom 0.25x, 0.5x, 2x, 4x at a fixed image size (a weaker or stronger objective on the same
-  camera), predicted as trained (``--scale none``), at the known scale, and with the scale estimated
-  from the nuclei (``--scale auto``).
+- scale: zoom 0.25x, 0.5x, 2x, 4x in two ways, each predicted as trained (``--scale none``), at the
+  known scale, and with the scale estimated from the nuclei (``--scale auto``):
+  ``scale/``: at a fixed image size (a weaker or stronger objective on the same camera: the frame keeps
+  its pixels, so zooming in loses the border and zooming out fills it with reflected content);
+  ``resampled/``: the same objects at another magnification with the frame following them (a cell
+  cropped around at that magnification, or a field photographed whole): every side times the factor.
+  Nothing leaves or enters the frame, so the loss left is the scale's own (the detail a weaker
+  objective never resolved).
 
     python benchmarks/shift_quality.py --runs runs/bench/finetune_quality/pretrained_off runs/bench/finetune_quality/random_off
 """
@@ -17,6 +22,7 @@ decision:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -88,6 +94,16 @@ def zoomed(images: list[np.ndarray], factor: float) -> list[np.ndarray]:
     return out
 
 
+def resampled(images: list[np.ndarray], factor: float) -> list[np.ndarray]:
+    from roseprior import imageops
+
+    out = []
+    for img in images:
+        x = torch.from_numpy(img).permute(2, 0, 1)[None]
+        out.append(imageops.resample(x, factor)[0].permute(1, 2, 0).numpy())
+    return out
+
+
 def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, scale: str | float | None) -> float:
     import torchvision.transforms.v2.functional as TF
     from sklearn.metrics import balanced_accuracy_score
@@ -139,9 +155,9 @@ def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = Fal
         result[name] = {"as_trained": balanced_accuracy(predictor, shifted, y, None),
                         "adapted": balanced_accuracy(adapted_predictor(run, shifted, tmp), shifted, y, None)}
     trained_scale = (predictor.scale or {}).get("input_per_native", 1.0)
-    for factor in ZOOMS:
-        shifted = zoomed(images, factor)
-        result[f"scale/{factor:g}"] = {"as_trained": balanced_accuracy(predictor, shifted, y, None),
+    for (kind, zoom), factor in itertools.product((("scale", zoomed), ("resampled", resampled)), ZOOMS):
+        shifted = zoom(images, factor)
+        result[f"{kind}/{factor:g}"] = {"as_trained": balanced_accuracy(predictor, shifted, y, None),
                                        "known_scale": balanced_accuracy(predictor, shifted, y, factor),
                                        "estimated_scale": balanced_accuracy(predictor, shifted, y, "auto")}
     result["trained_input_per_native"] = trained_scale

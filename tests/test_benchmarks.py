@@ -141,6 +141,7 @@ def test_cam_quality_scores_every_panel_of_a_synthetic_run(tmp_path: Path) -> No
 def test_shift_quality_scores_every_shift_with_and_without_its_remedy(tmp_path: Path) -> None:
     """benchmarks/shift_quality.py on a tiny synthetic run: every stain shift as trained and adapted, every
     zoom as trained, at the known scale and at the estimated one."""
+    import numpy as np
     import torch
 
     from benchmarks import shift_quality
@@ -160,5 +161,12 @@ def test_shift_quality_scores_every_shift_with_and_without_its_remedy(tmp_path: 
     stains = [k for k in result if k.startswith("stain/")]
     assert {"stain/hed_0.1", "stain/hed_0.2", "stain/wb_brightness"} <= set(stains)
     assert all(set(result[k]) == {"as_trained", "adapted"} for k in stains)
-    assert [k for k in result if k.startswith("scale/")] == ["scale/0.25", "scale/0.5", "scale/2", "scale/4"]
-    assert all(set(result[k]) == {"as_trained", "known_scale", "estimated_scale"} for k in result if k.startswith("scale/"))
+    for kind in ("scale", "resampled"):
+        zooms = [k for k in result if k.startswith(f"{kind}/")]
+        assert zooms == [f"{kind}/0.25", f"{kind}/0.5", f"{kind}/2", f"{kind}/4"]
+        assert all(set(result[k]) == {"as_trained", "known_scale", "estimated_scale"} for k in zooms)
+    # The two zooms: the frame keeps its pixels, or follows the objects (every side times the factor).
+    field = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    assert shift_quality.zoomed([field], 4.0)[0].shape == field.shape
+    assert [z.shape for z in shift_quality.resampled([field], 0.25)] == [(10, 15, 3)]
+    assert shift_quality.resampled([field], 2.0)[0].dtype == np.uint8
