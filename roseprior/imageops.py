@@ -325,17 +325,24 @@ def resample(x: torch.Tensor, factor: float) -> torch.Tensor:
     if size == list(x.shape[-2:]):
         return x
     xf, dtype = _to_float(x, "resample")
-    y = F.interpolate(xf, size=size, mode="bicubic", antialias=factor < 1, align_corners=False)
-    return _restore(y.clamp_(0.0, 1.0), dtype)  # bicubic overshoots at edges
+    return _restore(_resize(xf, size), dtype)
+
+
+def _resize(xf: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """``resample``'s kernel on a float batch, to an exact size (bicubic, antialiased when shrinking)."""
+    shrinking = size[0] < xf.shape[-2] or size[1] < xf.shape[-1]
+    y = F.interpolate(xf, size=size, mode="bicubic", antialias=shrinking, align_corners=False)
+    return y.clamp_(0.0, 1.0)  # bicubic overshoots at edges
 
 
 def random_resolution(x: torch.Tensor, max_factor: float, generator: torch.Generator | None = None,
                       probability: float = 0.5) -> torch.Tensor:
     """Thin the detail of some images as a weaker objective would, at unchanged size and magnification.
 
-    With ``probability``, an image is shrunk by a factor log-uniform in [1, ``max_factor``] (antialiased) and
-    enlarged back (bilinear): what a field taken through a weaker objective looks like once brought up to the
-    training scale (``finetune.predict --scale``). Cells keep their size in pixels; only detail is lost.
+    With ``probability``, an image is shrunk by a factor log-uniform in [1, ``max_factor``] and enlarged back,
+    with ``resample``'s kernel: what a field taken through a weaker objective looks like once prediction
+    (``finetune.predict --scale``) has brought it up to the training scale. Cells keep their size in pixels;
+    only detail is lost.
     """
     _check_batch(x, "random_resolution")
     if max_factor < 1:
@@ -349,9 +356,8 @@ def random_resolution(x: torch.Tensor, max_factor: float, generator: torch.Gener
     height, width = xf.shape[-2:]
     for i in torch.nonzero(chosen).flatten().tolist():
         size = [max(1, round(height / float(factors[i]))), max(1, round(width / float(factors[i])))]
-        small = F.interpolate(xf[i : i + 1], size=size, mode="bilinear", antialias=True, align_corners=False)
-        out[i] = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)[0]
-    return _restore(out.clamp_(0.0, 1.0), dtype)
+        out[i] = _resize(_resize(xf[i : i + 1], size), [height, width])[0]
+    return _restore(out, dtype)
 
 
 def rotate(x: torch.Tensor, angle_deg: ScalarOrPerImage) -> torch.Tensor:
