@@ -6,7 +6,8 @@ decision:
 
 - stain: HED jitter 0.1 and 0.2, a white-balance and brightness change, Macenko re-staining to a
   target that is not in the test split (the run's own training images, darkest and lightest);
-  each also after ``roseprior adapt`` (BatchNorm statistics re-estimated on the shifted images);
+  each also after ``roseprior adapt`` on the shifted images (BatchNorm statistics re-estimated), and
+  after ``roseprior adapt --stain`` (each field also mapped to the training set's stain, Macenko);
 - scale: zoom 0.25x, 0.5x, 2x, 4x in two ways, each predicted as trained (``--scale none``), at the
   known scale, and with the scale estimated from the nuclei (``--scale auto``):
   ``scale/``: at a fixed image size (a weaker or stronger objective on the same camera: the frame keeps
@@ -69,6 +70,7 @@ def stain_shifts(images: list[np.ndarray], train_paths: list[str]) -> dict[str, 
     train = [read_image(s.path) for s in train_paths[:: max(1, len(train_paths) // 64)][:64]]
     darkness = [float(t.mean()) for t in train]
     shifts = {
+        "stain/none": images,  # what each remedy costs where nothing moved
         "stain/hed_0.1": batch_op(lambda x, g: imageops.hed_jitter(x, 0.1, generator=g)),
         "stain/hed_0.2": batch_op(lambda x, g: imageops.hed_jitter(x, 0.2, generator=g)),
         "stain/wb_brightness": batch_op(lambda x, g: imageops.brightness_shift(
@@ -126,8 +128,9 @@ def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, s
     return float(balanced_accuracy_score(y, calls))
 
 
-def adapted_predictor(run: Path, images: list[np.ndarray], tmp: Path) -> Any:
-    """The run adapted (BatchNorm statistics) on the shifted, unlabelled test images themselves."""
+def adapted_predictor(run: Path, images: list[np.ndarray], tmp: Path, stain: bool = False) -> Any:
+    """The run adapted on the shifted, unlabelled test images themselves: BatchNorm statistics, and with
+    ``stain`` every field mapped to the training set's stain first (``roseprior adapt --stain``)."""
     from PIL import Image
 
     from finetune.adapt import adapt
@@ -136,7 +139,7 @@ def adapted_predictor(run: Path, images: list[np.ndarray], tmp: Path) -> Any:
     folder = Path(tempfile.mkdtemp(dir=tmp))
     for i, img in enumerate(images):
         Image.fromarray(img).save(folder / f"{i:05d}.png")
-    return load_predictor(ckpt=str(adapt(run, folder, Path(tempfile.mkdtemp(dir=tmp)) / "adapted")))
+    return load_predictor(ckpt=str(adapt(run, folder, Path(tempfile.mkdtemp(dir=tmp)) / "adapted", stain=stain)))
 
 
 def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = False) -> dict[str, Any]:
@@ -153,7 +156,9 @@ def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = Fal
         predictor, images, y, None)}
     for name, shifted in stain_shifts(images, train_paths).items():
         result[name] = {"as_trained": balanced_accuracy(predictor, shifted, y, None),
-                        "adapted": balanced_accuracy(adapted_predictor(run, shifted, tmp), shifted, y, None)}
+                        "adapted": balanced_accuracy(adapted_predictor(run, shifted, tmp), shifted, y, None),
+                        "adapted_stain": balanced_accuracy(adapted_predictor(run, shifted, tmp, stain=True), shifted,
+                                                           y, None)}
     trained_scale = (predictor.scale or {}).get("input_per_native", 1.0)
     for (kind, zoom), factor in itertools.product((("scale", zoomed), ("resampled", resampled)), ZOOMS):
         shifted = zoom(images, factor)

@@ -159,8 +159,9 @@ def test_shift_quality_scores_every_shift_with_and_without_its_remedy(tmp_path: 
     (result,) = json.loads((tmp_path / "s.json").read_text())
     assert 0 <= result["clean"] <= 1 and result["test_images"] >= 8
     stains = [k for k in result if k.startswith("stain/")]
-    assert {"stain/hed_0.1", "stain/hed_0.2", "stain/wb_brightness"} <= set(stains)
-    assert all(set(result[k]) == {"as_trained", "adapted"} for k in stains)
+    assert {"stain/none", "stain/hed_0.1", "stain/hed_0.2", "stain/wb_brightness"} <= set(stains)
+    assert result["stain/none"]["as_trained"] == result["clean"]
+    assert all(set(result[k]) == {"as_trained", "adapted", "adapted_stain"} for k in stains)
     for kind in ("scale", "resampled"):
         zooms = [k for k in result if k.startswith(f"{kind}/")]
         assert zooms == [f"{kind}/0.25", f"{kind}/0.5", f"{kind}/2", f"{kind}/4"]
