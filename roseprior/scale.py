@@ -124,8 +124,26 @@ class ScaleReference:
         size = nucleus_size(image) if size is None else size
         if not np.isfinite(size) or not self.scales:
             return float("nan")
-        log_sizes = np.maximum.accumulate(np.log(np.asarray(self.sizes)))  # the measure grows with scale
-        return float(np.exp(np.interp(np.log(size), log_sizes, np.log(self.scales))))
+        low, high = self._measurable()
+        log_sizes, log_scales = np.log(self.sizes[low : high + 1]), np.log(self.scales[low : high + 1])
+        return float(np.exp(np.interp(np.log(size), log_sizes, log_scales)))  # clamped to the measurable ends
+
+    def measurable(self) -> tuple[float, float]:
+        """The scales the curve tells apart: the run of calibration scales around 1.0 over which the measure
+        grows at every step. Outside it an estimate is clamped to its end. Where the reference's nuclei shrink
+        to a pixel or two (a 128-px field zoomed out 4x), the measure stops growing, and reading that flat part
+        of the curve returned any scale below it (a synthetic folder at 0.25x read 0.14x)."""
+        low, high = self._measurable()
+        return float(self.scales[low]), float(self.scales[high])
+
+    def _measurable(self) -> tuple[int, int]:
+        grows = np.diff(np.asarray(self.sizes)) > 0
+        low = high = int(np.argmin(np.abs(np.log(self.scales))))
+        while low > 0 and grows[low - 1]:
+            low -= 1
+        while high < len(grows) and grows[high]:
+            high += 1
+        return low, high
 
     def to_json(self) -> dict[str, Any]:
         return {"scales": self.scales, "sizes": self.sizes, "images": self.images, "measure":
@@ -279,6 +297,8 @@ def _run(args: argparse.Namespace) -> int:
     atomic_write_csv(out, ["path", "relative_scale", "nucleus_px", "error"], (
         [str(path), f"{estimate:.4f}" if np.isfinite(estimate) else "", f"{size:.3f}" if np.isfinite(size) else "", error]
         for path, estimate, size, error in rows))
-    print(f"roseprior scale: {len(paths)} image(s) measured against {len(reference_images)} reference image(s) "
-          f"-> {out}", file=sys.stderr)
+    low, high = reference.measurable()
+    print(f"roseprior scale: {len(paths)} image(s) measured against {len(reference_images)} reference image(s), "
+          f"which tell scales apart from {low:.3g}x to {high:.3g}x (an estimate outside is clamped) -> {out}",
+          file=sys.stderr)
     return 0

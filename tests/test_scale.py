@@ -105,3 +105,21 @@ def test_scale_cli_writes_a_row_per_image(tmp_path: Path, write_image) -> None:
     assert per_folder[0]["relative_scale"] == "" and per_folder[0]["error"]
     folder_values = {r["relative_scale"] for r in per_folder[1:]}
     assert len(folder_values) == 1 and float(folder_values.pop()) == pytest.approx(float(np.median(scales)), abs=1e-4)
+
+
+def test_an_estimate_is_read_only_where_the_reference_curve_grows() -> None:
+    """Below the scale where the reference's nuclei stop growing (a pixel or two), every scale reads alike:
+    an estimate there is the lowest scale the curve tells apart, not a point of its flat part."""
+    from roseprior.scale import CALIBRATION_SCALES
+
+    scales = np.asarray(CALIBRATION_SCALES)
+    sizes = np.maximum(4.0 * scales, 1.5)  # nuclei of 4 px at 1.0x, a floor of 1.5 px: flat below 0.375x
+    sizes[scales < 0.375] += np.resize([0.1, -0.05], int((scales < 0.375).sum()))  # noise on the flat part
+    sizes[-1] = sizes[-2] - 0.5  # and a last point that dips
+    reference = ScaleReference(list(scales), [float(s) for s in sizes], images=32)
+    low, high = reference.measurable()
+    assert 0.29 <= low <= 0.42 and high == pytest.approx(scales[-2])  # within a step of where growth starts
+    assert reference.relative_scale(None, 4.0) == pytest.approx(1.0)  # within the range: read off the curve
+    assert reference.relative_scale(None, 8.0) == pytest.approx(2.0)
+    assert reference.relative_scale(None, 1.45) == pytest.approx(low)  # in the flat part: the lowest readable
+    assert reference.relative_scale(None, 1e3) == pytest.approx(high)
