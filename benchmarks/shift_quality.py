@@ -97,13 +97,9 @@ def zoomed(images: list[np.ndarray], factor: float) -> list[np.ndarray]:
 
 
 def resampled(images: list[np.ndarray], factor: float) -> list[np.ndarray]:
-    from roseprior import imageops
+    from roseprior.scale import resample
 
-    out = []
-    for img in images:
-        x = torch.from_numpy(img).permute(2, 0, 1)[None]
-        out.append(imageops.resample(x, factor)[0].permute(1, 2, 0).numpy())
-    return out
+    return [resample(img, factor) for img in images]
 
 
 def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, scale: str | float | None) -> float:
