@@ -1,4 +1,4 @@
-"""Training-batch augmentation on the accelerator: rotation, flips, stain and colour jitter, lost detail.
+"""Training-batch augmentation on the accelerator: rotation, flips, stain swaps and jitter, colour, lost detail.
 
 Rotation is by any angle with reflection padding (``roseprior.imageops.rotate``), so there are
 no fill corners, and nothing is cropped: the users found that centre-cropping only the training
@@ -66,6 +66,8 @@ class TrainAugment:
             x = imageops.random_flip_rot90(x, self.generator)
         if cfg.rotate:
             x = imageops.random_rotate(x, self.generator)
+        if cfg.stain_swap > 0:
+            x = imageops.random_stain_swap(x, cfg.stain_swap, self.generator)
         if cfg.hed > 0:
             x = imageops.hed_jitter(x, cfg.hed, self.generator)
         if cfg.resolution > 1:

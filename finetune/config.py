@@ -57,9 +57,13 @@ class AugmentConfig:
     # weaker objective is once predict brings it to the training scale (--scale auto). Size is unchanged. Off by
     # default: on CRIC, 4 gained nothing at zoom 0.25-2x and 6 points at 4x, one run each (README, "Results under shift").
     resolution: float = 1.0
+    # Stain mix-up, 0 is off: this fraction of the training images takes the stain strength of another image of its
+    # batch (imageops.random_stain_swap), so the classifier meets every training slide's stain on every cell.
+    stain_swap: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.resolution >= 1.0, "augment.resolution", "must be >= 1 (1 is off)", self.resolution)
+        check(0.0 <= self.stain_swap <= 1.0, "augment.stain_swap", "must be in [0, 1] (0 is off)", self.stain_swap)
 
 
 @dataclass

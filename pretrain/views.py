@@ -146,7 +146,7 @@ class StainBank:
         others = torch.where(count < n, n - count, n)  # a single-domain bank: any image
         k = (u / probability).clamp_(max=1 - 1e-9).mul_(others).long()
         row = torch.where((count < n) & (k >= start), k + count, k)
-        alpha = (self.strengths[row] / source[:, None]).clamp_(1 / 3, 3.0)
+        alpha = imageops.stain_swap_factors(source[:, None], self.strengths[row])
         return torch.where((u < probability)[..., None], alpha, torch.nan)
 
 

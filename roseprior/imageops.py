@@ -50,11 +50,13 @@ __all__ = [
     "random_flip_rot90",
     "random_resolution",
     "random_rotate",
+    "random_stain_swap",
     "random_white_balance",
     "resample",
     "rotate",
     "stain_normalize",
     "stain_strength",
+    "stain_swap_factors",
     "white_balance_shift",
     "zoom",
 ]
@@ -158,7 +160,7 @@ def stain_strength(images: Sequence[torch.Tensor], max_pixels: int = 4096, min_o
 
     What a stain swap transfers (``pretrain.views``): scaling each concentration by the ratio of two
     images' values renders one in the other's stain strength while glass (concentration 0) stays
-    white, which Reinhard-style mean shifts would tint. ``images`` are uint8 (3, H, W), subsampled
+    white, which Reinhard-style mean shifts would tint. ``images`` are uint8 or float in [0, 1] (3, H, W), subsampled
     on a grid to about ``max_pixels``; pixels of optical density sum below ``min_od`` are glass
     (all pixels count when fewer than 1% are stained).
     """
@@ -166,12 +168,43 @@ def stain_strength(images: Sequence[torch.Tensor], max_pixels: int = 4096, min_o
     out = torch.empty(len(images), 3)
     for i, image in enumerate(images):
         step = max(1, int(math.sqrt(image.shape[1] * image.shape[2] / max_pixels)))
-        od = image[:, ::step, ::step].reshape(3, -1).T.float().div_(255.0).clamp_min_(_MIN_INTENSITY).log_().neg_()
+        pixels = image[:, ::step, ::step].reshape(3, -1).T
+        pixels = pixels.float() if image.is_floating_point() else pixels.float().div_(255.0)
+        od = pixels.clamp_min(_MIN_INTENSITY).log_().neg_()  # clamp_min copies: a float image is left as it was
         stained = od.sum(1) > min_od
         if int(stained.sum()) >= max(1, od.shape[0] // 100):
             od = od[stained]
         out[i] = (od.cpu() @ hed_from_rgb).square_().mean(0).sqrt_()
     return out.clamp_min_(1e-4)
+
+
+def stain_swap_factors(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``hed_shift``'s alpha that renders an image of stain strength ``source`` in strength ``target`` (both
+    (..., 3), from ``stain_strength``), at most 3x either way: a faint smear is not inked into a dark one."""
+    return (target / source).clamp(1 / 3, 3.0)
+
+
+def random_stain_swap(x: torch.Tensor, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Render each image, with ``probability``, in the stain strength of another image of the batch.
+
+    Stain mix-up (Chang et al. 2021) for training batches: the strengths a model meets are those of
+    the training slides, not a fixed jitter around each image's own, so a new slide stained darker or
+    lighter than its neighbours is less new. Glass stays white (``stain_strength``).
+    """
+    _check_batch(x, "random_stain_swap")
+    _check_strength(probability, "random_stain_swap")
+    batch = x.shape[0]
+    if probability == 0 or batch < 2:
+        return x
+    xf, dtype = _to_float(x, "random_stain_swap")
+    chosen = _uniform((batch,), 0.0, 1.0, generator, xf.device) < probability
+    offset = 1 + (_uniform((batch,), 0.0, 1.0, generator, xf.device) * (batch - 1)).long().clamp_(max=batch - 2)
+    partner = (torch.arange(batch, device=xf.device) + offset) % batch  # any image but itself
+    strength = stain_strength(list(xf)).to(xf.device)
+    alpha = torch.where(chosen[:, None], stain_swap_factors(strength, strength[partner]), 1.0)
+    out = xf.clone()
+    out[chosen] = hed_shift(xf[chosen], alpha[chosen], 0.0)
+    return _restore(out, dtype)
 
 
 def hed_jitter(x: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:

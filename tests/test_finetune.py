@@ -4,6 +4,7 @@ model selection, parameter groups, the lr schedule and the config."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -278,6 +279,25 @@ def test_configs_load_with_the_papers_recipe():
     with pytest.raises(ConfigError, match="lr_cnn"):
         load_config(FinetuneConfig, None, ["optim.lr_cnn=fast"])
     assert math.isclose(FinetuneConfig().resolved_rho, 0.05)
+    with pytest.raises(ConfigError, match="augment.stain_swap"):
+        load_config(FinetuneConfig, None, ["augment.stain_swap=2"])
+
+
+def test_training_augmentation_swaps_stains_only_when_asked():
+    from finetune.augment import TrainAugment
+    from roseprior import imageops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(8, 3, 32, 32)
+    x[:, :, 8:24, 8:24] = torch.rand(8, 3, 16, 16, generator=g) * 0.1 + 0.5
+    x = imageops.hed_shift(x, torch.linspace(0.5, 2.5, 8)[:, None].expand(8, 3), 0.0)  # eight stain strengths
+    plain = load_config(FinetuneConfig, None, ["augment.rotate=false", "augment.flip=false", "augment.hed=0",
+                                               "augment.brightness=0", "augment.contrast=0", "augment.saturation=0",
+                                               "augment.hue=0"]).augment
+    torch.testing.assert_close(TrainAugment(plain)(x.clone()), x)
+    swapped = TrainAugment(dataclasses.replace(plain, stain_swap=1.0))(x.clone())
+    moved = (imageops.stain_strength(list(swapped)) / imageops.stain_strength(list(x)) - 1).abs().amax(1)
+    assert bool((moved > 0.05).all())
 
 
 # ---------------------------------------------------------------------------------------------

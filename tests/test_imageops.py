@@ -577,3 +577,26 @@ def test_random_resolution_thins_detail_of_some_images_at_unchanged_size():
     assert imageops.random_resolution(x, 1.0) is x
     with pytest.raises(ConfigError, match="max_factor"):
         imageops.random_resolution(x, 0.5)
+
+
+def test_random_stain_swap_renders_images_in_a_batch_neighbours_stain_and_keeps_glass_white():
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(4, 3, 32, 32)
+    x[:, :, 8:24, 8:24] = torch.rand(4, 3, 16, 16, generator=g) * 0.1 + 0.5  # a cell on white glass
+    x = imageops.hed_shift(x, torch.tensor([0.5, 1.0, 1.7, 2.6])[:, None].expand(4, 3), 0.0)  # four stain strengths
+    before = imageops.stain_strength(list(x))
+    out = imageops.random_stain_swap(x, 1.0, torch.Generator().manual_seed(1))
+    after = imageops.stain_strength(list(out))
+    own = (after - before).abs().amax(1) < 1e-3
+    assert not own.any()  # every image left its own strength ...
+    nearest = torch.cdist(after, before).argmin(1)
+    assert bool((nearest != torch.arange(4)).all())  # ... for the strength of another image of the batch
+    torch.testing.assert_close(out[:, :, :4], x[:, :, :4])  # glass stays white
+    assert imageops.random_stain_swap(x, 0.0) is x
+    half = imageops.random_stain_swap(x.repeat(8, 1, 1, 1), 0.5, torch.Generator().manual_seed(2))
+    changed = (half - x.repeat(8, 1, 1, 1)).flatten(1).abs().amax(1) > 1e-4
+    assert 6 <= int(changed.sum()) <= 26  # about half of 32
+    uint8 = imageops.random_stain_swap((x * 255).round().to(torch.uint8), 1.0, torch.Generator().manual_seed(1))
+    assert uint8.dtype == torch.uint8
+    with pytest.raises(ConfigError, match="random_stain_swap"):
+        imageops.random_stain_swap(x, 1.5)
