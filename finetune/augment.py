@@ -8,22 +8,42 @@ augmentation, only the resize the dataset already applied.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torchvision.transforms.v2.functional as TF
 
 from roseprior import imageops
+from roseprior.errors import DataError
 
 from .config import AugmentConfig
 
-__all__ = ["TrainAugment"]
+__all__ = ["TrainAugment", "stain_targets"]
+
+
+def stain_targets(root: str | Path, image_size: int, max_unreadable_fraction: float = 0.05,
+                  max_images: int = 512) -> torch.Tensor:
+    """(N, 3) stain strengths (``imageops.stain_strength``) of up to ``max_images`` images under ``root`` (a
+    folder or manifest, labels unused), evenly spaced, each seen at ``image_size`` as training images are."""
+    from roseprior.data import ImageDataset, filter_readable, load_unlabeled
+
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DataError(f"augment.stain_targets {path} does not exist; give a folder or manifest .csv of the images "
+                        "whose stains the swaps should take (e.g. the new site's), or null")
+    samples = load_unlabeled(path)
+    picked = [samples[int(i)] for i in torch.linspace(0, len(samples) - 1, min(max_images, len(samples))).round().long().unique()]
+    images = ImageDataset(filter_readable(picked, None, max_unreadable_fraction), image_size=image_size)
+    return imageops.stain_strength([images[i][0] for i in range(len(images))])
 
 
 class TrainAugment:
     """Augments a ``(B, 3, H, W)`` float batch in [0, 1]; seeded, so a run is reproducible."""
 
-    def __init__(self, cfg: AugmentConfig, seed: int = 0):
+    def __init__(self, cfg: AugmentConfig, seed: int = 0, stain_targets: torch.Tensor | None = None):
         self.cfg = cfg
         self.generator = torch.Generator().manual_seed(seed)
+        self.stain_targets = stain_targets  # what swaps draw from instead of the batch (``stain_targets``)
 
     def _factors(self, batch: int, strength: float) -> torch.Tensor:
         # ColorJitter semantics: a factor uniform in [1 - s, 1 + s].
@@ -67,7 +87,7 @@ class TrainAugment:
         if cfg.rotate:
             x = imageops.random_rotate(x, self.generator)
         if cfg.stain_swap > 0:
-            x = imageops.random_stain_swap(x, cfg.stain_swap, self.generator)
+            x = imageops.random_stain_swap(x, cfg.stain_swap, self.generator, self.stain_targets)
         if cfg.hed > 0:
             x = imageops.hed_jitter(x, cfg.hed, self.generator)
         if cfg.resolution > 1:

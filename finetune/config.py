@@ -60,10 +60,15 @@ class AugmentConfig:
     # Stain mix-up, 0 is off: this fraction of the training images takes the stain strength of another image of its
     # batch (imageops.random_stain_swap), so the classifier meets every training slide's stain on every cell.
     stain_swap: float = 0.0
+    # A folder or manifest of unlabelled images (the sites the model will meet) whose stain strengths the swaps
+    # take instead of the batch's: stain mix-up toward them, no labels needed (finetune.augment.stain_targets).
+    stain_targets: str | None = None
 
     def __post_init__(self) -> None:
         check(self.resolution >= 1.0, "augment.resolution", "must be >= 1 (1 is off)", self.resolution)
         check(0.0 <= self.stain_swap <= 1.0, "augment.stain_swap", "must be in [0, 1] (0 is off)", self.stain_swap)
+        check(self.stain_targets is None or self.stain_swap > 0, "augment.stain_targets",
+              "needs augment.stain_swap > 0 (the fraction of images that take a target's stain)", self.stain_targets)
 
 
 @dataclass

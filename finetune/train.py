@@ -36,7 +36,7 @@ from roseprior.loop import (
 from roseprior.scale import training_scale
 from roseprior.splits import resolve_splits, write_image_list
 
-from .augment import TrainAugment
+from .augment import TrainAugment, stain_targets
 from .config import FinetuneConfig
 from .model import Classifier, save_classifier
 from .sam import build_optimizer, step_for
@@ -221,7 +221,11 @@ def fit(cfg: FinetuneConfig, train_samples: Sequence[Sample], val_samples: Seque
     optimizer = build_optimizer_for(model, cfg)
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, _eval_loader(val_samples, cfg))
     unwrapped = accelerator.unwrap_model(model)
-    augment = TrainAugment(cfg.augment, seed=cfg.seed * 1009 + accelerator.process_index)
+    targets = None
+    if cfg.augment.stain_targets:
+        targets = stain_targets(cfg.augment.stain_targets, cfg.data.image_size, cfg.data.max_unreadable_fraction)
+        accelerator.print(f"finetune: stain swaps take the stains of {len(targets)} images of {cfg.augment.stain_targets}")
+    augment = TrainAugment(cfg.augment, seed=cfg.seed * 1009 + accelerator.process_index, stain_targets=targets)
 
     # ====== resume, then the loader from where we are ======
     loop.start(cfg, unwrapped, optimizer, augment=augment)

@@ -184,24 +184,31 @@ def stain_swap_factors(source: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return (target / source).clamp(1 / 3, 3.0)
 
 
-def random_stain_swap(x: torch.Tensor, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Render each image, with ``probability``, in the stain strength of another image of the batch.
+def random_stain_swap(x: torch.Tensor, probability: float, generator: torch.Generator | None = None,
+                      targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Render each image, with ``probability``, in the stain strength of another image of the batch, or of
+    a row of ``targets`` ((N, 3) ``stain_strength`` values, e.g. of a new site's unlabelled images) when given.
 
     Stain mix-up (Chang et al. 2021) for training batches: the strengths a model meets are those of
-    the training slides, not a fixed jitter around each image's own, so a new slide stained darker or
-    lighter than its neighbours is less new. Glass stays white (``stain_strength``).
+    the training slides (or of the slides it will be used on), not a fixed jitter around each image's
+    own, so a slide stained darker or lighter than the labelled ones is less new. Glass stays white
+    (``stain_strength``).
     """
     _check_batch(x, "random_stain_swap")
     _check_strength(probability, "random_stain_swap")
     batch = x.shape[0]
-    if probability == 0 or batch < 2:
+    pool = batch - 1 if targets is None else len(targets)
+    if probability == 0 or pool < 1:
         return x
     xf, dtype = _to_float(x, "random_stain_swap")
     chosen = _uniform((batch,), 0.0, 1.0, generator, xf.device) < probability
-    offset = 1 + (_uniform((batch,), 0.0, 1.0, generator, xf.device) * (batch - 1)).long().clamp_(max=batch - 2)
-    partner = (torch.arange(batch, device=xf.device) + offset) % batch  # any image but itself
+    pick = (_uniform((batch,), 0.0, 1.0, generator, xf.device) * pool).long().clamp_(max=pool - 1)
     strength = stain_strength(list(xf)).to(xf.device)
-    alpha = torch.where(chosen[:, None], stain_swap_factors(strength, strength[partner]), 1.0)
+    if targets is None:
+        target = strength[(torch.arange(batch, device=xf.device) + 1 + pick) % batch]  # any image but itself
+    else:
+        target = targets.to(xf.device, strength.dtype)[pick]
+    alpha = torch.where(chosen[:, None], stain_swap_factors(strength, target), 1.0)
     out = xf.clone()
     out[chosen] = hed_shift(xf[chosen], alpha[chosen], 0.0)
     return _restore(out, dtype)

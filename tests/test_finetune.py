@@ -300,6 +300,31 @@ def test_training_augmentation_swaps_stains_only_when_asked():
     assert bool((moved > 0.05).all())
 
 
+def test_stain_targets_are_the_strengths_of_a_new_sites_images_as_training_sees_them(tmp_path):
+    from PIL import Image
+
+    from finetune.augment import stain_targets
+    from roseprior import imageops
+    from roseprior.data import ImageDataset, Sample
+    from roseprior.errors import DataError
+
+    g = torch.Generator().manual_seed(0)
+    for i, strength in enumerate([0.6, 1.0, 1.8]):
+        cell = torch.ones(1, 3, 48, 48)
+        cell[:, :, 12:36, 12:36] = torch.rand(1, 3, 24, 24, generator=g) * 0.1 + 0.5
+        rgb = imageops.hed_shift(cell, strength, 0.0)[0].mul(255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(rgb).save(tmp_path / f"field_{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    targets = stain_targets(tmp_path, image_size=32)
+    seen = ImageDataset([Sample(str(tmp_path / f"field_{i}.png")) for i in range(3)], image_size=32)
+    torch.testing.assert_close(targets, imageops.stain_strength([seen[i][0] for i in range(3)]))
+    assert bool((targets[1:, 0] > targets[:-1, 0]).all())  # ordered as stained
+    with pytest.raises(DataError, match="augment.stain_targets"):
+        stain_targets(tmp_path / "missing", image_size=32)
+    with pytest.raises(ConfigError, match="augment.stain_targets"):
+        load_config(FinetuneConfig, None, [f"augment.stain_targets={tmp_path}"])  # swaps off: nothing would use it
+
+
 # ---------------------------------------------------------------------------------------------
 # CAM helpers
 # ---------------------------------------------------------------------------------------------

@@ -600,3 +600,8 @@ def test_random_stain_swap_renders_images_in_a_batch_neighbours_stain_and_keeps_
     assert uint8.dtype == torch.uint8
     with pytest.raises(ConfigError, match="random_stain_swap"):
         imageops.random_stain_swap(x, 1.5)
+    targets = torch.tensor([[0.2, 0.05, 0.1], [3.0, 1.0, 2.0]])  # a faint and a dark site
+    toward = imageops.stain_strength(list(imageops.random_stain_swap(x, 1.0, torch.Generator().manual_seed(3), targets)))
+    ratio = toward[:, None] / targets[None]  # each image now has one target's strength, within the 3x limit
+    expected = imageops.stain_swap_factors(before[:, None], targets[None]) * before[:, None] / targets[None]
+    assert bool(((ratio / expected - 1).abs().amax(-1) < 0.05).any(1).all())

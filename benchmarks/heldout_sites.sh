@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Another site, as the issue's first table: fine-tune on the labelled images of two synthetic sites, predict the
+# images of the two others (their labels never used), with and without stain swaps in fine-tuning, and with the
+# swaps taking the held-out sites' own stains (augment.stain_targets: their unlabelled images). The backbone is
+# benchmarks/invariance.sh's multi-crop arm (swaps + batches by domain), pretrained on every site's unlabelled
+# images. Prints balanced accuracy [95% CI] per site and arm; about 15 minutes on one core.
+#   bash benchmarks/heldout_sites.sh [BASE]      # BASE: benchmarks/invariance.sh's output (runs/bench/invariance)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+base=${1:-runs/bench/invariance}
+py=${PYTHON:-.venv/bin/python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+out=$base/heldout
+[ -f "$base/swap_0.5_by_domain/backbone.safetensors" ] || { echo "run bash benchmarks/invariance.sh $base first"; exit 2; }
+mkdir -p "$out"
+# Labelled sites a and b (a manifest), held-out sites c and d (one folder each, as predict reads them).
+"$py" - "$base/data" "$out" <<'PY'
+import csv, os, sys
+data, out = sys.argv[1:]
+rows = list(csv.DictReader(open(os.path.join(data, "manifest.csv"))))
+with open(os.path.join(out, "labelled_ab.csv"), "w", newline="") as fh:
+    w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(dict(r, path=os.path.abspath(os.path.join(data, r["path"]))) for r in rows if r["domain"] in ("site_a", "site_b"))
+with open(os.path.join(out, "heldout_labels.csv"), "w", newline="") as fh:
+    w = csv.writer(fh)
+    w.writerow(["path", "label", "domain"])
+    for r in rows:
+        if r["domain"] in ("site_c", "site_d"):
+            folder = os.path.join(out, r["domain"])
+            os.makedirs(folder, exist_ok=True)
+            link = os.path.join(folder, os.path.basename(r["path"]))
+            if not os.path.lexists(link):
+                os.symlink(os.path.abspath(os.path.join(data, r["path"])), link)
+            w.writerow([os.path.abspath(link), r["label"], r["domain"]])
+PY
+finetune() {  # name, overrides...
+  local run=$out/$1; shift
+  [ -f "$run/best.safetensors" ] || "$py" -m finetune --config configs/finetune/msht_tiny_cpu.yaml \
+    data.root="$out/labelled_ab.csv" data.image_size=128 init="$base/swap_0.5_by_domain" out_dir="$run" train.epochs=10 \
+    train.batch_size=32 sam=off cam.enabled=false "$@" > "$run.log" 2>&1
+}
+finetune plain
+finetune swap augment.stain_swap=0.3
+finetune swap_to_heldout augment.stain_swap=0.3 "augment.stain_targets=$out/heldout_labels.csv"  # labels unused
+for arm in plain swap swap_to_heldout; do
+  for site in site_c site_d; do
+    for scale in none auto; do
+      "$py" -m finetune.predict --ckpt "$out/$arm" --images "$out/$site" --scale $scale --judge-all \
+        --out "$out/preds_${arm}_${site}_${scale}.csv" > /dev/null 2>&1
+    done
+  done
+done
+"$py" - "$out" <<'PY'
+import csv, glob, json, os, sys
+import numpy as np
+from roseprior.metrics import binary_metrics, bootstrap_intervals
+out = sys.argv[1]
+truth = {r["path"]: r["label"] for r in csv.DictReader(open(os.path.join(out, "heldout_labels.csv")))}
+result = {}
+for f in sorted(glob.glob(os.path.join(out, "preds_*.csv"))):
+    rows = [r for r in csv.DictReader(open(f)) if not r.get("error")]
+    y = np.array([truth[os.path.abspath(r["path"])] == "P" for r in rows], int)
+    called = np.array([r["predicted"] == "P" for r in rows], float)
+    key = os.path.basename(f)[len("preds_"):-len(".csv")]
+    ci = bootstrap_intervals(y, called)["balanced_accuracy"]
+    result[key] = {"n": len(rows), "balanced_accuracy": binary_metrics(y, called)["balanced_accuracy"], "ci95": ci}
+    print(f"{key:34s} n {len(rows):4d}  balanced accuracy {result[key]['balanced_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+json.dump(result, open(os.path.join(out, "heldout_sites.json"), "w"), indent=1)
+PY
