@@ -46,10 +46,12 @@ for seed in ${SEEDS:-0 1 2}; do  # fine-tuning seeds: the held-out sites move mo
   finetune swap_s$seed seed=$seed augment.stain_swap=0.3
   finetune swap_to_heldout_s$seed seed=$seed augment.stain_swap=0.3 "augment.stain_targets=$out/heldout_labels.csv"  # labels unused
   for arm in plain swap swap_to_heldout; do
-    for site in site_c site_d; do  # at the training scale, estimated per folder, as the README's chain predicts
-      preds=$out/preds_${arm}_s${seed}_${site}.csv
-      [ -f "$preds" ] || "$py" -m finetune.predict --ckpt "$out/${arm}_s$seed" --images "$out/$site" --scale auto \
-        --judge-all --out "$preds" > /dev/null 2>&1
+    for site in site_c site_d; do
+      for scale in auto none; do  # auto: at the training scale, estimated per folder (the README's chain); none: squeezed
+        preds=$out/preds_${arm}_s${seed}_${site}_${scale}.csv
+        [ -f "$preds" ] || "$py" -m finetune.predict --ckpt "$out/${arm}_s$seed" --images "$out/$site" --scale $scale \
+          --judge-all --out "$preds" > /dev/null 2>&1
+      done
     done
   done
 done
@@ -60,12 +62,13 @@ from roseprior.metrics import binary_metrics
 out = sys.argv[1]
 truth = {r["path"]: r["label"] for r in csv.DictReader(open(os.path.join(out, "heldout_labels.csv")))}
 scores = collections.defaultdict(dict)
-for f in sorted(glob.glob(os.path.join(out, "preds_*_s*_site_*.csv"))):
-    arm, seed, site = re.match(r"preds_(.+)_s(\d+)_(site_.)\.csv", os.path.basename(f)).groups()
+for f in sorted(glob.glob(os.path.join(out, "preds_*_s*_site_*_*.csv"))):
+    arm, seed, site, scale = re.match(r"preds_(.+)_s(\d+)_(site_.)_(auto|none)\.csv", os.path.basename(f)).groups()
     rows = [r for r in csv.DictReader(open(f)) if not r.get("error")]
     y = np.array([truth[os.path.abspath(r["path"])] == "P" for r in rows], int)
     called = np.array([r["predicted"] == "P" for r in rows], float)
-    scores[f"{arm} {site}"][seed] = binary_metrics(y, called)["balanced_accuracy"]
+    scores[f"{arm} {site}" + ("" if scale == "auto" else ", squeezed (--scale none)")][seed] = \
+        binary_metrics(y, called)["balanced_accuracy"]
 for run in sorted(glob.glob(os.path.join(out, "*_s*", "metrics.json"))):
     arm, seed = re.match(r"(.+)_s(\d+)$", os.path.basename(os.path.dirname(run))).groups()
     scores[f"{arm} labelled sites' test split"][seed] = json.load(open(run))["test"]["balanced_accuracy"]
