@@ -12,7 +12,7 @@ from PIL import Image
 
 from roseprior import imageops
 from roseprior.imageio import read_image
-from roseprior.scale import ScaleReference, nucleus_size, resample
+from roseprior.scale import ScaleReference, folder_scale, nucleus_size, resample, typical
 
 ZOOMS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -100,11 +100,27 @@ def test_scale_cli_writes_a_row_per_image(tmp_path: Path, write_image) -> None:
     assert rows[0]["error"], rows
     assert all(1.6 < zoomed / native < 2.5 for native, zoomed in zip(scales[::2], scales[1::2], strict=True)), rows
     assert main(["scale", "--images", str(fields), "--reference", str(ref), "--out", str(tmp_path / "f.csv"),
-                 "--per-folder"]) == 0  # one value per folder, for a manifest: the median of its images'
+                 "--per-folder"]) == 0  # one value per folder, for a manifest: the typical value of its images'
     per_folder = list(csv.DictReader((tmp_path / "f.csv").open()))
     assert per_folder[0]["relative_scale"] == "" and per_folder[0]["error"]
     folder_values = {r["relative_scale"] for r in per_folder[1:]}
-    assert len(folder_values) == 1 and float(folder_values.pop()) == pytest.approx(float(np.median(scales)), abs=1e-4)
+    assert len(folder_values) == 1 and float(folder_values.pop()) == pytest.approx(typical(scales), abs=1e-4)
+
+
+def test_a_folders_scale_moves_smoothly_with_its_mix_of_benign_and_malignant_fields() -> None:
+    """Per field, enlarged malignant nuclei read as magnification, so a folder's estimates are bimodal; its one
+    scale must not jump from one mode to the other when one field more is malignant."""
+    rng = np.random.default_rng(0)
+    benign, malignant = 0.6 * rng.lognormal(0, 0.05, 40), 1.2 * rng.lognormal(0, 0.05, 40)
+    fewer_malignant = np.concatenate([benign[:16], malignant[:14]])
+    more_malignant = np.concatenate([benign[:14], malignant[:16]])
+    assert np.median(more_malignant) / np.median(fewer_malignant) > 1.5  # the median jumps between the modes
+    assert typical(more_malignant) / typical(fewer_malignant) == pytest.approx(1.0, abs=0.1)
+    assert typical(fewer_malignant) == pytest.approx(np.sqrt(0.6 * 1.2), rel=0.1)  # between the modes
+    debris = np.concatenate([fewer_malignant, [50.0, 80.0, 1e-3, np.nan, 0.0, -1.0]])  # blobs, specks, unmeasured
+    assert typical(debris) == pytest.approx(typical(fewer_malignant), rel=0.1)
+    assert folder_scale(debris) == (pytest.approx(typical(debris)), 33)
+    assert np.isnan(typical([np.nan, 0.0]))
 
 
 def test_an_estimate_is_read_only_where_the_reference_curve_grows() -> None:
