@@ -174,7 +174,7 @@ def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = 
         for folder, group in folders.items():
             scales[folder], measured = shared_scale(fields(group, bar), predictor.scale, predictor.source)
             print(f"finetune.predict: --scale auto: {folder}: objects appear {scales[folder]:.2f}x as large as in the "
-                  f"training fields (median of {measured} of {len(group)} fields; within {SAME_SCALE:g}x of the "
+                  f"training fields (midmean of {measured} of {len(group)} fields' estimates; within {SAME_SCALE:g}x of the "
                   "training scale reads 1.00)", file=sys.stderr)
     return scales
 
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", default="none", type=_scale,
                         help="none: resize each field to the model's input (as in training); VALUE: the fields' objects "
                              "appear VALUE times as large as in the training fields; auto: estimate that from the "
-                             "nuclei, one value per folder (the median of its fields). With VALUE or auto each field "
+                             "nuclei, one value per folder (the midmean of its fields' estimates). With VALUE or auto each field "
                              "is resampled to the training scale and tiled, and its probabilities are the mean of "
                              "its tiles'")
     parser.add_argument("--mpp", type=float, default=None,

@@ -151,7 +151,7 @@ def test_a_field_at_a_known_scale_is_predicted_at_the_training_scale(run: Path) 
 
 def test_scale_auto_estimates_one_scale_per_folder_and_brings_each_folder_back(tmp_path: Path,
                                                                                capsys: pytest.CaptureFixture) -> None:
-    """--scale auto: fields taken alike (one folder) share one estimate, the median of theirs; a folder whose
+    """--scale auto: fields taken alike (one folder) share one estimate, the midmean of theirs; a folder whose
     objects appear twice as large reads about 2x the other, and its fields get about the same probabilities
     as the unzoomed ones. A per-field estimate would read enlarged malignant nuclei as magnification. (Fields
     of 192 px at one site: in 64-px synthetic fields nuclei are 2 px across, too small to measure.)"""
@@ -177,7 +177,7 @@ def test_scale_auto_estimates_one_scale_per_folder_and_brings_each_folder_back(t
     assert main(["--ckpt", str(run), "--images", str(tmp_path / "fields"), "--out", str(out), "--scale", "auto",
                  "--judge-all"]) == 0
     lines = sorted(line for line in capsys.readouterr().err.splitlines() if "--scale auto" in line)
-    assert len(lines) == 2 and all("median of 10 of 10 fields" in line for line in lines), lines
+    assert len(lines) == 2 and all("midmean of 10 of 10 fields" in line for line in lines), lines
     native, zoomed = (float(line.split("appear ")[1].split("x")[0]) for line in lines)
     print("--scale auto, native and 2x folders:", native, zoomed)
     assert 0.6 < native < 1.6 and 1.6 < zoomed / native < 2.5, lines
