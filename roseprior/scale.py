@@ -227,8 +227,8 @@ def shared_scale(fields: Iterable[np.ndarray], info: dict[str, Any] | None, sour
     Magnification belongs to the acquisition, not to a field. Per field, the estimate also reads the enlarged
     nuclei of malignancy as magnification, and bringing each field to the training scale on its own would
     shrink them back toward benign size; one scale per folder keeps each field's nuclei as large, relative to
-    its neighbours', as they are (505 CRIC test cells zoomed 2x: balanced accuracy 0.756 with the folder's
-    median, 0.695 per field, 0.769 at the known zoom; benchmarks/shift_quality.py). A folder within
+    its neighbours', as they are (505 CRIC test cells zoomed 2x: balanced accuracy 0.745 with one value per
+    folder, 0.695 per field, 0.769 at the known zoom; benchmarks/shift_quality.py). A folder within
     ``SAME_SCALE`` of the training scale, and one whose fields have no stain to measure, is taken at the
     training scale (1.0)."""
     from roseprior.errors import DataError
