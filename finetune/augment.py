@@ -25,14 +25,14 @@ def stain_targets(root: str | Path, image_size: int, max_unreadable_fraction: fl
                   max_images: int = 512) -> torch.Tensor:
     """(N, 3) stain strengths (``imageops.stain_strength``) of up to ``max_images`` images under ``root`` (a
     folder or manifest, labels unused), evenly spaced, each seen at ``image_size`` as training images are."""
-    from roseprior.data import ImageDataset, filter_readable, load_unlabeled
+    from roseprior.data import ImageDataset, filter_readable, load_unlabeled, spread_indices
 
     path = Path(root).expanduser()
     if not path.exists():
         raise DataError(f"augment.stain_targets {path} does not exist; give a folder or manifest .csv of the images "
                         "whose stains the swaps should take (e.g. the new site's), or null")
     samples = load_unlabeled(path)
-    picked = [samples[int(i)] for i in torch.linspace(0, len(samples) - 1, min(max_images, len(samples))).round().long().unique()]
+    picked = [samples[i] for i in spread_indices(len(samples), max_images)]
     images = ImageDataset(filter_readable(picked, None, max_unreadable_fraction), image_size=image_size)
     return imageops.stain_strength([images[i][0] for i in range(len(images))])
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from skimage.color import hed_from_rgb, rgb_from_hed
 
 from roseprior import imageops
-from roseprior.data import DecodedImages
+from roseprior.data import DecodedImages, spread_indices
 
 from .config import ViewsConfig
 
@@ -130,7 +130,7 @@ class StainBank:
     def build(cls, dataset: DecodedImages, max_images: int = 512) -> StainBank:
         names = sorted({s.domain or "" for s in dataset.samples})
         domain_of = torch.tensor([names.index(s.domain or "") for s in dataset.samples])
-        picked = torch.linspace(0, len(dataset) - 1, min(max_images, len(dataset))).round().long().unique()
+        picked = torch.tensor(spread_indices(len(dataset), max_images), dtype=torch.long)
         strengths = imageops.stain_strength([dataset[int(i)][0] for i in picked])
         order = torch.argsort(domain_of[picked], stable=True)
         count = torch.bincount(domain_of[picked], minlength=len(names))

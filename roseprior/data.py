@@ -35,6 +35,7 @@ __all__ = [
     "read_during_run",
     "read_manifest",
     "resolve_root",
+    "spread_indices",
     "acquisition_signature",
     "to_canonical",
     "with_pseudo_domains",
@@ -335,6 +336,14 @@ def acquisition_signature(path: str | Path) -> list[float]:
     strength = imageops.stain_strength([torch.from_numpy(rgb).permute(2, 0, 1)])[0].log().tolist()
     glass = np.log(np.percentile(rgb.reshape(-1, 3), 99, axis=0).clip(1, 255) / 255.0).tolist()
     return strength + glass
+
+
+def spread_indices(count: int, limit: int) -> list[int]:
+    """Up to ``limit`` indices spread evenly over ``range(count)``, first and last included: a sample that follows
+    the data set's order (its folders, its sites) rather than a random draw."""
+    import numpy as np
+
+    return np.unique(np.linspace(0, count - 1, min(limit, count)).round().astype(int)).tolist()
 
 
 def with_pseudo_domains(samples: Sequence[Sample], k: int, seed: int = 0, progress: bool = True) -> list[Sample]:
