@@ -203,14 +203,13 @@ def random_stain_swap(x: torch.Tensor, probability: float, generator: torch.Gene
     xf, dtype = _to_float(x, "random_stain_swap")
     chosen = _uniform((batch,), 0.0, 1.0, generator, xf.device) < probability
     pick = (_uniform((batch,), 0.0, 1.0, generator, xf.device) * pool).long().clamp_(max=pool - 1)
-    strength = stain_strength(list(xf)).to(xf.device)
+    rows = torch.nonzero(chosen).flatten()  # only these are measured and shifted
     if targets is None:
-        target = strength[(torch.arange(batch, device=xf.device) + 1 + pick) % batch]  # any image but itself
+        target = stain_strength(list(xf[(rows + 1 + pick[rows]) % batch]))  # any image but itself
     else:
-        target = targets.to(xf.device, strength.dtype)[pick]
-    alpha = torch.where(chosen[:, None], stain_swap_factors(strength, target), 1.0)
+        target = targets[pick[rows].cpu()]
     out = xf.clone()
-    out[chosen] = hed_shift(xf[chosen], alpha[chosen], 0.0)
+    out[rows] = hed_shift(xf[rows], stain_swap_factors(stain_strength(list(xf[rows])), target).to(xf), 0.0)
     return _restore(out, dtype)
 
 
