@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [
                 f"init={init}", f"sam={sam}", f"seed={args.seed}", f"out_dir={args.out / variant}",
                 f"data.root={root}", "data.group_by=source_image",  # split_ratios: the 7:2:1 default
+                "data.framing=cell",  # crops cut around one cell: --scale auto calibrates on whole resampled crops
                 f"data.image_size={args.image_size}", f"train.epochs={args.epochs}",
                 f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", "cam.enabled=false",
             ]

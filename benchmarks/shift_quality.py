@@ -23,6 +23,7 @@ decision:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -41,8 +42,8 @@ if str(REPO) not in sys.path:
 ZOOMS = (0.25, 0.5, 2.0, 4.0)
 
 
-def test_images(run: Path, limit: int | None) -> tuple[list[np.ndarray], np.ndarray, list[Any]]:
-    """The run's test split (decoded) and its labels, and its training samples."""
+def test_images(run: Path, limit: int | None) -> tuple[list[np.ndarray], np.ndarray, list[Any], str]:
+    """The run's test split (decoded) and its labels, its training samples, and how its images were framed."""
     from finetune.config import FinetuneConfig
     from roseprior.config import load_config
     from roseprior.imageio import read_image
@@ -52,7 +53,8 @@ def test_images(run: Path, limit: int | None) -> tuple[list[np.ndarray], np.ndar
     split = resolve_splits(cfg.data).readable(None, 1.0).splits
     test = split["test"][:: max(1, len(split["test"]) // limit)] if limit else split["test"]
     positive = cfg.data.classes.index(cfg.data.positive_class)
-    return [read_image(s.path) for s in test], np.array([int(s.label == positive) for s in test]), split["train"]
+    return ([read_image(s.path) for s in test], np.array([int(s.label == positive) for s in test]), split["train"],
+            cfg.data.framing)
 
 
 def stain_shifts(images: list[np.ndarray], train_paths: list[str]) -> dict[str, list[np.ndarray]]:
@@ -140,14 +142,17 @@ def adapted_predictor(run: Path, images: list[np.ndarray], tmp: Path, stain: boo
 
 def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = False) -> dict[str, Any]:
     from finetune.predict import load_predictor
-    from roseprior.scale import training_scale
+    from roseprior.scale import FRAMINGS, training_scale
 
     start = time.perf_counter()
-    images, y, train_paths = test_images(run, limit)
+    images, y, train_paths, framing = test_images(run, limit)
     predictor = load_predictor(ckpt=str(run))
-    # A run from before finetune recorded its training scale has none; --recalibrate rebuilds it with today's code.
+    # A run from before finetune recorded its training scale has none; --recalibrate rebuilds it with today's code,
+    # and also as if the run's images had been framed the other way (data.framing), to show what that choice does.
     if predictor.scale is None or recalibrate:
-        predictor.scale = training_scale(train_paths, predictor.image_size)
+        predictor.scale = training_scale(train_paths, predictor.image_size, framing=framing)
+    framed_otherwise = {other: dataclasses.replace(predictor, scale=training_scale(
+        train_paths, predictor.image_size, framing=other)) for other in FRAMINGS if recalibrate and other != framing}
     result: dict[str, Any] = {"run": str(run), "test_images": len(images), "clean": balanced_accuracy(
         predictor, images, y, None)}
     for name, shifted in stain_shifts(images, train_paths).items():
@@ -161,7 +166,10 @@ def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = Fal
         result[f"{kind}/{factor:g}"] = {"as_trained": balanced_accuracy(predictor, shifted, y, None),
                                        "known_scale": balanced_accuracy(predictor, shifted, y, factor),
                                        "estimated_scale": balanced_accuracy(predictor, shifted, y, "auto")}
+        for other, framed in framed_otherwise.items():
+            result[f"{kind}/{factor:g}"][f"estimated_scale_as_{other}"] = balanced_accuracy(framed, shifted, y, "auto")
     result["trained_input_per_native"] = trained_scale
+    result["framing"] = (predictor.scale or {}).get("reference", {}).get("framing", "field")
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 

@@ -423,7 +423,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         }
     metrics["warnings"] = [w for part in ("val", "test") for w in metrics[part].get("warnings", [])]
     if main:
-        record_decision(out_dir, metrics, training_scale(splits["train"], cfg.data.image_size, cfg.data.target_mpp))
+        scale = training_scale(splits["train"], cfg.data.image_size, cfg.data.target_mpp, framing=cfg.data.framing)
+        record_decision(out_dir, metrics, scale)
         atomic_write_json(out_dir / "metrics.json", metrics)
         write_image_list(out_dir, {"train": splits["train"], "val": splits["val"]})
         accelerator.print(_format_metrics(metrics))

@@ -110,6 +110,10 @@ class DataConfig:
     # or from ``mpp`` (one value for the whole set). null: images are resized whole to image_size.
     target_mpp: float | None = None
     mpp: float | None = None
+    # How the images were framed, for the scale estimate of ``--scale auto`` (roseprior.scale.zoom_as_framed):
+    # field, a camera's photograph of the smear (a stronger objective shows the centre of the same frame); cell,
+    # crops cut around one cell (CRIC, Herlev, SIPaKMeD), which follow the cell at any magnification.
+    framing: Literal["field", "cell"] = "field"
 
     def __post_init__(self) -> None:
         check(0.0 <= self.max_unreadable_fraction <= 1.0, "data.max_unreadable_fraction", "must be in [0, 1]",

@@ -10,8 +10,10 @@ so pixel discretisation does not bias them.
 The measure is not exactly proportional to magnification: resampling blurs small nuclei and merges
 neighbours. ``ScaleReference`` therefore calibrates it on a reference set (e.g. the training images):
 the reference is zoomed by known factors as a camera would see it through other objectives
-(``camera_zoom``: a stronger objective fills the same frame with the centre of the field), measured at
-each, and an image's relative scale is read off that curve (analysis by synthesis). ``relative_scale``
+as its images were framed (``zoom_as_framed``), measured at each, and an image's relative scale is read off
+that curve (analysis by synthesis). Fields photographed by a camera keep their frame: a stronger objective
+fills it with the centre of the field (``camera_zoom``). Crops cut around one cell follow the cell: at any
+magnification the crop holds the whole cell and grows with it (a plain resample). ``relative_scale``
 2.0 means objects appear twice as large as in the reference. Written here because no library of the stack estimates magnification.
 
     roseprior scale --images FOLDER --reference FOLDER --out scales.csv
@@ -28,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ScaleReference", "add_parser", "at_training_scale", "camera_zoom", "fields_scale", "folder_scale",
-           "nucleus_size", "resample", "shared_scale", "tiles", "training_scale", "typical"]
+__all__ = ["FRAMINGS", "ScaleReference", "add_parser", "at_training_scale", "camera_zoom", "fields_scale",
+           "folder_scale", "nucleus_size", "resample", "shared_scale", "tiles", "training_scale", "typical",
+           "zoom_as_framed"]
 
 PERCENTILE = 90
 WORKING_SIZE = 8.0  # px: a measure below this is repeated on an upsampled copy
@@ -40,6 +43,9 @@ TRIM = 0.25
 # A folder read within this factor of the training scale is taken at it: the estimate's own error on the median
 # image reaches 15%, and correcting noise cost CRIC 3 points of balanced accuracy on unshifted test cells.
 SAME_SCALE = 1.2
+# How a set's images were framed (``data.framing``): "field", a camera's photograph of the smear; "cell", a crop
+# cut around one cell.
+FRAMINGS = ("field", "cell")
 
 
 def resample(image: np.ndarray, factor: float) -> np.ndarray:
@@ -63,6 +69,18 @@ def camera_zoom(image: np.ndarray, factor: float) -> np.ndarray:
     crop_h, crop_w = max(1, round(h / factor)), max(1, round(w / factor))
     top, left = (h - crop_h) // 2, (w - crop_w) // 2
     return resample(image[top : top + crop_h, left : left + crop_w], factor)
+
+
+def zoom_as_framed(image: np.ndarray, factor: float, framing: str = "field") -> np.ndarray:
+    """``image`` with its objects ``factor`` times as large, framed as the set it comes from: a camera's
+    field keeps its frame (``camera_zoom``); a crop cut around a cell follows the cell and grows with it.
+
+    Which one matters for single cells: CRIC crops resampled whole by 2x read 2.64x against a camera-framed
+    reference (the centre of a zoomed crop holds the one large nucleus where the whole crop held smaller
+    neighbours too) and 1.97x against a reference framed like them."""
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+    return camera_zoom(image, factor) if framing == "field" else resample(image, factor)
 
 
 def tiles(image: np.ndarray, size: int) -> Any:
@@ -125,16 +143,19 @@ def typical(values: Iterable[float]) -> float:
 
 @dataclass
 class ScaleReference:
-    """The measure of a reference set resampled by known factors: ``sizes[i]`` at ``scales[i]``."""
+    """The measure of a reference set zoomed by known factors as its images were framed (``framing``):
+    ``sizes[i]`` at ``scales[i]``."""
 
     scales: list[float] = field(default_factory=list)
     sizes: list[float] = field(default_factory=list)
     images: int = 0
+    framing: str = "field"
 
     @classmethod
-    def build(cls, images: Sequence[np.ndarray], scales: Sequence[float] = CALIBRATION_SCALES) -> ScaleReference:
-        sizes = [typical(nucleus_size(camera_zoom(img, s)) for img in images) for s in scales]
-        return cls(list(scales), sizes, len(images))
+    def build(cls, images: Sequence[np.ndarray], scales: Sequence[float] = CALIBRATION_SCALES,
+              framing: str = "field") -> ScaleReference:
+        sizes = [typical(nucleus_size(zoom_as_framed(img, s, framing)) for img in images) for s in scales]
+        return cls(list(scales), sizes, len(images), framing)
 
     def relative_scale(self, image: np.ndarray, size: float | None = None) -> float:
         """How many times larger the objects of ``image`` appear than those of the reference (``size``: its
@@ -164,12 +185,14 @@ class ScaleReference:
         return low, high
 
     def to_json(self) -> dict[str, Any]:
-        return {"scales": self.scales, "sizes": self.sizes, "images": self.images, "measure":
-                f"{PERCENTILE}th percentile of the hematoxylin-mask distance transform (px)"}
+        return {"scales": self.scales, "sizes": self.sizes, "images": self.images, "framing": self.framing,
+                "measure": f"{PERCENTILE}th percentile of the hematoxylin-mask distance transform (px)"}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ScaleReference:
-        return cls(list(data["scales"]), list(data["sizes"]), int(data.get("images", 0)))
+        # A reference from before the framing was recorded was calibrated as a camera's fields.
+        return cls(list(data["scales"]), list(data["sizes"]), int(data.get("images", 0)),
+                   str(data.get("framing", "field")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,16 +201,18 @@ class ScaleReference:
 
 
 def training_scale(samples: Sequence[Any], image_size: int, target_mpp: float | None = None,
-                   max_images: int = 32) -> dict[str, Any]:
+                   max_images: int = 32, framing: str = "field") -> dict[str, Any]:
     """How a model saw its training images (``best.json``'s ``scale``): the median model-input pixels per
     native pixel, ``target_mpp`` when it was trained at a canonical scale, and a ``ScaleReference`` of the
-    model inputs (their nuclei) for ``--scale auto``. ``samples``: ``roseprior.data.Sample``s."""
+    model inputs (their nuclei, zoomed as the images were framed: ``data.framing``) for ``--scale auto``.
+    ``samples``: ``roseprior.data.Sample``s."""
     from roseprior.data import ImageDataset
     from roseprior.imageio import read_image
 
     picked = list(samples)[:: max(1, len(samples) // max_images)][:max_images]
     inputs = ImageDataset(picked, image_size=image_size)
-    reference = ScaleReference.build([inputs[i][0].permute(1, 2, 0).numpy() for i in range(len(inputs))])
+    reference = ScaleReference.build([inputs[i][0].permute(1, 2, 0).numpy() for i in range(len(inputs))],
+                                     framing=framing)
     if picked and picked[0].zoom is not None:  # trained at a canonical scale (data.target_mpp)
         return {"input_per_native": float(np.median([s.zoom for s in picked])), "target_mpp": target_mpp,
                 "reference": reference.to_json()}
@@ -266,6 +291,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reference", required=True, help="folder of images at the reference scale")
     parser.add_argument("--out", required=True, help="CSV to write")
     parser.add_argument("--max-reference", type=int, default=64, help="reference images used (default 64)")
+    parser.add_argument("--framing", choices=FRAMINGS, default="field",
+                        help="how both sets were framed: field (a camera's photograph; a stronger objective shows "
+                             "the centre of the same frame, the default) or cell (crops cut around one cell, which "
+                             "grow with it)")
     parser.add_argument("--per-folder", action="store_true",
                         help="write each folder's typical value (midmean of logs) as the relative_scale of all its images: what a manifest "
                              "for data.target_mpp wants, since per image the estimate also reads enlarged malignant "
@@ -293,7 +322,7 @@ def _run(args: argparse.Namespace) -> int:
             continue
     if not reference_images:
         raise DataError(f"--reference {args.reference}: no readable images")
-    reference = ScaleReference.build(reference_images)
+    reference = ScaleReference.build(reference_images, framing=args.framing)
     rows: list[tuple[Path, float, float, str]] = []  # path, estimate, nucleus px, error
     paths = find_images(args.images)
     with Progress(len(paths), "scale", unit="img") as progress:

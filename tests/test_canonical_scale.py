@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from roseprior.config import DataConfig
+from roseprior.config import DataConfig, load_config
 from roseprior.data import DecodedImages, ImageDataset, Sample, read_manifest, with_scales
 from roseprior.errors import ConfigError, DataError
 from roseprior.scale import resample
@@ -88,6 +88,8 @@ def test_scales_come_from_the_row_then_the_config_and_bad_ones_name_the_file(tmp
         with_scales([Sample("a.jpg", extra={"mpp": "x"})], DataConfig(target_mpp=0.25))
     with pytest.raises(ConfigError, match="data.target_mpp"):
         DataConfig(target_mpp=-1.0)
+    with pytest.raises(ConfigError, match="framing.*cell"):  # a camera's fields or crops cut around one cell
+        load_config(DataConfig, None, ["framing=tile"])
 
 
 def test_finetune_predict_and_pretrain_run_at_the_canonical_scale(two_magnifications: Path, tmp_path: Path,
@@ -106,9 +108,11 @@ def test_finetune_predict_and_pretrain_run_at_the_canonical_scale(two_magnificat
               "train.batch_size=4"]
     out = tmp_path / "ft"
     assert finetune_main(["--config", str(REPO / "configs/finetune/msht_tiny_cpu.yaml"), *common, f"out_dir={out}",
-                          "train.epochs=1", "train.max_steps=2", "cam.enabled=false", "sam=off"]) == 0
+                          "train.epochs=1", "train.max_steps=2", "cam.enabled=false", "sam=off",
+                          "data.framing=cell"]) == 0
     scale = json.loads((out / "best.json").read_text())["scale"]
     assert scale["target_mpp"] == 0.5 and 0.5 <= scale["input_per_native"] <= 1.0
+    assert scale["reference"]["framing"] == "cell"  # --scale auto zooms its reference as the images were framed
     fields = two_magnifications.parent / "big"
     assert predict_main(["--ckpt", str(out), "--images", str(fields), "--out", str(tmp_path / "p.csv")]) == 2
     assert "--mpp VALUE" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from PIL import Image
 
 from roseprior import imageops
 from roseprior.imageio import read_image
-from roseprior.scale import ScaleReference, folder_scale, nucleus_size, resample, typical
+from roseprior.scale import FRAMINGS, ScaleReference, folder_scale, nucleus_size, resample, typical
 
 ZOOMS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -79,6 +79,26 @@ def test_cric_cells_zoomed_by_known_factors_are_estimated_within_15_percent(shar
     errors = median_errors(images[::2], images[1::2])
     print("CRIC, median estimate / truth:", {z: round(e, 3) for z, e in errors.items()})
     assert all(abs(e - 1) <= 0.15 for e in errors.values()), errors
+
+
+def test_cell_crops_that_follow_their_cell_read_their_zoom_against_a_reference_framed_alike(shared_data: Path) -> None:
+    """CRIC crops cut around their cell at other magnifications (resampled whole: the frame follows the cell):
+    each zoom's folder reads within 15% against a reference framed as cell crops (``data.framing: cell``).
+    Against a camera-framed reference the 4x folder reads about 1.5 times too high (5.9x), since a camera's
+    stronger objective would have left only part of the large central nucleus in the frame, where the whole crop
+    shows it whole beside its smaller neighbours."""
+    paths = sorted((shared_data / "cric_cells").rglob("*.jpg"))[::80]
+    if len(paths) < 40:
+        pytest.skip("cric_cells not in the shared data")
+    images = [read_image(p) for p in paths]
+    references = {framing: ScaleReference.build(images[::2], framing=framing) for framing in FRAMINGS}
+    folders = {framing: {z: folder_scale(ref.relative_scale(resample(img, z)) for img in images[1::2])[0] / z
+                         for z in ZOOMS} for framing, ref in references.items()}
+    print("CRIC cells resampled whole, folder estimate / zoom:", folders)
+    assert all(abs(e - 1) <= 0.15 for e in folders["cell"].values()), folders
+    assert folders["field"][4.0] > 1.3, folders  # what data.framing: cell mends
+    with pytest.raises(ValueError, match="framing"):
+        ScaleReference.build(images[:1], framing="tile")
 
 
 def test_scale_cli_writes_a_row_per_image(tmp_path: Path, write_image) -> None:
