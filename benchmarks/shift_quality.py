@@ -142,6 +142,7 @@ def adapted_predictor(run: Path, images: list[np.ndarray], tmp: Path, stain: boo
 
 def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = False) -> dict[str, Any]:
     from finetune.predict import load_predictor
+    from finetune.train import current_training_scale
     from roseprior.scale import FRAMINGS, training_scale
 
     start = time.perf_counter()
@@ -151,6 +152,8 @@ def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = Fal
     # and also as if the run's images had been framed the other way (data.framing), to show what that choice does.
     if predictor.scale is None or recalibrate:
         predictor.scale = training_scale(train_paths, predictor.image_size, framing=framing)
+    else:  # as finetune.predict reads it: one of an older measure is rebuilt
+        predictor.scale = current_training_scale(run, predictor.scale)
     framed_otherwise = {other: dataclasses.replace(predictor, scale=training_scale(
         train_paths, predictor.image_size, framing=other)) for other in FRAMINGS if recalibrate and other != framing}
     result: dict[str, Any] = {"run": str(run), "test_images": len(images), "clean": balanced_accuracy(

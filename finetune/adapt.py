@@ -1,8 +1,12 @@
-"""``roseprior adapt --run RUN --images NEW_SITE --out OUT [--no-bn] [--stain]``: adapt a classifier to a
-new site without labels.
+"""``roseprior adapt --run RUN --images NEW_SITE --out OUT [--no-bn] [--stain] [--scale auto|VALUE|none]``:
+adapt a classifier to a new site without labels.
 
-Two adaptations, each optional, written as a run folder that ``finetune.predict``, ``finetune.export``
-and the probes accept like any other:
+The new site's magnification comes first (``--scale``, ``auto`` by default: one value for the site, estimated
+from its nuclei as ``finetune.predict --scale auto`` does). When it differs from the training scale, the
+adapted run records it, its BatchNorm statistics are gathered on the site's images brought to the training
+scale (as predict will show them to the model, not squeezed whole into its input), and predict uses it
+unless told otherwise. Then three adaptations, each optional, written as a run folder that
+``finetune.predict``, ``finetune.export`` and the probes accept like any other:
 
 - **BatchNorm statistics re-estimated on the new site** (AdaBN, Li et al. 2016,
   https://arxiv.org/abs/1603.04779): a CNN's normalisation layers hold the training site's feature
@@ -26,6 +30,7 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,7 @@ from roseprior.progress import Progress
 from roseprior.stage import command_main
 
 from .model import Classifier, load_classifier, save_classifier
+from .predict import parse_scale
 
 __all__ = ["adapt", "main", "reestimate_batchnorm"]
 
@@ -77,8 +83,11 @@ def reestimate_batchnorm(model: Classifier, samples: list[Sample], image_size: i
 
 
 def adapt(run: str | Path, images: str | Path, out: str | Path, bn: bool = True, stain: bool = False,
-          max_images: int = 2000, batch_size: int = 32, ssl_steps: int = 0) -> Path:
-    """Write the adapted run into ``out`` (best.* and backbone.*, plus the run's config and image list)."""
+          max_images: int = 2000, batch_size: int = 32, ssl_steps: int = 0, scale: str | float | None = "auto"
+          ) -> Path:
+    """Write the adapted run into ``out`` (best.* and backbone.*, plus the run's config and image list).
+    ``scale``: how many times larger the new site's objects appear than the training images' (a value,
+    ``"auto"`` to estimate it, None to take the site at the training scale)."""
     from roseprior.imageops import StainNormalizer
     from roseprior.splits import read_image_list
 
@@ -95,6 +104,13 @@ def adapt(run: str | Path, images: str | Path, out: str | Path, bn: bool = True,
     if not new_site:
         raise DataError(f"adapt: no readable images under {images}")
     transform, adapted = None, {"images": str(Path(images).resolve()), "new_site_images": len(new_site)}
+    site_scale = new_site_scale(meta, new_site, scale, str(run))
+    if site_scale is not None:  # the site's images as predict will show them: at the training scale, not squeezed
+        trained = meta.get("scale") or {}
+        new_site = [replace(sample, zoom=float(trained.get("input_per_native", 1.0)) / site_scale)
+                    for sample in new_site]
+        meta["scale"] = {**trained, "site_scale": site_scale}
+        adapted["site_scale"] = site_scale
     if stain:
         seen = read_image_list(run) or {}
         train = [Sample(p) for p, split in seen.items() if split == "train"]
@@ -123,6 +139,37 @@ def adapt(run: str | Path, images: str | Path, out: str | Path, bn: bool = True,
         if (run / name).is_file():
             shutil.copyfile(run / name, out / name)
     return out
+
+
+def new_site_scale(meta: dict[str, Any], new_site: list[Sample], scale: str | float | None, source: str
+                   ) -> float | None:
+    """The new site's relative scale (``--scale``), or None when it is the training scale: ``"auto"``
+    estimates one value for the site (``roseprior.scale.shared_scale``, which takes a site read within
+    ``SAME_SCALE`` at the training scale)."""
+    from roseprior.imageio import read_image
+    from roseprior.scale import shared_scale
+
+    if scale is None or scale == 1.0:
+        return None
+    if scale == "auto":
+        from .train import current_training_scale
+
+        meta["scale"] = current_training_scale(Path(source), meta.get("scale"))
+        if "reference" not in (meta.get("scale") or {}):
+            print(f"adapt: {source} records no training scale, so the new site is taken at it; give --scale VALUE "
+                  "if its magnification differs", file=sys.stderr)
+            return None
+        with Progress(len(new_site), "adapt: scale", unit="img") as progress:
+            def fields() -> Any:
+                for sample in new_site:
+                    yield read_image(sample.path)
+                    progress.update()
+
+            scale, measured = shared_scale(fields(), meta["scale"], source)
+        print(f"adapt: the new site's objects appear {scale:.2f}x as large as in the training images "
+              f"(from the nuclei of {measured} of its images; 1.00: taken at the training scale)", file=sys.stderr)
+        return None if scale == 1.0 else float(scale)
+    return float(scale)
 
 
 def continue_pretraining(model: Classifier, meta: dict[str, Any], images: list[Sample], out: Path, steps: int) -> None:
@@ -208,12 +255,18 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bn", dest="bn", action="store_false", help="keep the BatchNorm statistics as trained")
     parser.add_argument("--stain", action="store_true", help="normalise inputs to the training set's stain")
     parser.add_argument("--max-images", type=int, default=2000, help="new-site images used (default 2000)")
+    parser.add_argument("--scale", default="auto", type=parse_scale,
+                        help="auto (the default): estimate the new site's magnification from its nuclei, one value "
+                             "for the site; VALUE: its objects appear VALUE times as large as in the training "
+                             "images; none: take it at the training scale. A scale other than the training one is "
+                             "recorded in OUT, and finetune.predict brings the site's fields to the training scale")
     parser.add_argument("--ssl-steps", type=int, default=0,
                         help="continue self-supervised pretraining on the new site for N steps, then refit the head")
 
 
 def _run(args: argparse.Namespace) -> int:
-    path = adapt(args.run, args.images, args.out, args.bn, args.stain, args.max_images, ssl_steps=args.ssl_steps)
+    path = adapt(args.run, args.images, args.out, args.bn, args.stain, args.max_images, ssl_steps=args.ssl_steps,
+                 scale=None if args.scale == "none" else args.scale)
     info = json.loads((path / "best.json").read_text())["adaptation"]
     print(f"adapt: wrote {path} ({', '.join(f'{k}: {v}' for k, v in info.items() if k != 'images')})")
     return 0

@@ -158,6 +158,11 @@ def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = 
     pass over them that keeps no field in memory; each folder's value is printed."""
     from roseprior.scale import SAME_SCALE, shared_scale
 
+    from .train import current_training_scale
+
+    if Path(predictor.source).is_dir():
+        predictor.scale = current_training_scale(Path(predictor.source), predictor.scale)
+
     def fields(group: list[Path], bar: Progress) -> Iterator[np.ndarray]:
         for path in group:
             try:
@@ -230,9 +235,10 @@ def write_csv(out: Path, predictor: Predictor, paths: Sequence[Path], probs: dic
     return atomic_write_csv(out, header, map(row, paths))
 
 
-def _scale(text: str) -> str | float | None:
+def parse_scale(text: str) -> str | float:
+    """``--scale``: none, auto or a positive number (shared with ``roseprior adapt``)."""
     if text in ("none", "auto"):
-        return None if text == "none" else text
+        return text
     try:
         value = float(text)
     except ValueError:
@@ -258,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="CSV: path, p_<class>..., predicted, error, adequacy columns")
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ... (--ckpt)")
-    parser.add_argument("--scale", default="none", type=_scale,
-                        help="none: resize each field to the model's input (as in training); VALUE: the fields' objects "
+    parser.add_argument("--scale", default=None, type=parse_scale,
+                        help="none (the default, unless the run was adapted to a site at another magnification by "
+                             "roseprior adapt, whose scale it then takes): resize each field to the model's input "
+                             "(as in training); VALUE: the fields' objects "
                              "appear VALUE times as large as in the training fields; auto: estimate that from the "
                              "nuclei, one value per folder (the midmean of its fields' estimates). With VALUE or auto each field "
                              "is resampled to the training scale and tiled, and its probabilities are the mean of "
@@ -277,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"--out {out} is a folder; give the path of the CSV file to write, e.g. {out / 'preds.csv'}")
         predictor = load_predictor(args.ckpt, args.model, str(resolve_device(args.device)))
         scale = fields_scale(predictor.scale, args.scale, args.mpp, predictor.source)
+        if args.scale is None and scale is not None:
+            print(f"finetune.predict: {predictor.source} was adapted to a site whose objects appear {scale:.2f}x as "
+                  "large as in training (roseprior adapt): its fields are brought to the training scale; --scale "
+                  "none resizes them whole instead", file=sys.stderr)
         paths = find_images(args.images)
         if not paths:
             raise DataError(f"no images under {args.images}")

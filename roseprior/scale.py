@@ -35,6 +35,9 @@ __all__ = ["FRAMINGS", "ScaleReference", "add_parser", "at_training_scale", "cam
            "zoom_as_framed"]
 
 PERCENTILE = 90
+DARK_FLOOR = 0.04  # of full scale: the darkest a channel is taken to be (optical density at most 1.4)
+# The measure's version, recorded with every reference: a reference measured otherwise cannot be read with it.
+MEASURE_VERSION = 2
 WORKING_SIZE = 8.0  # px: a measure below this is repeated on an upsampled copy
 # Wide enough for fields 0.5x-2x of the reference zoomed 0.25x-4x: outside it an estimate is clamped.
 CALIBRATION_SCALES = tuple(float(s) for s in np.geomspace(1 / 8, 8, 25))
@@ -107,8 +110,12 @@ def _raw_size(image: np.ndarray) -> float:
     from scipy import ndimage as ndi
     from skimage.color import rgb2hed
     from skimage.filters import threshold_otsu
+    from skimage.util import img_as_float
 
-    hematoxylin = rgb2hed(image)[..., 0]
+    # A channel read at 0 says the light fell below the camera's floor, not that the density is infinite: without
+    # a floor, a darker exposure's clipped pixels (1.7% of a field) took Otsu's threshold above every nucleus,
+    # and a synthetic site under a warmer, darker camera read 0.6x instead of 1.0x.
+    hematoxylin = rgb2hed(np.maximum(img_as_float(image[..., :3]), DARK_FLOOR))[..., 0]
     if float(hematoxylin.max() - hematoxylin.min()) < 1e-6:
         return float("nan")
     mask = hematoxylin > threshold_otsu(hematoxylin)
@@ -150,6 +157,7 @@ class ScaleReference:
     sizes: list[float] = field(default_factory=list)
     images: int = 0
     framing: str = "field"
+    version: int = MEASURE_VERSION
 
     @classmethod
     def build(cls, images: Sequence[np.ndarray], scales: Sequence[float] = CALIBRATION_SCALES,
@@ -186,13 +194,15 @@ class ScaleReference:
 
     def to_json(self) -> dict[str, Any]:
         return {"scales": self.scales, "sizes": self.sizes, "images": self.images, "framing": self.framing,
-                "measure": f"{PERCENTILE}th percentile of the hematoxylin-mask distance transform (px)"}
+                "version": self.version, "measure": f"{PERCENTILE}th percentile of the hematoxylin-mask distance "
+                f"transform (px), channels floored at {DARK_FLOOR}"}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ScaleReference:
-        # A reference from before the framing was recorded was calibrated as a camera's fields.
+        # A reference from before the framing was recorded was calibrated as a camera's fields; one from before
+        # the version was recorded is version 1 (no dark floor).
         return cls(list(data["scales"]), list(data["sizes"]), int(data.get("images", 0)),
-                   str(data.get("framing", "field")))
+                   str(data.get("framing", "field")), int(data.get("version", 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,9 +234,15 @@ def training_scale(samples: Sequence[Any], image_size: int, target_mpp: float | 
 def fields_scale(info: dict[str, Any] | None, scale: str | float | None, mpp: float | None, source: str
                  ) -> str | float | None:
     """predict's ``--scale`` and ``--mpp`` as one relative scale (or ``"auto"``, or None: resize whole fields).
-    A run trained at a canonical scale never sees whole fields squeezed into its input."""
+    ``scale``: ``"none"``, ``"auto"``, a value, or None when not given, which takes the new site's scale that
+    ``roseprior adapt`` recorded (``site_scale``), if any. A run trained at a canonical scale never sees whole
+    fields squeezed into its input."""
     from roseprior.errors import DataError
 
+    site = (info or {}).get("site_scale")
+    if scale is None and mpp is None and site is not None:
+        return float(site)
+    scale = None if scale == "none" else scale
     target = (info or {}).get("target_mpp")
     if mpp is not None:
         if target is None or scale is not None or not mpp > 0:
@@ -262,6 +278,9 @@ def shared_scale(fields: Iterable[np.ndarray], info: dict[str, Any] | None, sour
     if "reference" not in info:
         raise DataError(f"--scale auto: {source} records no training scale; train it again, or give --scale VALUE")
     reference = ScaleReference.from_json(info["reference"])
+    if reference.version != MEASURE_VERSION:
+        raise DataError(f"--scale auto: {source} records a scale reference of an older measure (version "
+                        f"{reference.version}, now {MEASURE_VERSION}); fine-tune it again, or give --scale VALUE")
     folder, count = folder_scale(reference.relative_scale(field) for field in fields)
     if not count:
         return 1.0, 0

@@ -128,3 +128,41 @@ def test_continued_pretraining_then_a_refitted_head_is_a_run_that_still_classifi
     held = balanced_accuracy(out, sites["held"])
     print(f"held-out site_a after continued pretraining and a refitted head: {held:.3f} (val {info['val_balanced_accuracy']:.3f})")
     assert held > 0.65
+
+
+def test_a_new_site_at_another_magnification_is_adapted_and_predicted_at_the_training_scale(
+        sites: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The new site's fields show their objects twice as large (a stronger objective, same camera): adapt
+    estimates that from the nuclei, gathers the BatchNorm statistics on the fields brought to the training
+    scale, and records the scale, which predict then takes without being told."""
+    import csv
+
+    from finetune.predict import main as predict
+    from roseprior.cli import main
+    from roseprior.data import find_images
+    from roseprior.imageio import read_image
+    from roseprior.scale import camera_zoom
+
+    stronger = tmp_path / "stronger_objective"
+    for path in find_images(sites["shifted"]):
+        (stronger / path.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(camera_zoom(read_image(path), 2.0)).save(stronger / path.parent.name / path.name)
+    out = tmp_path / "adapted"
+    assert main(["adapt", "--run", str(sites["run"]), "--images", str(stronger), "--out", str(out)]) == 0
+    assert "objects appear" in capsys.readouterr().err
+    site_scale = json.loads((out / "best.json").read_text())["scale"]["site_scale"]
+    assert 1.5 < site_scale < 2.7, site_scale
+
+    def called(*flags: str) -> list[str]:
+        csv_path = tmp_path / f"preds{len(list(tmp_path.glob('preds*')))}.csv"
+        assert predict(["--ckpt", str(out), "--images", str(stronger), "--out", str(csv_path), *flags]) == 0
+        return [row["p_P"] for row in csv.DictReader(csv_path.open())]
+
+    recorded = called()
+    assert "adapted to a site whose objects appear" in capsys.readouterr().err
+    assert recorded == called("--scale", str(site_scale))  # the recorded scale, unasked
+    assert recorded != called("--scale", "none")  # which differs from squeezing the fields whole
+    none = tmp_path / "adapted_none"
+    assert main(["adapt", "--run", str(sites["run"]), "--images", str(stronger), "--out", str(none),
+                 "--scale", "none"]) == 0
+    assert "site_scale" not in (json.loads((none / "best.json").read_text())["scale"] or {})

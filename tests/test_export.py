@@ -188,11 +188,38 @@ def test_scale_auto_estimates_one_scale_per_folder_and_brings_each_folder_back(t
     assert np.median(gaps) < 0.1, gaps
 
 
-def test_scale_auto_on_a_run_without_a_training_scale_is_refused_in_one_line(tmp_path: Path) -> None:
+def test_a_run_whose_scale_reference_an_older_measure_took_is_read_with_todays(
+        run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--scale auto`` on a run fine-tuned before the measure changed: its reference is rebuilt from the run's
+    training split in memory, and the run folder is left as it was."""
+    import shutil
+
+    from PIL import Image
+
+    from finetune.predict import main
+
+    old = tmp_path / "old_run"
+    shutil.copytree(run, old)
+    meta = json.loads((old / "best.json").read_text())
+    meta["scale"]["reference"] = {**meta["scale"]["reference"], "version": 1, "sizes": [1.0] * 25}
+    (old / "best.json").write_text(json.dumps(meta))
+    before = (old / "best.json").read_bytes()
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(fields / "a.png")
+    assert main(["--ckpt", str(old), "--images", str(fields), "--out", str(tmp_path / "p.csv"), "--scale", "auto"]) == 0
+    assert "measured by an older roseprior; rebuilding it" in capsys.readouterr().err
+    assert (old / "best.json").read_bytes() == before
+
+
+def test_scale_auto_on_a_run_without_a_training_scale_of_todays_measure_is_refused_in_one_line(tmp_path: Path) -> None:
     from roseprior.errors import DataError
-    from roseprior.scale import shared_scale
+    from roseprior.scale import MEASURE_VERSION, shared_scale
 
     with pytest.raises(DataError, match="records no training scale"):
         shared_scale([np.zeros((32, 32, 3), np.uint8)], {"input_per_native": 1.0}, "runs/old")
-    assert shared_scale([np.full((32, 32, 3), 200, np.uint8)], {"reference": {"scales": [1.0], "sizes": [3.0]}},
+    reference = {"scales": [1.0], "sizes": [3.0], "version": MEASURE_VERSION}
+    assert shared_scale([np.full((32, 32, 3), 200, np.uint8)], {"reference": reference},
                         "run") == (1.0, 0)  # nothing stained to measure: the training scale
+    with pytest.raises(DataError, match="older measure.*fine-tune it again"):  # sizes another measure took
+        shared_scale([np.zeros((32, 32, 3), np.uint8)], {"reference": {**reference, "version": 1}}, "runs/old")
