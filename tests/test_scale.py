@@ -181,3 +181,8 @@ def test_an_estimate_is_read_only_where_the_reference_curve_grows() -> None:
     assert reference.relative_scale(None, 8.0) == pytest.approx(2.0)
     assert reference.relative_scale(None, 1.45) == pytest.approx(low)  # in the flat part: the lowest readable
     assert reference.relative_scale(None, 1e3) == pytest.approx(high)
+    dipped = np.array(4.0 * scales)
+    dipped[np.isclose(scales, np.sqrt(2))] *= 0.9  # one point of a noisy reference dips below its neighbour
+    reference = ScaleReference(list(scales), [float(s) for s in dipped], images=6)
+    assert reference.measurable() == (pytest.approx(scales[0]), pytest.approx(scales[-1]))  # stepped over
+    assert reference.relative_scale(None, 8.0) == pytest.approx(2.0)  # not clamped at 1.19x
