@@ -7,7 +7,8 @@ decision:
 - stain: HED jitter 0.1 and 0.2, a white-balance and brightness change, Macenko re-staining to a
   target that is not in the test split (the run's own training images, darkest and lightest);
   each also after ``roseprior adapt`` on the shifted images (BatchNorm statistics re-estimated), and
-  after ``roseprior adapt --stain`` (each field also mapped to the training set's stain, Macenko);
+  after ``roseprior adapt --stain`` (each field also mapped to the training set's stain, Macenko), each
+  adapted run scored as predict scores it (at the site scale adapt recorded, when it read one);
 - scale: zoom 0.25x, 0.5x, 2x, 4x in two ways, each predicted as trained (``--scale none``), at the
   known scale, and with the scale estimated from the nuclei (``--scale auto``):
   ``scale/``: at a fixed image size (a weaker or stronger objective on the same camera: the frame keeps
@@ -15,7 +16,8 @@ decision:
   ``resampled/``: the same objects at another magnification with the frame following them (a cell
   cropped around at that magnification, or a field photographed whole): every side times the factor.
   Nothing leaves or enters the frame, so the loss left is the scale's own (the detail a weaker
-  objective never resolved).
+  objective never resolved). With ``--recalibrate``, ``estimated_scale`` also comes as if the run's images
+  had been framed the other way (``data.framing``: camera fields or crops cut around one cell).
 
     python benchmarks/shift_quality.py --runs runs/bench/finetune_quality/pretrained_off runs/bench/finetune_quality/random_off
 """
@@ -143,7 +145,7 @@ def adapted_predictor(run: Path, images: list[np.ndarray], tmp: Path, stain: boo
 def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = False) -> dict[str, Any]:
     from finetune.predict import load_predictor
     from finetune.train import current_training_scale
-    from roseprior.scale import FRAMINGS, training_scale
+    from roseprior.scale import FRAMINGS, fields_scale, training_scale
 
     start = time.perf_counter()
     images, y, train_paths, framing = test_images(run, limit)
@@ -159,10 +161,12 @@ def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = Fal
     result: dict[str, Any] = {"run": str(run), "test_images": len(images), "clean": balanced_accuracy(
         predictor, images, y, None)}
     for name, shifted in stain_shifts(images, train_paths).items():
-        result[name] = {"as_trained": balanced_accuracy(predictor, shifted, y, None),
-                        "adapted": balanced_accuracy(adapted_predictor(run, shifted, tmp), shifted, y, None),
-                        "adapted_stain": balanced_accuracy(adapted_predictor(run, shifted, tmp, stain=True), shifted,
-                                                           y, None)}
+        adapted = {key: adapted_predictor(run, shifted, tmp, stain=key == "adapted_stain")
+                   for key in ("adapted", "adapted_stain")}
+        result[name] = {"as_trained": balanced_accuracy(predictor, shifted, y, None), **{
+            # as finetune.predict scores an adapted run by default: at the site scale adapt recorded, if any
+            key: balanced_accuracy(run_adapted, shifted, y, fields_scale(run_adapted.scale, None, None, ""))
+            for key, run_adapted in adapted.items()}}
     trained_scale = (predictor.scale or {}).get("input_per_native", 1.0)
     for (kind, zoom), factor in itertools.product((("scale", zoomed), ("resampled", resampled)), ZOOMS):
         shifted = zoom(images, factor)
