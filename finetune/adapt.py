@@ -104,6 +104,8 @@ def adapt(run: str | Path, images: str | Path, out: str | Path, bn: bool = True,
     if not new_site:
         raise DataError(f"adapt: no readable images under {images}")
     transform, adapted = None, {"images": str(Path(images).resolve()), "new_site_images": len(new_site)}
+    if meta.get("scale"):  # a run adapted before is adapted afresh: the scale of the site it was adapted to goes
+        meta["scale"] = {k: v for k, v in meta["scale"].items() if k != "site_scale"}
     site_scale = new_site_scale(meta, new_site, scale, str(run))
     if site_scale is not None:  # the site's images as predict will show them: at the training scale, not squeezed
         trained = meta.get("scale") or {}

@@ -162,7 +162,6 @@ def test_a_new_site_at_another_magnification_is_adapted_and_predicted_at_the_tra
     assert "adapted to a site whose objects appear" in capsys.readouterr().err
     assert recorded == called("--scale", str(site_scale))  # the recorded scale, unasked
     assert recorded != called("--scale", "none")  # which differs from squeezing the fields whole
-    none = tmp_path / "adapted_none"
-    assert main(["adapt", "--run", str(sites["run"]), "--images", str(stronger), "--out", str(none),
-                 "--scale", "none"]) == 0
+    none = tmp_path / "adapted_none"  # from the adapted run: the site's scale it recorded does not carry over
+    assert main(["adapt", "--run", str(out), "--images", str(stronger), "--out", str(none), "--scale", "none"]) == 0
     assert "site_scale" not in (json.loads((none / "best.json").read_text())["scale"] or {})
