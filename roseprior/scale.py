@@ -41,6 +41,9 @@ MEASURE_VERSION = 2
 WORKING_SIZE = 8.0  # px: a measure below this is repeated on an upsampled copy
 # Wide enough for fields 0.5x-2x of the reference zoomed 0.25x-4x: outside it an estimate is clamped.
 CALIBRATION_SCALES = tuple(float(s) for s in np.geomspace(1 / 8, 8, 25))
+# The slope of log size against log scale below which the curve is taken as flat: there a measure's error of
+# 5% would be a scale error of over 20% (the floor where nuclei are a pixel or two grew at 0.1 on synthetic fields).
+MIN_GROWTH = 0.25
 # The share of a set's values dropped at each end before averaging their logs: the midmean (``typical``).
 TRIM = 0.25
 # A folder read within this factor of the training scale is taken at it: the estimate's own error on the median
@@ -184,19 +187,19 @@ class ScaleReference:
         return float(self.scales[readable[0]]), float(self.scales[readable[-1]])
 
     def _readable(self) -> list[int]:
-        """The calibration points the curve is read from, in order, their sizes strictly growing: from the
-        point nearest 1.0 outwards, each next one that grows past the last kept. One point that dips is stepped
-        over when the one after it grows past the last kept (a reference of a few large fields is noisy: six
-        real ROSE fields dipped 2% at 1.41x, and every field zoomed 2x or 4x read 1.19x); a floor, flat
-        over steps, ends the run."""
-        sizes = np.asarray(self.sizes, dtype=float)
+        """The calibration points the curve is read from, in order: from the point nearest 1.0 outwards, each
+        next one whose size grows past the last kept one's at ``MIN_GROWTH`` at least. One point that does not
+        is stepped over when the one after it does (a reference of a few large fields is noisy: six real ROSE
+        fields dipped 2% at 1.41x, and every field zoomed 2x or 4x read 1.19x); a floor, flat over two steps,
+        ends the run."""
+        sizes, scales = np.asarray(self.sizes, dtype=float), np.asarray(self.scales, dtype=float)
         centre = int(np.argmin(np.abs(np.log(self.scales))))
         readable = [centre]
         for direction in (1, -1):
             last = centre
             while True:
                 grown = [i for i in (last + direction, last + 2 * direction) if 0 <= i < len(sizes)
-                         and (sizes[i] - sizes[last]) * direction > 0]
+                         and np.log(sizes[i] / sizes[last]) / np.log(scales[i] / scales[last]) >= MIN_GROWTH]
                 if not grown:
                     break
                 last = grown[0]
