@@ -32,8 +32,8 @@ with open(os.path.join(out, "heldout_labels.csv"), "w", newline="") as fh:
             folder = os.path.join(out, r["domain"])
             os.makedirs(folder, exist_ok=True)
             link = os.path.join(folder, os.path.basename(r["path"]))
-            if not os.path.lexists(link):
-                os.symlink(os.path.abspath(os.path.join(data, r["path"])), link)
+            if not os.path.lexists(link):  # relative: the benchmark folder may be reached through another path
+                os.symlink(os.path.relpath(os.path.join(data, r["path"]), folder), link)
             w.writerow([os.path.abspath(link), r["label"], r["domain"]])
 PY
 finetune() {  # name, overrides...

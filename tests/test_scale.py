@@ -147,6 +147,13 @@ def test_scale_cli_writes_a_row_per_image(tmp_path: Path, write_image) -> None:
     assert per_folder[0]["relative_scale"] == "" and per_folder[0]["error"]
     folder_values = {r["relative_scale"] for r in per_folder[1:]}
     assert len(folder_values) == 1 and float(folder_values.pop()) == pytest.approx(typical(scales), abs=1e-4)
+    assert main(["scale", "--images", str(fields), "--reference", str(ref), "--out", str(tmp_path / "c.csv"),
+                 "--framing", "cell"]) == 0  # calibrated as crops cut around a cell: resampled whole
+    as_cells = [float(r["relative_scale"]) for r in csv.DictReader((tmp_path / "c.csv").open()) if not r["error"]]
+    assert len(as_cells) == 4 and as_cells != scales
+    with pytest.raises(SystemExit):
+        main(["scale", "--images", str(fields), "--reference", str(ref), "--out", str(tmp_path / "x.csv"),
+              "--framing", "tile"])
 
 
 def test_a_folders_scale_moves_smoothly_with_its_mix_of_benign_and_malignant_fields() -> None:
