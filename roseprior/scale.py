@@ -117,7 +117,7 @@ def _raw_size(image: np.ndarray) -> float:
 
     # A channel read at 0 says the light fell below the camera's floor, not that the density is infinite: without
     # a floor, a darker exposure's clipped pixels (1.7% of a field) took Otsu's threshold above every nucleus,
-    # and a synthetic site under a warmer, darker camera read 0.6x instead of 1.0x.
+    # and a synthetic site under a warmer, darker camera read 0.34x of itself (tests/test_scale.py).
     hematoxylin = rgb2hed(np.maximum(img_as_float(image[..., :3]), DARK_FLOOR))[..., 0]
     if float(hematoxylin.max() - hematoxylin.min()) < 1e-6:
         return float("nan")
