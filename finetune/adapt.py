@@ -48,6 +48,9 @@ from .predict import parse_scale
 __all__ = ["adapt", "main", "reestimate_batchnorm"]
 
 STAIN_TARGETS = 16  # training images the stain target is fitted on
+# A move of the share of fields called positive beyond this (absolute) is reported: without labels it is the one
+# sign that the adapted statistics changed what the operating point means.
+CALLED_POSITIVE_MOVE = 0.15
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "simclr_msht_tiny_cpu.yaml"
 
 
@@ -136,11 +139,35 @@ def adapt(run: str | Path, images: str | Path, out: str | Path, bn: bool = True,
             adapted["batchnorm_layers"] = "none (the backbone has no BatchNorm)"
     keep = {k: v for k, v in meta.items() if k not in ("format", "backbone", "backbone_kwargs", "embed_dim",
                                                        "num_classes", "mean", "std")}
+    adapted["called_positive"] = called_positive(run, model, meta, new_site, site_scale)
+    before, after = adapted["called_positive"]["before"], adapted["called_positive"]["after"]
+    if abs(after - before) > CALLED_POSITIVE_MOVE:
+        print(f"adapt: warning: {after:.0%} of the new site's fields are called {meta['positive_class']} after "
+              f"adapting, {before:.0%} before. The operating point was chosen on the training site's validation "
+              "images; check the adapted run on a few labelled fields of the new site before relying on it",
+              file=sys.stderr)
     save_classifier(model, out, {**keep, "adapted_from": str(run.resolve()), "adaptation": adapted})
     for name in ("config.yaml", "training_images.csv", "metrics.json"):
         if (run / name).is_file():
             shutil.copyfile(run / name, out / name)
     return out
+
+
+def called_positive(run: Path, model: Classifier, meta: dict[str, Any], new_site: list[Sample],
+                    site_scale: float | None, max_fields: int = 200) -> dict[str, float]:
+    """The share of (up to ``max_fields`` of) the new site's fields called positive by the run as it was and as
+    adapted, both at the site's scale: the one check of an adaptation that needs no label. On held-out synthetic
+    sites, BatchNorm adaptation cut it from 37% to 9% (truth 51%) and balanced accuracy from 0.86 to 0.59."""
+    from .predict import classifier_predictor, load_predictor, predict_paths
+
+    paths = [Path(s.path) for s in new_site[:: max(1, len(new_site) // max_fields)][:max_fields]]
+    shares = {}
+    for when, predictor in (("before", load_predictor(ckpt=str(run))),
+                            ("after", classifier_predictor(model, meta, "adapted"))):
+        probs, _ = predict_paths(predictor, paths, progress=False, scale=site_scale)
+        calls = [predictor.call(p) for p in probs.values()]
+        shares[when] = calls.count(predictor.positive_class) / max(1, len(calls))
+    return {**shares, "fields": len(paths)}
 
 
 def new_site_scale(meta: dict[str, Any], new_site: list[Sample], scale: str | float | None, source: str

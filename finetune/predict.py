@@ -62,19 +62,9 @@ class Predictor:
 def load_predictor(ckpt: str | None = None, model: str | None = None, device: str = "cpu") -> Predictor:
     """A run folder (``--ckpt``) or an exported file (``--model``: .onnx, or .pt/.ts TorchScript)."""
     if ckpt is not None:
-        from .export import CalibratedClassifier
         from .model import load_classifier
 
-        classifier, meta = load_classifier(ckpt)
-        net = CalibratedClassifier(classifier, meta.get("temperature", 1.0)).to(device).eval()
-
-        def run_torch(x: torch.Tensor) -> np.ndarray:
-            with torch.no_grad():
-                return net(x.to(device)).float().cpu().numpy()
-
-        threshold = (meta.get("decision") or {}).get("threshold", 0.5)
-        return Predictor(run_torch, list(meta["classes"]), meta["positive_class"], int(meta["image_size"]),
-                         float(threshold), str(ckpt), _stain(meta), meta.get("scale"))
+        return classifier_predictor(*load_classifier(ckpt), str(ckpt), device)
     path = Path(str(model))
     if not path.is_file():
         raise CheckpointError(f"--model {path} not found; export one with python -m finetune.export")
@@ -108,6 +98,22 @@ def load_predictor(ckpt: str | None = None, model: str | None = None, device: st
         runner = run_script
     return Predictor(runner, list(info["classes"]), info["positive_class"], int(info["image_size"]),
                      float(info["threshold"]), str(path), _stain(info), info.get("scale"))
+
+
+def classifier_predictor(classifier: Any, meta: dict[str, Any], source: str, device: str = "cpu") -> Predictor:
+    """A ``Predictor`` for a classifier in memory and its ``best.json`` metadata (temperature, threshold, stain,
+    scale), as ``load_predictor`` reads a run folder."""
+    from .export import CalibratedClassifier
+
+    net = CalibratedClassifier(classifier, meta.get("temperature", 1.0)).to(device).eval()
+
+    def run_torch(x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return net(x.to(device)).float().cpu().numpy()
+
+    threshold = (meta.get("decision") or {}).get("threshold", 0.5)
+    return Predictor(run_torch, list(meta["classes"]), meta["positive_class"], int(meta["image_size"]),
+                     float(threshold), source, _stain(meta), meta.get("scale"))
 
 
 def _stain(meta: dict[str, Any]) -> Any:

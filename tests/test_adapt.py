@@ -77,6 +77,16 @@ def test_batchnorm_adaptation_recovers_a_new_sites_accuracy(sites: dict[str, Pat
     assert adapted > shifted + 0.1  # ...and adaptation without a single label wins most of it back
     info = json.loads((out / "best.json").read_text())["adaptation"]
     assert info["batchnorm_layers"] > 0 and info["new_site_images"] == 120
+    # The label-free check it records: the share of the new site's fields called P, as trained and as adapted.
+    from finetune.predict import load_predictor, predict_paths
+    from roseprior.data import find_images
+
+    for when, run in (("before", sites["run"]), ("after", out)):
+        predictor = load_predictor(ckpt=str(run))
+        probs, _ = predict_paths(predictor, find_images(sites["shifted"]), progress=False)
+        calls = [predictor.call(p) for p in probs.values()]
+        assert info["called_positive"][when] == pytest.approx(calls.count("P") / len(calls)), when
+    assert info["called_positive"]["fields"] == 120
 
 
 def test_an_adapted_run_is_a_run_for_predict_export_and_the_probes(sites: dict[str, Path], tmp_path: Path) -> None:
