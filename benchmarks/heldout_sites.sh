@@ -23,7 +23,8 @@ rows = list(csv.DictReader(open(os.path.join(data, "manifest.csv"))))
 with open(os.path.join(out, "labelled_ab.csv"), "w", newline="") as fh:
     w = csv.DictWriter(fh, fieldnames=list(rows[0]))
     w.writeheader()
-    w.writerows(dict(r, path=os.path.abspath(os.path.join(data, r["path"]))) for r in rows if r["domain"] in ("site_a", "site_b"))
+    w.writerows(dict(r, path=os.path.relpath(os.path.join(data, r["path"]), out))  # relative to the manifest
+                for r in rows if r["domain"] in ("site_a", "site_b"))
 with open(os.path.join(out, "heldout_labels.csv"), "w", newline="") as fh:
     w = csv.writer(fh)
     w.writerow(["path", "label", "domain"])

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from roseprior.data import ImageDataset, Sample, filter_readable, find_images
+from roseprior.data import ImageDataset, Sample, filter_readable, find_images, spread_indices
 from roseprior.errors import DataError
 from roseprior.progress import Progress
 from roseprior.stage import command_main
@@ -101,9 +101,8 @@ def adapt(run: str | Path, images: str | Path, out: str | Path, bn: bool = True,
         raise DataError(f"--out {out} is not empty; adapt writes a new run folder, choose another")
     model, meta = load_classifier(run)
     size = int(meta["image_size"])
-    paths = find_images(images)
-    step = max(1, len(paths) // max_images)
-    new_site = filter_readable([Sample(str(p)) for p in paths[::step][:max_images]], None, 0.5)
+    paths = find_images(images)  # sorted: a first max_images would be the first folders only
+    new_site = filter_readable([Sample(str(paths[i])) for i in spread_indices(len(paths), max_images)], None, 0.5)
     if not new_site:
         raise DataError(f"adapt: no readable images under {images}")
     transform, adapted = None, {"images": str(Path(images).resolve()), "new_site_images": len(new_site)}
@@ -122,7 +121,7 @@ def adapt(run: str | Path, images: str | Path, out: str | Path, bn: bool = True,
         if not train:
             raise DataError(f"adapt --stain: {run} lists no training images (training_images.csv) to take the "
                             "stain target from")
-        picked = filter_readable(train[:: max(1, len(train) // STAIN_TARGETS)][:STAIN_TARGETS], None, 0.5)
+        picked = filter_readable([train[i] for i in spread_indices(len(train), STAIN_TARGETS)], None, 0.5)
         reference = ImageDataset(picked, image_size=size)
         normalizer = StainNormalizer("macenko").fit(torch.stack([reference[i][0] for i in range(len(reference))]))
         meta["stain_normalization"] = normalizer.state_dict()
@@ -160,7 +159,7 @@ def called_positive(run: Path, model: Classifier, meta: dict[str, Any], new_site
     sites, BatchNorm adaptation cut it from 37% to 9% (truth 51%) and balanced accuracy from 0.86 to 0.59."""
     from .predict import classifier_predictor, load_predictor, predict_paths
 
-    paths = [Path(s.path) for s in new_site[:: max(1, len(new_site) // max_fields)][:max_fields]]
+    paths = [Path(new_site[i].path) for i in spread_indices(len(new_site), max_fields)]
     shares = {}
     for when, predictor in (("before", load_predictor(ckpt=str(run))),
                             ("after", classifier_predictor(model, meta, "adapted"))):

@@ -337,7 +337,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from roseprior.checkpoint import atomic_write_csv
-    from roseprior.data import find_images
+    from roseprior.data import find_images, spread_indices
     from roseprior.errors import DataError
     from roseprior.imageio import UnreadableImage, read_image
     from roseprior.progress import Progress
@@ -346,11 +346,10 @@ def _run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise DataError(f"--out {out} is a folder; give the CSV file to write")
     reference_paths = find_images(args.reference)
-    step = max(1, len(reference_paths) // max(1, args.max_reference))
     reference_images = []
-    for path in reference_paths[::step][: args.max_reference]:
+    for index in spread_indices(len(reference_paths), max(1, args.max_reference)):  # every folder, not the first
         try:
-            reference_images.append(read_image(path))
+            reference_images.append(read_image(reference_paths[index]))
         except UnreadableImage:
             continue
     if not reference_images:

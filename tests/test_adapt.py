@@ -175,3 +175,21 @@ def test_a_new_site_at_another_magnification_is_adapted_and_predicted_at_the_tra
     none = tmp_path / "adapted_none"  # from the adapted run: the site's scale it recorded does not carry over
     assert main(["adapt", "--run", str(out), "--images", str(stronger), "--out", str(none), "--scale", "none"]) == 0
     assert "site_scale" not in (json.loads((none / "best.json").read_text())["scale"] or {})
+
+
+def test_adapt_draws_its_images_from_every_folder_of_the_new_site(sites: dict[str, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--max-images`` below the site's count takes images spread over the sorted list, not the first ones
+    (the first 80 of this site's 120 would be its 60 N fields and 20 P fields)."""
+    import finetune.adapt as adapt_module
+
+    seen: list[str] = []
+
+    def record(model, samples, *args, **kwargs) -> int:
+        seen.extend(s.path for s in samples)
+        return 1
+
+    monkeypatch.setattr(adapt_module, "reestimate_batchnorm", record)
+    adapt_module.adapt(sites["run"], sites["shifted"], tmp_path / "few", max_images=80, scale=None)
+    folders = [Path(p).parent.name for p in seen]
+    assert len(folders) == 80 and folders.count("N") == folders.count("P") == 40
