@@ -77,6 +77,7 @@ def test_batchnorm_adaptation_recovers_a_new_sites_accuracy(sites: dict[str, Pat
     assert adapted > shifted + 0.1  # ...and adaptation without a single label wins most of it back
     info = json.loads((out / "best.json").read_text())["adaptation"]
     assert info["batchnorm_layers"] > 0 and info["new_site_images"] == 120
+    assert info["batchnorm"].startswith("moved by the new site's difference")
     # The label-free check it records: the share of the new site's fields called P, as trained and as adapted.
     from finetune.predict import load_predictor, predict_paths
     from roseprior.data import find_images
@@ -183,13 +184,31 @@ def test_adapt_draws_its_images_from_every_folder_of_the_new_site(sites: dict[st
     (the first 80 of this site's 120 would be its 60 N fields and 20 P fields)."""
     import finetune.adapt as adapt_module
 
-    seen: list[str] = []
+    seen: list[list[str]] = []  # the images of each pass: the run's training images, then the new site's
 
     def record(model, samples, *args, **kwargs) -> int:
-        seen.extend(s.path for s in samples)
+        seen.append([s.path for s in samples])
         return 1
 
     monkeypatch.setattr(adapt_module, "reestimate_batchnorm", record)
     adapt_module.adapt(sites["run"], sites["shifted"], tmp_path / "few", max_images=80, scale=None)
-    folders = [Path(p).parent.name for p in seen]
+    training, new_site = seen
+    folders = [Path(p).parent.name for p in new_site]
     assert len(folders) == 80 and folders.count("N") == folders.count("P") == 40
+    assert len(training) == 80 and not set(training) & set(new_site)  # as many of the run's training images
+
+
+def test_batchnorm_moved_by_the_training_images_own_statistics_is_the_run_as_trained(sites: dict[str, Path]) -> None:
+    """Adapting to the training images themselves changes nothing: the procedure's own bias cancels (plain
+    AdaBN would replace the trained statistics by re-estimated ones, which differ)."""
+    from finetune.adapt import _training_augment, training_samples, transfer_batchnorm
+    from finetune.model import load_classifier
+
+    model, meta = load_classifier(sites["run"])
+    trained = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    train = training_samples(sites["run"], 40)
+    assert len(train) == 40
+    assert transfer_batchnorm(model, train, train, int(meta["image_size"]), augment=lambda: _training_augment(
+        sites["run"]), passes=2) > 0
+    moved = {k: v for k, v in model.state_dict().items() if "running_" in k}
+    assert all(torch.allclose(moved[k], trained[k], rtol=1e-4, atol=1e-5) for k in trained)
