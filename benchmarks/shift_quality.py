@@ -142,7 +142,8 @@ def adapted_predictor(run: Path, images: list[np.ndarray], tmp: Path, stain: boo
     return load_predictor(ckpt=str(adapt(run, folder, Path(tempfile.mkdtemp(dir=tmp)) / "adapted", stain=stain)))
 
 
-def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = False) -> dict[str, Any]:
+def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = False, shifts: str = "all"
+                ) -> dict[str, Any]:
     from finetune.predict import load_predictor
     from finetune.train import current_training_scale
     from roseprior.scale import FRAMINGS, fields_scale, training_scale
@@ -160,7 +161,7 @@ def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = Fal
         train_paths, predictor.image_size, framing=other)) for other in FRAMINGS if recalibrate and other != framing}
     result: dict[str, Any] = {"run": str(run), "test_images": len(images), "clean": balanced_accuracy(
         predictor, images, y, None)}
-    for name, shifted in stain_shifts(images, train_paths).items():
+    for name, shifted in (stain_shifts(images, train_paths) if shifts in ("all", "stain") else {}).items():
         adapted = {key: adapted_predictor(run, shifted, tmp, stain=key == "adapted_stain")
                    for key in ("adapted", "adapted_stain")}
         result[name] = {"as_trained": balanced_accuracy(predictor, shifted, y, None), **{
@@ -168,7 +169,8 @@ def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = Fal
             key: balanced_accuracy(run_adapted, shifted, y, fields_scale(run_adapted.scale, None, None, ""))
             for key, run_adapted in adapted.items()}}
     trained_scale = (predictor.scale or {}).get("input_per_native", 1.0)
-    for (kind, zoom), factor in itertools.product((("scale", zoomed), ("resampled", resampled)), ZOOMS):
+    for (kind, zoom), factor in itertools.product((("scale", zoomed), ("resampled", resampled)),
+                                                  ZOOMS if shifts in ("all", "scale") else ()):
         shifted = zoom(images, factor)
         result[f"{kind}/{factor:g}"] = {"as_trained": balanced_accuracy(predictor, shifted, y, None),
                                        "known_scale": balanced_accuracy(predictor, shifted, y, factor),
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, default=None, help="score about this many test images per run")
     parser.add_argument("--out", default=None, help="JSON to write")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shifts", choices=("all", "stain", "scale"), default="all",
+                        help="measure only the stain shifts (and adaptation) or only the zooms")
     parser.add_argument("--recalibrate", action="store_true",
                         help="rebuild each run's scale reference with today's roseprior.scale (a run keeps the one "
                              "its finetune stored)")
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="shift_quality_") as tmp:
         for run in args.runs:
-            results.append(measure_run(Path(run), args.max_images, Path(tmp), args.recalibrate))
+            results.append(measure_run(Path(run), args.max_images, Path(tmp), args.recalibrate, args.shifts))
     for r in results:
         print(f"\n{r['run']} ({r['test_images']} test images): clean {r['clean']:.3f}")
         for key, value in r.items():

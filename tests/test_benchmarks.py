@@ -154,6 +154,8 @@ def test_shift_quality_scores_every_shift_with_and_without_its_remedy(tmp_path: 
                               "data.image_size=64", "train.batch_size=8", "train.epochs=1", "train.max_steps=2",
                               "cam.enabled=false", "sam=off"]) == 0
         assert shift_quality.main(["--runs", str(run), "--max-images", "8", "--out", str(tmp_path / "s.json")]) == 0
+        assert shift_quality.main(["--runs", str(run), "--max-images", "8", "--out", str(tmp_path / "z.json"),
+                                   "--shifts", "scale", "--recalibrate"]) == 0
     finally:
         torch.set_num_threads(threads)
     (result,) = json.loads((tmp_path / "s.json").read_text())
@@ -166,6 +168,10 @@ def test_shift_quality_scores_every_shift_with_and_without_its_remedy(tmp_path: 
         zooms = [k for k in result if k.startswith(f"{kind}/")]
         assert zooms == [f"{kind}/0.25", f"{kind}/0.5", f"{kind}/2", f"{kind}/4"]
         assert all(set(result[k]) == {"as_trained", "known_scale", "estimated_scale"} for k in zooms)
+    (zooms_only,) = json.loads((tmp_path / "z.json").read_text())  # recalibrated both ways, no stain shift
+    assert not [k for k in zooms_only if k.startswith("stain/")] and zooms_only["framing"] == "field"
+    assert all(set(zooms_only[f"scale/{z}"]) == {"as_trained", "known_scale", "estimated_scale",
+                                                 "estimated_scale_as_cell"} for z in ("0.25", "0.5", "2", "4"))
     # The two zooms: the frame keeps its pixels, or follows the objects (every side times the factor).
     field = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     assert shift_quality.zoomed([field], 4.0)[0].shape == field.shape
