@@ -102,7 +102,7 @@ def transfer_batchnorm(model: Classifier, trained_on: list[Sample], new_site: li
     trained = [(layer.running_mean.clone(), layer.running_var.clone()) for layer in layers]
     measured = []
     for samples in (trained_on, new_site):
-        reestimate_batchnorm(model, samples, image_size, batch_size, transform, augment(), passes)
+        reestimate_batchnorm(model, samples, image_size, batch_size, transform, augment() if augment else None, passes)
         measured.append([(layer.running_mean.clone(), layer.running_var.clone()) for layer in layers])
     for layer, (mean, var), (train_mean, train_var), (site_mean, site_var) in zip(layers, trained, *measured,
                                                                                  strict=True):
@@ -190,17 +190,10 @@ def adapt(run: str | Path, images: str | Path, out: str | Path, bn: bool = True,
 def training_samples(run: Path, count: int) -> list[Sample]:
     """Up to ``count`` of the run's training images as it saw them (its config's split, each at its scale),
     spread over the split; none when they cannot be found."""
-    from roseprior.config import load_config
+    from .train import run_splits
 
-    from .config import FinetuneConfig
-    from .train import load_splits
-
-    if not (run / "config.yaml").is_file():
-        return []
-    try:
-        train = load_splits(load_config(FinetuneConfig, run / "config.yaml")).splits["train"]
-    except DataError:
-        return []
+    resolved = run_splits(run)
+    train = resolved[1]["train"] if resolved else []
     return [train[i] for i in spread_indices(len(train), count)]
 
 
@@ -279,12 +272,11 @@ def refit_head(model: Classifier, meta: dict[str, Any], run: Path, batch_size: i
     from roseprior.config import load_config
     from roseprior.features import extract_features
     from roseprior.probes import ProbeProtocol, fit_linear
-    from roseprior.splits import resolve_splits
 
     from .config import FinetuneConfig
+    from .train import load_splits
 
-    cfg = load_config(FinetuneConfig, run / "config.yaml")
-    splits = resolve_splits(cfg.data).readable(None, cfg.data.max_unreadable_fraction).splits
+    splits = load_splits(load_config(FinetuneConfig, run / "config.yaml")).splits
     size = int(meta["image_size"])
     reestimate_batchnorm(model, splits["train"], size, batch_size, augment=_training_augment(run), passes=2)
     feats = {k: extract_features(model.backbone, splits[k], size, batch_size=batch_size,

@@ -349,6 +349,20 @@ def record_decision(out_dir: Path, decision: dict[str, Any], scale: dict[str, An
     atomic_write_json(out_dir / "best.json", meta)
 
 
+def run_splits(run: Path) -> tuple[FinetuneConfig, dict[str, list[Sample]]] | None:
+    """A finetune run folder's config and its splits as it resolved them (``load_splits``), or None when its
+    config.yaml is gone or its images cannot be read."""
+    from roseprior.config import load_config
+
+    if not (run / "config.yaml").is_file():
+        return None
+    cfg = load_config(FinetuneConfig, run / "config.yaml")
+    try:
+        return cfg, load_splits(cfg).splits
+    except DataError:
+        return None
+
+
 def current_training_scale(run: Path, recorded: dict[str, Any] | None) -> dict[str, Any] | None:
     """A run's training scale (``best.json``'s ``scale``) whose reference today's ``--scale auto`` can read: one
     measured by an older roseprior (``roseprior.scale.MEASURE_VERSION``) is rebuilt from the run's training
@@ -356,20 +370,18 @@ def current_training_scale(run: Path, recorded: dict[str, Any] | None) -> dict[s
     training images cannot be found (``shared_scale`` then says what to do)."""
     import sys
 
-    from roseprior.config import load_config
     from roseprior.scale import MEASURE_VERSION
 
     reference = (recorded or {}).get("reference")
-    if not reference or reference.get("version", 1) == MEASURE_VERSION or not (run / "config.yaml").is_file():
+    if not reference or reference.get("version", 1) == MEASURE_VERSION:
         return recorded
-    cfg = load_config(FinetuneConfig, run / "config.yaml")
-    try:
-        train = load_splits(cfg).splits["train"]
-    except DataError:
+    resolved = run_splits(run)
+    if resolved is None:
         return recorded
-    print(f"{run}: its scale reference was measured by an older roseprior; rebuilding it from {len(train)} training "
-          "images (fine-tune again to store it)", file=sys.stderr)
-    rebuilt = training_scale(train, cfg.data.image_size, cfg.data.target_mpp, framing=cfg.data.framing)
+    cfg, splits = resolved
+    print(f"{run}: its scale reference was measured by an older roseprior; rebuilding it from {len(splits['train'])} "
+          "training images (fine-tune again to store it)", file=sys.stderr)
+    rebuilt = training_scale(splits["train"], cfg.data.image_size, cfg.data.target_mpp, framing=cfg.data.framing)
     return {**recorded, "reference": rebuilt["reference"]}
 
 
