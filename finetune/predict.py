@@ -160,9 +160,10 @@ def field_probabilities(predictor: Predictor, image: np.ndarray, scale: float) -
 
 
 def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = True) -> dict[Path, float]:
-    """``--scale auto``: one scale per folder of fields (``roseprior.scale.shared_scale``), from a first
-    pass over them that keeps no field in memory; each folder's value is printed."""
-    from roseprior.scale import SAME_SCALE, shared_scale
+    """``--scale auto``: each path's scale, one per folder of fields (``roseprior.scale.shared_scale``; class
+    folders count with the folder above them, ``acquisition_folder``), from a first pass over them that keeps
+    no field in memory; each folder's value is printed."""
+    from roseprior.scale import SAME_SCALE, acquisition_folder, shared_scale
 
     from .train import current_training_scale
 
@@ -179,12 +180,13 @@ def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = 
 
     folders: dict[Path, list[Path]] = {}
     for path in paths:
-        folders.setdefault(path.parent, []).append(path)
+        folders.setdefault(acquisition_folder(path, predictor.classes), []).append(path)
     scales = {}
     with Progress(len(paths), "scale", unit="img", enabled=progress) as bar:
         for folder, group in folders.items():
-            scales[folder], measured = shared_scale(fields(group, bar), predictor.scale, predictor.source)
-            print(f"finetune.predict: --scale auto: {folder}: objects appear {scales[folder]:.2f}x as large as in the "
+            scale, measured = shared_scale(fields(group, bar), predictor.scale, predictor.source)
+            scales.update(dict.fromkeys(group, scale))
+            print(f"finetune.predict: --scale auto: {folder}: objects appear {scale:.2f}x as large as in the "
                   f"training fields (midmean of {measured} of {len(group)} fields' estimates; within {SAME_SCALE:g}x of the "
                   "training scale reads 1.00)", file=sys.stderr)
     return scales
@@ -195,12 +197,12 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int =
                   ) -> tuple[dict[Path, np.ndarray], list[tuple[Path, str]]]:
     """Class probabilities per readable path, and the unreadable paths with their reasons. ``scale``:
     None resizes each field to the model's input, as in training; a number or ``"auto"`` (one estimate per
-    folder, ``folder_scales``) predicts at the training scale (``field_probabilities``). ``on_field(path,
+    folder of fields taken alike, ``folder_scales``) predicts at the training scale (``field_probabilities``). ``on_field(path,
     image)`` sees each decoded field as read (main measures its adequacy there, so it is decoded once more
     only for ``"auto"``'s estimate)."""
     probs: dict[Path, np.ndarray] = {}
     unreadable: list[tuple[Path, str]] = []
-    folder_scale = folder_scales(predictor, paths, progress) if scale == "auto" else {}
+    path_scale = folder_scales(predictor, paths, progress) if scale == "auto" else {}
     with Progress(len(paths), "predict", unit="img", enabled=progress) as bar:
         if scale is not None:
             for path in paths:
@@ -211,7 +213,7 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int =
                 else:
                     if on_field is not None:
                         on_field(path, field)
-                    probs[path], _ = field_probabilities(predictor, field, folder_scale.get(path.parent, scale))
+                    probs[path], _ = field_probabilities(predictor, field, path_scale.get(path, scale))
                 bar.update()
             return probs, unreadable
         for good, images, bad in _batches(paths, predictor.image_size, batch_size, on_field):
@@ -275,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                              "roseprior adapt, whose scale it then takes): resize each field to the model's input "
                              "(as in training); VALUE: the fields' objects "
                              "appear VALUE times as large as in the training fields; auto: estimate that from the "
-                             "nuclei, one value per folder (the midmean of its fields' estimates). With VALUE or auto each field "
+                             "nuclei, one value per folder (the midmean of its fields' estimates; class folders such as N/ and P/ "
+                             "count with the folder above them). With VALUE or auto each field "
                              "is resampled to the training scale and tiled, and its probabilities are the mean of "
                              "its tiles'")
     parser.add_argument("--mpp", type=float, default=None,

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FRAMINGS", "ScaleReference", "add_parser", "at_training_scale", "camera_zoom", "fields_scale",
-           "folder_scale", "nucleus_size", "resample", "shared_scale", "tiles", "training_scale", "typical",
+__all__ = ["FRAMINGS", "ScaleReference", "acquisition_folder", "add_parser", "at_training_scale", "camera_zoom",
+           "fields_scale", "folder_scale", "nucleus_size", "resample", "shared_scale", "tiles", "training_scale", "typical",
            "zoom_as_framed"]
 
 PERCENTILE = 90
@@ -302,6 +302,18 @@ def shared_scale(fields: Iterable[np.ndarray], info: dict[str, Any] | None, sour
     return (1.0 if abs(np.log(relative)) < np.log(SAME_SCALE) else relative), count
 
 
+def acquisition_folder(path: Path, classes: Sequence[str]) -> Path:
+    """The folder of fields taken alike that the image at ``path`` belongs to, for one scale per folder: its own
+    folder, or the one above when its own is named after a class (``N/``, ``P/``; case ignored).
+
+    Class folders split one acquisition by diagnosis. Since the estimate also reads malignancy's enlarged nuclei
+    as magnification, a scale per class folder would read the P folder larger than the N folder and bring each
+    toward one size, erasing the difference the classifier must see (300 CRIC cells of each class: N 0.91x,
+    P 1.04x, both 0.97x; zoomed 2x: 1.77x, 2.09x, 1.92x)."""
+    folder = Path(path).parent
+    return folder.parent if folder.name.casefold() in {c.casefold() for c in classes} else folder
+
+
 def folder_scale(estimates: Iterable[float]) -> tuple[float, int]:
     """The ``typical`` value of a folder's per-field estimates and how many there were (NaN, 0 when none): the
     one scale of fields taken alike, for ``shared_scale`` and ``roseprior scale --per-folder``."""
@@ -316,6 +328,8 @@ def folder_scale(estimates: Iterable[float]) -> tuple[float, int]:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from roseprior.config import DataConfig
+
     parser = subparsers.add_parser(
         "scale", help="estimate each image's magnification relative to a reference set, from its nuclei",
         description=("Writes OUT (CSV): path, relative_scale (1.0 = objects as large as in the reference; 2.0 = "
@@ -332,6 +346,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="write each folder's typical value (midmean of logs) as the relative_scale of all its images: what a manifest "
                              "for data.target_mpp wants, since per image the estimate also reads enlarged malignant "
                              "nuclei as magnification")
+    parser.add_argument("--classes", nargs="+", default=DataConfig().classes,
+                        help="with --per-folder: folder names that are classes, whose images count with the folder "
+                             "above them (default: %(default)s)")
     parser.set_defaults(func=_run)
 
 
@@ -369,9 +386,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.per_folder:  # one scale per folder: see shared_scale for why a manifest wants it
         folders: dict[Path, list[float]] = {}
         for path, estimate, _, _ in rows:
-            folders.setdefault(path.parent, []).append(estimate)
+            folders.setdefault(acquisition_folder(path, args.classes), []).append(estimate)
         per_folder = {folder: folder_scale(values)[0] for folder, values in folders.items()}
-        rows = [(path, per_folder[path.parent] if not error else estimate, size, error)
+        rows = [(path, per_folder[acquisition_folder(path, args.classes)] if not error else estimate, size, error)
                 for path, estimate, size, error in rows]
     atomic_write_csv(out, ["path", "relative_scale", "nucleus_px", "error"], (
         [str(path), f"{estimate:.4f}" if np.isfinite(estimate) else "", f"{size:.3f}" if np.isfinite(size) else "", error]

@@ -149,25 +149,38 @@ def test_a_field_at_a_known_scale_is_predicted_at_the_training_scale(run: Path) 
     assert np.abs(p1 - p2).max() < 0.02
 
 
-def test_scale_auto_estimates_one_scale_per_folder_and_brings_each_folder_back(tmp_path: Path,
-                                                                               capsys: pytest.CaptureFixture) -> None:
-    """--scale auto: fields taken alike (one folder) share one estimate, the midmean of theirs; a folder whose
-    objects appear twice as large reads about 2x the other, and its fields get about the same probabilities
-    as the unzoomed ones. A per-field estimate would read enlarged malignant nuclei as magnification. (Fields
-    of 192 px at one site: in 64-px synthetic fields nuclei are 2 px across, too small to measure.)"""
-    from PIL import Image
-
+@pytest.fixture(scope="module")
+def site_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A classifier of 192-px synthetic fields of one site (in 64-px fields nuclei are 2 px across, too small to
+    measure), and its data: class folders N/ and P/."""
     from finetune.__main__ import main as finetune
-    from finetune.predict import main
-    from roseprior.imageio import read_image
-    from roseprior.scale import resample
     from roseprior.synth import generate
 
-    data = generate(tmp_path / "data", n_per_class=10, size=192, domains=["site_a"], seed=7, progress=False)
-    run = tmp_path / "run"
+    tmp = tmp_path_factory.mktemp("site_run")
+    data = generate(tmp / "data", n_per_class=10, size=192, domains=["site_a"], seed=7, progress=False)
+    run = tmp / "run"
     assert finetune(["--config", str(REPO / "configs" / "finetune" / "msht_tiny_cpu.yaml"), f"data.root={data}",
                      f"out_dir={run}", "data.image_size=128", "train.batch_size=4", "train.epochs=1",
                      "train.max_steps=2", "cam.enabled=false", "sam=off"]) == 0
+    return run, data
+
+
+def _auto_lines(err: str) -> list[str]:
+    return sorted(line for line in err.splitlines() if "--scale auto" in line)
+
+
+def test_scale_auto_estimates_one_scale_per_folder_and_brings_each_folder_back(
+        site_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--scale auto: fields taken alike (one folder) share one estimate, the midmean of theirs; a folder whose
+    objects appear twice as large reads about 2x the other, and its fields get about the same probabilities
+    as the unzoomed ones. A per-field estimate would read enlarged malignant nuclei as magnification."""
+    from PIL import Image
+
+    from finetune.predict import main
+    from roseprior.imageio import read_image
+    from roseprior.scale import resample
+
+    run, data = site_run
     for name, factor in (("native", 1.0), ("zoom2", 2.0)):
         (tmp_path / "fields" / name).mkdir(parents=True)
         for path in sorted(data.rglob("*.jpg"))[::2]:
@@ -176,7 +189,7 @@ def test_scale_auto_estimates_one_scale_per_folder_and_brings_each_folder_back(t
     capsys.readouterr()
     assert main(["--ckpt", str(run), "--images", str(tmp_path / "fields"), "--out", str(out), "--scale", "auto",
                  "--judge-all"]) == 0
-    lines = sorted(line for line in capsys.readouterr().err.splitlines() if "--scale auto" in line)
+    lines = _auto_lines(capsys.readouterr().err)
     assert len(lines) == 2 and all("midmean of 10 of 10 fields" in line for line in lines), lines
     native, zoomed = (float(line.split("appear ")[1].split("x")[0]) for line in lines)
     print("--scale auto, native and 2x folders:", native, zoomed)
@@ -186,6 +199,36 @@ def test_scale_auto_estimates_one_scale_per_folder_and_brings_each_folder_back(t
     gaps = [abs(float(rows[Path("native") / p.name]["p_P"]) - float(rows[Path("zoom2") / p.name]["p_P"]))
             for p in (tmp_path / "fields" / "native").iterdir()]
     assert np.median(gaps) < 0.1, gaps
+
+
+def test_scale_auto_reads_class_folders_with_the_folder_above_them(
+        site_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A labelled test set in class folders (site/N, site/P) is one acquisition: one scale for both. Per class
+    folder, the P fields' enlarged nuclei read as magnification, and each class would be brought toward the
+    other's size."""
+    from PIL import Image
+
+    from finetune.predict import load_predictor, main
+    from roseprior.imageio import read_image
+    from roseprior.scale import resample, shared_scale
+
+    run, data = site_run
+    for path in sorted(data.rglob("*.jpg")):
+        folder = tmp_path / "site" / path.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(resample(read_image(path), 2.0)).save(folder / f"{path.stem}.png")
+    predictor = load_predictor(ckpt=str(run))
+    by_class = {c: shared_scale((read_image(p) for p in sorted((tmp_path / "site" / c).iterdir())), predictor.scale,
+                                predictor.source)[0] for c in ("N", "P")}
+    print("--scale auto per class folder:", by_class)
+    assert by_class["P"] / by_class["N"] > 1.15, by_class  # the reason: malignancy reads as magnification
+    capsys.readouterr()
+    assert main(["--ckpt", str(run), "--images", str(tmp_path / "site"), "--out", str(tmp_path / "p.csv"),
+                 "--scale", "auto", "--judge-all"]) == 0
+    lines = _auto_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and f"{tmp_path / 'site'}:" in lines[0] and "of 20 fields" in lines[0], lines
+    both = float(lines[0].split("appear ")[1].split("x")[0])
+    assert by_class["N"] < both < by_class["P"], (by_class, both)
 
 
 def test_a_run_whose_scale_reference_an_older_measure_took_is_read_with_todays(

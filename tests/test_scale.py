@@ -147,6 +147,10 @@ def test_scale_cli_writes_a_row_per_image(tmp_path: Path, write_image) -> None:
     assert per_folder[0]["relative_scale"] == "" and per_folder[0]["error"]
     folder_values = {r["relative_scale"] for r in per_folder[1:]}
     assert len(folder_values) == 1 and float(folder_values.pop()) == pytest.approx(typical(scales), abs=1e-4)
+    for classes, folders in ((["N", "P"], 1), (["benign", "malignant"], 2)):  # class folders count with their parent
+        assert main(["scale", "--images", str(ref), "--reference", str(ref), "--out", str(tmp_path / "k.csv"),
+                     "--per-folder", "--classes", *classes]) == 0
+        assert len({r["relative_scale"] for r in csv.DictReader((tmp_path / "k.csv").open())}) == folders, classes
     assert main(["scale", "--images", str(fields), "--reference", str(ref), "--out", str(tmp_path / "c.csv"),
                  "--framing", "cell"]) == 0  # calibrated as crops cut around a cell: resampled whole
     as_cells = [float(r["relative_scale"]) for r in csv.DictReader((tmp_path / "c.csv").open()) if not r["error"]]
