@@ -15,28 +15,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 out=$base/heldout
 [ -f "$base/swap_0.5_by_domain/backbone.safetensors" ] || { echo "run bash benchmarks/invariance.sh $base first"; exit 2; }
 mkdir -p "$out/adapted_runs"
-# Labelled sites a and b (a manifest), held-out sites c and d (one folder each, as predict reads them).
-"$py" - "$base/data" "$out" <<'PY'
-import csv, os, sys
-data, out = sys.argv[1:]
-rows = list(csv.DictReader(open(os.path.join(data, "manifest.csv"))))
-with open(os.path.join(out, "labelled_ab.csv"), "w", newline="") as fh:
-    w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(dict(r, path=os.path.relpath(os.path.join(data, r["path"]), out))  # relative to the manifest
-                for r in rows if r["domain"] in ("site_a", "site_b"))
-with open(os.path.join(out, "heldout_labels.csv"), "w", newline="") as fh:
-    w = csv.writer(fh)
-    w.writerow(["path", "label", "domain"])
-    for r in rows:
-        if r["domain"] in ("site_c", "site_d"):
-            folder = os.path.join(out, r["domain"])
-            os.makedirs(folder, exist_ok=True)
-            link = os.path.join(folder, os.path.basename(r["path"]))
-            if not os.path.lexists(link):  # relative: the benchmark folder may be reached through another path
-                os.symlink(os.path.relpath(os.path.join(data, r["path"]), folder), link)
-            w.writerow([os.path.abspath(link), r["label"], r["domain"]])
-PY
+"$py" benchmarks/heldout.py prepare "$base/data" "$out"  # labelled sites a, b; held-out c, d (a folder each)
 finetune() {  # name, overrides...
   local run=$out/$1; shift
   [ -f "$run/best.safetensors" ] || "$py" -m finetune --config configs/finetune/msht_tiny_cpu.yaml \
@@ -75,28 +54,4 @@ for seed in ${SEEDS:-0 1 2}; do  # fine-tuning seeds: the held-out sites move mo
     done
   done
 done
-"$py" - "$out" <<'PY'
-import collections, csv, glob, json, os, re, sys
-import numpy as np
-from roseprior.metrics import binary_metrics
-out = sys.argv[1]
-truth = {r["path"]: r["label"] for r in csv.DictReader(open(os.path.join(out, "heldout_labels.csv")))}
-scores = collections.defaultdict(dict)
-for f in sorted(glob.glob(os.path.join(out, "preds_*_s*_site_*_*.csv"))):
-    arm, seed, site, scale = re.match(r"preds_(.+)_s(\d+)_(site_.)_(auto|none)\.csv", os.path.basename(f)).groups()
-    rows = [r for r in csv.DictReader(open(f)) if not r.get("error")]
-    y = np.array([truth[os.path.abspath(r["path"])] == "P" for r in rows], int)
-    called = np.array([r["predicted"] == "P" for r in rows], float)
-    scores[f"{arm} {site}" + ("" if scale == "auto" else ", squeezed (--scale none)")][seed] = \
-        binary_metrics(y, called)["balanced_accuracy"]
-for run in sorted(glob.glob(os.path.join(out, "*_s*", "metrics.json"))):
-    arm, seed = re.match(r"(.+)_s(\d+)$", os.path.basename(os.path.dirname(run))).groups()
-    scores[f"{arm} labelled sites' test split"][seed] = json.load(open(run))["test"]["balanced_accuracy"]
-result = {}
-for key, per_seed in sorted(scores.items()):
-    v = np.array(list(per_seed.values()))
-    result[key] = {"per_seed": per_seed, "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else None}
-    print(f"{key:45s} balanced accuracy {v.mean():.3f} ± {result[key]['sd'] or 0:.3f} over {len(v)} seeds: "
-          + " ".join(f"{x:.3f}" for x in v))
-json.dump(result, open(os.path.join(out, "heldout_sites.json"), "w"), indent=1)
-PY
+"$py" benchmarks/heldout.py summarise "$out"

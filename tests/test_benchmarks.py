@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -177,3 +178,34 @@ def test_shift_quality_scores_every_shift_with_and_without_its_remedy(tmp_path: 
     assert shift_quality.zoomed([field], 4.0)[0].shape == field.shape
     assert [z.shape for z in shift_quality.resampled([field], 0.25)] == [(10, 15, 3)]
     assert shift_quality.resampled([field], 2.0)[0].dtype == np.uint8
+
+
+def test_heldout_sites_layout_and_scores(tmp_path: Path) -> None:
+    """``benchmarks/heldout.py``: sites a, b labelled for fine-tuning, all four unlabelled for pretraining, c and d
+    one folder each for predict; then each arm's balanced accuracy per held-out site from predict's CSVs, matched
+    to the labels through whatever path led to the folder."""
+    from benchmarks.heldout import prepare, summarise
+    from roseprior.synth import generate
+
+    data = generate(tmp_path / "data", n_per_class=12, size=32, seed=3, progress=False)
+    prepare(data, tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    out = tmp_path / "link"  # reached through another path than the one the labels were written with
+    labelled = list(csv.DictReader((out / "labelled_ab.csv").open()))
+    unlabelled = list(csv.DictReader((out / "unlabelled_all.csv").open()))
+    assert {r["domain"] for r in labelled} == {"site_a", "site_b"} and len(unlabelled) == 24
+    assert "label" not in unlabelled[0] and all((out / r["path"]).is_file() for r in labelled + unlabelled)
+    truth = {Path(r["path"]).name: r["label"] for r in csv.DictReader((out / "heldout_labels.csv").open())}
+    held_out = sorted(p.name for site in ("site_c", "site_d") for p in (out / site).iterdir())
+    assert held_out == sorted(truth) and held_out
+    for site in ("site_c", "site_d"):  # an arm that calls every field right, and one that calls every field P
+        fields = sorted((out / site).iterdir())
+        for arm, call in (("right", lambda p: truth[p.name]), ("allp", lambda p: "P")):
+            with (out / f"preds_{arm}_s0_{site}_auto.csv").open("w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["path", "predicted", "error"])
+                writer.writerows((p, call(p), "") for p in fields)
+    result = summarise(out, "scores.json")
+    assert result["right site_c"]["mean"] == 1.0 and result["right site_d"]["mean"] == 1.0
+    assert result["allp site_c"]["mean"] == 0.5
+    assert json.loads((out / "scores.json").read_text()) == json.loads(json.dumps(result))
