@@ -22,6 +22,7 @@ magnification the crop holds the whole cell and grows with it (a plain resample)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -332,8 +333,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "scale", help="estimate each image's magnification relative to a reference set, from its nuclei",
-        description=("Writes OUT (CSV): path, relative_scale (1.0 = objects as large as in the reference; 2.0 = "
-                     "twice as large), nucleus_px. The reference is calibrated by resampling it by known factors."))
+        description=("Writes OUT (CSV): path (relative to OUT), label (the class folder an image is in, if any), "
+                     "relative_scale (1.0 = objects as large as in the reference; 2.0 = twice as large), nucleus_px: "
+                     "a manifest every stage reads (with data.target_mpp set). The reference is calibrated by "
+                     "resampling it by known factors."))
     parser.add_argument("--images", required=True, help="folder of images to measure (searched recursively)")
     parser.add_argument("--reference", required=True, help="folder of images at the reference scale")
     parser.add_argument("--out", required=True, help="CSV to write")
@@ -347,8 +350,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "for data.target_mpp wants, since per image the estimate also reads enlarged malignant "
                              "nuclei as magnification")
     parser.add_argument("--classes", nargs="+", default=DataConfig().classes,
-                        help="with --per-folder: folder names that are classes, whose images count with the folder "
-                             "above them (default: %(default)s)")
+                        help="folder names that are classes: an image in one is labelled with it, and with --per-folder "
+                             "counts with the folder above it (default: %(default)s)")
     parser.set_defaults(func=_run)
 
 
@@ -390,8 +393,11 @@ def _run(args: argparse.Namespace) -> int:
         per_folder = {folder: folder_scale(values)[0] for folder, values in folders.items()}
         rows = [(path, per_folder[acquisition_folder(path, args.classes)] if not error else estimate, size, error)
                 for path, estimate, size, error in rows]
-    atomic_write_csv(out, ["path", "relative_scale", "nucleus_px", "error"], (
-        [str(path), f"{estimate:.4f}" if np.isfinite(estimate) else "", f"{size:.3f}" if np.isfinite(size) else "", error]
+    # A manifest every stage reads as it is: paths relative to the CSV, and the label of an image in a class folder.
+    classes = {c.casefold(): c for c in args.classes}
+    atomic_write_csv(out, ["path", "label", "relative_scale", "nucleus_px", "error"], (
+        [os.path.relpath(path.resolve(), out.resolve().parent), classes.get(path.parent.name.casefold(), ""),
+         f"{estimate:.4f}" if np.isfinite(estimate) else "", f"{size:.3f}" if np.isfinite(size) else "", error]
         for path, estimate, size, error in rows))
     low, high = reference.measurable()
     print(f"roseprior scale: {len(paths)} image(s) measured against {len(reference_images)} reference image(s), "

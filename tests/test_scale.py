@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from roseprior import imageops
+from roseprior.config import DataConfig
+from roseprior.data import read_manifest, with_scales
 from roseprior.imageio import read_image
 from roseprior.scale import FRAMINGS, ScaleReference, folder_scale, nucleus_size, resample, typical
 
@@ -151,6 +153,16 @@ def test_scale_cli_writes_a_row_per_image(tmp_path: Path, write_image) -> None:
         assert main(["scale", "--images", str(ref), "--reference", str(ref), "--out", str(tmp_path / "k.csv"),
                      "--per-folder", "--classes", *classes]) == 0
         assert len({r["relative_scale"] for r in csv.DictReader((tmp_path / "k.csv").open())}) == folders, classes
+    # The CSV is a labelled manifest as it stands, wherever it is written: paths relative to it, labels from the
+    # class folders, and the scale that data.target_mpp resamples by.
+    manifest = tmp_path / "elsewhere" / "scales.csv"
+    manifest.parent.mkdir()
+    assert main(["scale", "--images", str(ref), "--reference", str(ref), "--out", str(manifest), "--per-folder"]) == 0
+    samples = read_manifest(manifest, ["N", "P"])
+    assert len(samples) == 8 and all(Path(s.path).is_file() for s in samples)
+    assert [s.label for s in samples] == [["N", "P"].index(Path(s.path).parent.name) for s in samples]
+    scaled = with_scales(samples, DataConfig(target_mpp=1.0))
+    assert all(s.zoom == pytest.approx(1 / float(s.extra["relative_scale"])) for s in scaled)
     assert main(["scale", "--images", str(fields), "--reference", str(ref), "--out", str(tmp_path / "c.csv"),
                  "--framing", "cell"]) == 0  # calibrated as crops cut around a cell: resampled whole
     as_cells = [float(r["relative_scale"]) for r in csv.DictReader((tmp_path / "c.csv").open()) if not r["error"]]
