@@ -159,16 +159,27 @@ def field_probabilities(predictor: Predictor, image: np.ndarray, scale: float) -
     return predictor.probabilities(batch).mean(axis=0), len(batch)
 
 
-def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = True) -> dict[Path, float]:
-    """``--scale auto``: each path's scale, one per folder of fields (``roseprior.scale.shared_scale``; class
-    folders count with the folder above them, ``acquisition_folder``), from a first pass over them that keeps
-    no field in memory; each folder's value is printed."""
-    from roseprior.scale import SAME_SCALE, acquisition_folder, shared_scale
+# Without --scale, up to this many fields of each folder are measured to check its scale: enough for a midmean,
+# in bounded time whatever the folder holds.
+SCALE_CHECK_FIELDS = 32
+# A folder read at least this far from the training scale, and predicted squeezed whole, is warned about: further
+# than the estimate's error on a folder and than malignancy alone moves it (synthetic P fields alone read 1.35x).
+SCALE_WARNING = 1.5
 
-    from .train import current_training_scale
 
-    if Path(predictor.source).is_dir():
-        predictor.scale = current_training_scale(Path(predictor.source), predictor.scale)
+def _folder_estimates(predictor: Predictor, paths: Sequence[Path], progress: bool, limit: int | None = None
+                      ) -> Iterator[tuple[Path, list[Path], float, int]]:
+    """(folder, its paths, its ``shared_scale``, fields measured) per folder of fields taken alike (class folders
+    count with the folder above them, ``acquisition_folder``), measured on at most ``limit`` fields spread over
+    it, in a pass that keeps no field in memory."""
+    from roseprior.data import spread_indices
+    from roseprior.scale import acquisition_folder, shared_scale
+
+    folders: dict[Path, list[Path]] = {}
+    for path in paths:
+        folders.setdefault(acquisition_folder(path, predictor.classes), []).append(path)
+    measured_paths = {folder: [group[i] for i in spread_indices(len(group), limit or len(group))]
+                      for folder, group in folders.items()}
 
     def fields(group: list[Path], bar: Progress) -> Iterator[np.ndarray]:
         for path in group:
@@ -178,18 +189,47 @@ def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = 
                 pass  # listed with its reason by the prediction pass
             bar.update()
 
-    folders: dict[Path, list[Path]] = {}
-    for path in paths:
-        folders.setdefault(acquisition_folder(path, predictor.classes), []).append(path)
-    scales = {}
-    with Progress(len(paths), "scale", unit="img", enabled=progress) as bar:
+    with Progress(sum(map(len, measured_paths.values())), "scale", unit="img", enabled=progress) as bar:
         for folder, group in folders.items():
-            scale, measured = shared_scale(fields(group, bar), predictor.scale, predictor.source)
-            scales.update(dict.fromkeys(group, scale))
-            print(f"finetune.predict: --scale auto: {folder}: objects appear {scale:.2f}x as large as in the "
-                  f"training fields (midmean of {measured} of {len(group)} fields' estimates; within {SAME_SCALE:g}x of the "
-                  "training scale reads 1.00)", file=sys.stderr)
+            scale, measured = shared_scale(fields(measured_paths[folder], bar), predictor.scale, predictor.source)
+            yield folder, group, scale, measured
+
+
+def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = True) -> dict[Path, float]:
+    """``--scale auto``: each path's scale, one per folder of fields (``_folder_estimates``); each folder's value
+    is printed."""
+    from roseprior.scale import SAME_SCALE
+
+    from .train import current_training_scale
+
+    if Path(predictor.source).is_dir():
+        predictor.scale = current_training_scale(Path(predictor.source), predictor.scale)
+    scales = {}
+    for folder, group, scale, measured in _folder_estimates(predictor, paths, progress):
+        scales.update(dict.fromkeys(group, scale))
+        print(f"finetune.predict: --scale auto: {folder}: objects appear {scale:.2f}x as large as in the "
+              f"training fields (midmean of {measured} of {len(group)} fields' estimates; within {SAME_SCALE:g}x of the "
+              "training scale reads 1.00)", file=sys.stderr)
     return scales
+
+
+def check_scale(predictor: Predictor, paths: Sequence[Path], progress: bool = True) -> list[Path]:
+    """Without ``--scale``: each folder's scale measured on up to ``SCALE_CHECK_FIELDS`` of its fields, and a
+    warning for each folder read ``SCALE_WARNING`` or more from the training scale, whose fields squeezed whole
+    show the model objects of another size than it was trained on (the issue's 4x lower magnification cost 17
+    points that way). Returns those folders; none when the run records no scale reference of today's measure."""
+    from roseprior.scale import MEASURE_VERSION
+
+    if ((predictor.scale or {}).get("reference") or {}).get("version") != MEASURE_VERSION:
+        return []
+    flagged = []
+    for folder, _, scale, measured in _folder_estimates(predictor, paths, progress, SCALE_CHECK_FIELDS):
+        if measured and abs(np.log(scale)) >= np.log(SCALE_WARNING):
+            flagged.append(folder)
+            print(f"finetune.predict: warning: {folder}: objects appear {scale:.2f}x as large as in the training fields "
+                  f"(nuclei of {measured} fields); squeezed whole into the model's input, they are shown at another "
+                  "magnification than in training: --scale auto brings them to the training scale", file=sys.stderr)
+    return flagged
 
 
 def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int = 16, progress: bool = True,
@@ -275,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", default=None, type=parse_scale,
                         help="none (the default, unless the run was adapted to a site at another magnification by "
                              "roseprior adapt, whose scale it then takes): resize each field to the model's input "
-                             "(as in training); VALUE: the fields' objects "
+                             "(as in training; by default a folder whose nuclei read 1.5x or more off the training "
+                             "scale is warned about); VALUE: the fields' objects "
                              "appear VALUE times as large as in the training fields; auto: estimate that from the "
                              "nuclei, one value per folder (the midmean of its fields' estimates; class folders such as N/ and P/ "
                              "count with the folder above them). With VALUE or auto each field "
@@ -301,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = find_images(args.images)
         if not paths:
             raise DataError(f"no images under {args.images}")
+        if scale is None and args.scale is None:  # not asked for --scale none: say when the scale is off
+            check_scale(predictor, paths)
         qualities: dict[Path, FieldQuality] = {}
         probs, unreadable = predict_paths(predictor, paths, args.batch_size, scale=scale,
                                           on_field=lambda path, field: qualities.__setitem__(path, measure(field)))

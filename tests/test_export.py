@@ -266,3 +266,32 @@ def test_scale_auto_on_a_run_without_a_training_scale_of_todays_measure_is_refus
                         "run") == (1.0, 0)  # nothing stained to measure: the training scale
     with pytest.raises(DataError, match="older measure.*fine-tune it again"):  # sizes another measure took
         shared_scale([np.zeros((32, 32, 3), np.uint8)], {"reference": {**reference, "version": 1}}, "runs/old")
+
+
+def test_predict_without_scale_warns_about_a_folder_at_another_magnification(
+        site_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --scale, fields are squeezed whole as in training; a folder whose nuclei read 1.5x or more off the
+    training scale is named in a warning that says what to do, from a bounded sample of its fields. A folder at
+    the training scale, with its class folders, is not; ``--scale none`` asked for squeezing and is not checked."""
+    from PIL import Image
+
+    from finetune.predict import main
+    from roseprior.imageio import read_image
+    from roseprior.scale import resample
+
+    run, data = site_run
+    for name, factor in (("native", 1.0), ("zoom2", 2.0)):
+        for path in sorted(data.rglob("*.jpg")):
+            folder = tmp_path / "fields" / name / path.parent.name  # class folders N/ and P/
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(resample(read_image(path), factor)).save(folder / f"{path.stem}.png")
+    monkeypatch.setattr("finetune.predict.SCALE_CHECK_FIELDS", 12)  # of each folder's 20
+    capsys.readouterr()
+    assert main(["--ckpt", str(run), "--images", str(tmp_path / "fields"), "--out", str(tmp_path / "p.csv")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and f"{tmp_path / 'fields' / 'zoom2'}:" in warnings[0], warnings
+    assert "--scale auto" in warnings[0] and "nuclei of 12 fields" in warnings[0]
+    assert main(["--ckpt", str(run), "--images", str(tmp_path / "fields" / "zoom2"), "--out", str(tmp_path / "q.csv"),
+                 "--scale", "none"]) == 0
+    assert "warning:" not in capsys.readouterr().err
