@@ -396,7 +396,7 @@ def _run(args: argparse.Namespace) -> int:
     # A manifest every stage reads as it is: paths relative to the CSV, and the label of an image in a class folder.
     classes = {c.casefold(): c for c in args.classes}
     atomic_write_csv(out, ["path", "label", "relative_scale", "nucleus_px", "error"], (
-        [os.path.relpath(path.resolve(), out.resolve().parent), classes.get(path.parent.name.casefold(), ""),
+        [os.path.relpath(os.path.abspath(path), os.path.abspath(out.parent)), classes.get(path.parent.name.casefold(), ""),
          f"{estimate:.4f}" if np.isfinite(estimate) else "", f"{size:.3f}" if np.isfinite(size) else "", error]
         for path, estimate, size, error in rows))
     low, high = reference.measurable()
