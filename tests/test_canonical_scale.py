@@ -121,3 +121,39 @@ def test_finetune_predict_and_pretrain_run_at_the_canonical_scale(two_magnificat
     assert len(list(csv.DictReader((tmp_path / "p.csv").open()))) == 12
     assert pretrain_main(["--config", str(REPO / "configs/pretrain/simclr_msht_tiny_cpu.yaml"), *common,
                           f"out_dir={tmp_path / 'pt'}", "train.max_steps=2"]) == 0
+
+
+def test_capture_days_at_two_zooms_measured_into_a_manifest_that_finetune_trains_from(tmp_path: Path) -> None:
+    """The seed's bench: the capture software's zoom changed from one day to the next, and each day's fields sit in
+    class folders. ``roseprior scale --per-folder`` against the first day gives each day one scale (its class
+    folders count with it) and writes a labelled manifest, from which finetune trains at one scale."""
+    from finetune.__main__ import main as finetune_main
+    from roseprior.cli import main as cli
+    from roseprior.imageio import read_image
+    from roseprior.splits import resolve_splits
+    from roseprior.synth import generate
+
+    data = generate(tmp_path / "drawn", n_per_class=10, size=192, domains=["site_a"], seed=5, progress=False)
+    for day, factor in (("day1", 1.0), ("day2", 2.0)):  # day 2: objects twice as large, the frame following them
+        for path in sorted(data.rglob("*.jpg")):
+            out = tmp_path / "bench" / day / path.parent.name / f"{path.stem}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(resample(read_image(path), factor)).save(out)
+    manifest = tmp_path / "manifests" / "scales.csv"
+    manifest.parent.mkdir()
+    assert cli(["scale", "--images", str(tmp_path / "bench"), "--reference", str(tmp_path / "bench" / "day1"),
+                "--per-folder", "--out", str(manifest)]) == 0
+    rows = list(csv.DictReader(manifest.open()))
+    day_scale = {day: {float(r["relative_scale"]) for r in rows if f"/{day}/" in r["path"]} for day in ("day1", "day2")}
+    assert all(len(values) == 1 for values in day_scale.values()), day_scale  # one per day, not per class folder
+    (day1,), (day2,) = day_scale.values()
+    assert 0.8 < day1 < 1.25 and 1.6 < day2 / day1 < 2.5, day_scale
+    cfg = DataConfig(root=str(manifest), target_mpp=1.0, image_size=96)
+    samples = [s for part in resolve_splits(cfg).splits.values() for s in part]
+    assert len(samples) == 40 and {Path(s.path).parent.name for s in samples} == {"N", "P"}
+    assert all(s.zoom == pytest.approx(1 / (day2 if "/day2/" in s.path else day1), rel=1e-3) for s in samples)
+    assert all(s.label == ["N", "P"].index(Path(s.path).parent.name) for s in samples)
+    assert finetune_main(["--config", str(REPO / "configs/finetune/msht_tiny_cpu.yaml"), f"data.root={manifest}",
+                          "data.target_mpp=1.0", "data.image_size=96", f"out_dir={tmp_path / 'ft'}",
+                          "train.batch_size=4", "train.epochs=1", "train.max_steps=2", "cam.enabled=false",
+                          "sam=off"]) == 0
