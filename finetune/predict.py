@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,16 +233,17 @@ def check_scale(predictor: Predictor, paths: Sequence[Path], progress: bool = Tr
 
 
 def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int = 16, progress: bool = True,
-                  scale: str | float | None = None, on_field: FieldHook | None = None
+                  scale: str | float | Mapping[Path, float] | None = None, on_field: FieldHook | None = None
                   ) -> tuple[dict[Path, np.ndarray], list[tuple[Path, str]]]:
     """Class probabilities per readable path, and the unreadable paths with their reasons. ``scale``:
-    None resizes each field to the model's input, as in training; a number or ``"auto"`` (one estimate per
-    folder of fields taken alike, ``folder_scales``) predicts at the training scale (``field_probabilities``). ``on_field(path,
-    image)`` sees each decoded field as read (main measures its adequacy there, so it is decoded once more
-    only for ``"auto"``'s estimate)."""
+    None resizes each field to the model's input, as in training; a number, each path's number, or ``"auto"``
+    (one estimate per folder of fields taken alike, ``folder_scales``) predicts at the training scale
+    (``field_probabilities``). ``on_field(path, image)`` sees each decoded field as read (main measures its
+    adequacy there, so it is decoded once more only for ``"auto"``'s estimate)."""
     probs: dict[Path, np.ndarray] = {}
     unreadable: list[tuple[Path, str]] = []
-    path_scale = folder_scales(predictor, paths, progress) if scale == "auto" else {}
+    if scale == "auto":
+        scale = folder_scales(predictor, paths, progress)
     with Progress(len(paths), "predict", unit="img", enabled=progress) as bar:
         if scale is not None:
             for path in paths:
@@ -253,7 +254,8 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int =
                 else:
                     if on_field is not None:
                         on_field(path, field)
-                    probs[path], _ = field_probabilities(predictor, field, path_scale.get(path, scale))
+                    taken = scale[path] if isinstance(scale, Mapping) else scale
+                    probs[path], _ = field_probabilities(predictor, field, taken)
                 bar.update()
             return probs, unreadable
         for good, images, bad in _batches(paths, predictor.image_size, batch_size, on_field):
@@ -265,21 +267,25 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int =
 
 
 def write_csv(out: Path, predictor: Predictor, paths: Sequence[Path], probs: dict[Path, np.ndarray],
-              unreadable: list[tuple[Path, str]], qualities: dict[Path, FieldQuality], judge_all: bool = False
-              ) -> Path:
+              unreadable: list[tuple[Path, str]], qualities: dict[Path, FieldQuality], judge_all: bool = False,
+              scale: float | Mapping[Path, float] | None = None) -> Path:
     """One row per field, with its adequacy (``qualities``: ``roseprior.adequacy.FieldQuality`` per scored
-    path): a flagged field is called ``not assessable`` rather than N or P, unless ``judge_all``."""
+    path): a flagged field is called ``not assessable`` rather than N or P, unless ``judge_all``. ``scale``
+    (as ``predict_paths`` took it) fills the column ``scale``: how many times larger the field's objects were
+    taken to appear than in training, empty for a field resized whole."""
     reasons = dict(unreadable)
 
     def row(path: Path) -> list[str]:
         if path not in probs:
-            return [str(path), *([""] * (len(predictor.classes) + 1)), reasons.get(path, "unreadable"),
+            return [str(path), *([""] * (len(predictor.classes) + 1)), reasons.get(path, "unreadable"), "",
                     *([""] * (len(COLUMNS) - 1))]
         p, quality = probs[path], qualities[path]
         call = predictor.call(p) if quality.assessable or judge_all else NOT_ASSESSABLE
-        return [str(path), *(f"{v:.6f}" for v in p), call, "", *quality_cells(quality)]
+        taken = scale.get(path) if isinstance(scale, Mapping) else scale
+        return [str(path), *(f"{v:.6f}" for v in p), call, "", "" if taken is None else f"{taken:.4f}",
+                *quality_cells(quality)]
 
-    header = ["path", *(f"p_{c}" for c in predictor.classes), "predicted", "error", *COLUMNS[1:]]
+    header = ["path", *(f"p_{c}" for c in predictor.classes), "predicted", "error", "scale", *COLUMNS[1:]]
     return atomic_write_csv(out, header, map(row, paths))
 
 
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--ckpt", help="a finetune out_dir (best.safetensors + best.json)")
     source.add_argument("--model", help="a file written by python -m finetune.export (.onnx, or .pt TorchScript)")
     parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    parser.add_argument("--out", required=True, help="CSV: path, p_<class>..., predicted, error, adequacy columns")
+    parser.add_argument("--out", required=True, help="CSV: path, p_<class>..., predicted, error, scale (what the field was taken at; empty: resized whole), adequacy columns")
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ... (--ckpt)")
     parser.add_argument("--scale", default=None, type=parse_scale,
@@ -344,11 +350,13 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"no images under {args.images}")
         if scale is None and args.scale is None:  # not asked for --scale none: say when the scale is off
             check_scale(predictor, paths)
+        if scale == "auto":  # resolved here, so that the CSV says what each field was taken at
+            scale = folder_scales(predictor, paths)
         qualities: dict[Path, FieldQuality] = {}
         probs, unreadable = predict_paths(predictor, paths, args.batch_size, scale=scale,
                                           on_field=lambda path, field: qualities.__setitem__(path, measure(field)))
         try:
-            write_csv(out, predictor, paths, probs, unreadable, qualities, args.judge_all)
+            write_csv(out, predictor, paths, probs, unreadable, qualities, args.judge_all, scale)
         except OSError as err:
             raise DataError(f"cannot write {out}: {err.strerror}") from None
         print(f"finetune.predict: {len(probs)} image(s) scored with {predictor.source}, {len(unreadable)} "

@@ -196,6 +196,9 @@ def test_scale_auto_estimates_one_scale_per_folder_and_brings_each_folder_back(
     assert 0.6 < native < 1.6 and 1.6 < zoomed / native < 2.5, lines
     rows = {Path(r["path"]).relative_to(tmp_path / "fields"): r for r in csv.DictReader(out.open())}
     assert len(rows) == 20
+    for folder, printed in (("native", native), ("zoom2", zoomed)):  # the CSV says what each field was taken at
+        taken = [float(r["scale"]) for p, r in rows.items() if p.parts[0] == folder]
+        assert len(taken) == 10 and len(set(taken)) == 1 and abs(taken[0] - printed) <= 0.0051, (folder, taken)
     gaps = [abs(float(rows[Path("native") / p.name]["p_P"]) - float(rows[Path("zoom2") / p.name]["p_P"]))
             for p in (tmp_path / "fields" / "native").iterdir()]
     assert np.median(gaps) < 0.1, gaps
@@ -295,3 +298,4 @@ def test_predict_without_scale_warns_about_a_folder_at_another_magnification(
     assert main(["--ckpt", str(run), "--images", str(tmp_path / "fields" / "zoom2"), "--out", str(tmp_path / "q.csv"),
                  "--scale", "none"]) == 0
     assert "warning:" not in capsys.readouterr().err
+    assert {r["scale"] for r in csv.DictReader((tmp_path / "q.csv").open())} == {""}  # resized whole
