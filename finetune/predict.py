@@ -159,14 +159,6 @@ def field_probabilities(predictor: Predictor, image: np.ndarray, scale: float) -
     return predictor.probabilities(batch).mean(axis=0), len(batch)
 
 
-# Without --scale, up to this many fields of each folder are measured to check its scale: enough for a midmean,
-# in bounded time whatever the folder holds.
-SCALE_CHECK_FIELDS = 32
-# A folder read at least this far from the training scale, and predicted squeezed whole, is warned about: further
-# than the estimate's error on a folder and than malignancy alone moves it (synthetic P fields alone read 1.35x).
-SCALE_WARNING = 1.5
-
-
 def _folder_estimates(predictor: Predictor, paths: Sequence[Path], progress: bool, limit: int | None = None
                       ) -> Iterator[tuple[Path, list[Path], float, int]]:
     """(folder, its paths, its ``shared_scale``, fields measured) per folder of fields taken alike (class folders
@@ -214,17 +206,18 @@ def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = 
 
 
 def check_scale(predictor: Predictor, paths: Sequence[Path], progress: bool = True) -> list[Path]:
-    """Without ``--scale``: each folder's scale measured on up to ``SCALE_CHECK_FIELDS`` of its fields, and a
-    warning for each folder read ``SCALE_WARNING`` or more from the training scale, whose fields squeezed whole
-    show the model objects of another size than it was trained on (the issue's 4x lower magnification cost 17
-    points that way). Returns those folders; none when the run records no scale reference of today's measure."""
-    from roseprior.scale import MEASURE_VERSION
+    """Without ``--scale``: each folder's scale measured on up to ``roseprior.scale.CHECK_FIELDS`` of its
+    fields, and a warning for each folder read ``OFF_SCALE`` or more from the training scale, whose fields
+    squeezed whole show the model objects of another size than it was trained on (the issue's 4x lower
+    magnification cost 17 points that way). Returns those folders; none when the run records no scale reference
+    of today's measure."""
+    from roseprior import scale as scales
 
-    if ((predictor.scale or {}).get("reference") or {}).get("version") != MEASURE_VERSION:
+    if ((predictor.scale or {}).get("reference") or {}).get("version") != scales.MEASURE_VERSION:
         return []
     flagged = []
-    for folder, _, scale, measured in _folder_estimates(predictor, paths, progress, SCALE_CHECK_FIELDS):
-        if measured and abs(np.log(scale)) >= np.log(SCALE_WARNING):
+    for folder, _, scale, measured in _folder_estimates(predictor, paths, progress, scales.CHECK_FIELDS):
+        if measured and scales.is_off_scale(scale):
             flagged.append(folder)
             print(f"finetune.predict: warning: {folder}: objects appear {scale:.2f}x as large as in the training fields "
                   f"(nuclei of {measured} fields); squeezed whole into the model's input, they are shown at another "

@@ -363,6 +363,41 @@ def run_splits(run: Path) -> tuple[FinetuneConfig, dict[str, list[Sample]]] | No
         return None
 
 
+def off_scale_warnings(test: list[Sample], scale: dict[str, Any], source: str) -> list[str]:
+    """A warning for each site of the test split (its ``domain``; the whole split without one) whose nuclei, on
+    up to ``roseprior.scale.CHECK_FIELDS`` of its images, read ``OFF_SCALE`` or more from the training scale: its
+    images were squeezed into the model's input at another magnification than the training images, and its
+    numbers say so (the issue's test split at 4x lower magnification lost 17 points). None when the images were
+    brought to one scale (``data.target_mpp``)."""
+    from roseprior import scale as scales
+    from roseprior.data import spread_indices
+    from roseprior.imageio import UnreadableImage, read_image
+
+    if scale.get("target_mpp") is not None:
+        return []
+
+    def fields(samples: list[Sample]) -> Any:
+        for sample in samples:
+            try:
+                yield read_image(sample.path)
+            except UnreadableImage:
+                continue
+
+    sites: dict[str | None, list[Sample]] = {}
+    for sample in test:
+        sites.setdefault(sample.domain, []).append(sample)
+    warnings = []
+    for site, samples in sorted(sites.items(), key=lambda item: str(item[0])):
+        picked = [samples[i] for i in spread_indices(len(samples), scales.CHECK_FIELDS)]
+        relative, measured = scales.shared_scale(fields(picked), scale, source)
+        if measured and scales.is_off_scale(relative):
+            warnings.append(f"the test split{f' of {site}' if site else ''} shows objects {relative:.2f}x as large as "
+                            f"the training split (nuclei of {measured} images): its numbers are at another "
+                            "magnification than training. Give each image its scale (roseprior scale --per-folder, "
+                            "data.target_mpp), or predict it with --scale auto")
+    return warnings
+
+
 def current_training_scale(run: Path, recorded: dict[str, Any] | None) -> dict[str, Any] | None:
     """A run's training scale (``best.json``'s ``scale``) whose reference today's ``--scale auto`` can read: one
     measured by an older roseprior (``roseprior.scale.MEASURE_VERSION``) is rebuilt from the run's training
@@ -460,6 +495,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     metrics["warnings"] = [w for part in ("val", "test") for w in metrics[part].get("warnings", [])]
     if main:
         scale = training_scale(splits["train"], cfg.data.image_size, cfg.data.target_mpp, framing=cfg.data.framing)
+        metrics["warnings"] += off_scale_warnings(splits["test"], scale, str(out_dir))
         record_decision(out_dir, metrics, scale)
         atomic_write_json(out_dir / "metrics.json", metrics)
         write_image_list(out_dir, {"train": splits["train"], "val": splits["val"]})

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["FRAMINGS", "ScaleReference", "acquisition_folder", "add_parser", "at_training_scale", "camera_zoom",
-           "fields_scale", "folder_scale", "nucleus_size", "resample", "shared_scale", "tiles", "training_scale", "typical",
+           "fields_scale", "folder_scale", "is_off_scale", "nucleus_size", "resample", "shared_scale", "tiles", "training_scale", "typical",
            "zoom_as_framed"]
 
 PERCENTILE = 90
@@ -50,6 +50,11 @@ TRIM = 0.25
 # A folder read within this factor of the training scale is taken at it: the estimate's own error on the median
 # image reaches 15%, and correcting noise cost CRIC 3 points of balanced accuracy on unshifted test cells.
 SAME_SCALE = 1.2
+# Fields shown to a model squeezed whole are checked on up to CHECK_FIELDS of each folder (or test split), and
+# warned about when read OFF_SCALE or more from the training scale: further than the estimate's error on a folder
+# and than malignancy alone moves one (synthetic P fields alone read 1.35x).
+CHECK_FIELDS = 32
+OFF_SCALE = 1.5
 # How a set's images were framed (``data.framing``): "field", a camera's photograph of the smear; "cell", a crop
 # cut around one cell.
 FRAMINGS = ("field", "cell")
@@ -313,6 +318,12 @@ def acquisition_folder(path: Path, classes: Sequence[str]) -> Path:
     P 1.04x, both 0.97x; zoomed 2x: 1.77x, 2.09x, 1.92x)."""
     folder = Path(path).parent
     return folder.parent if folder.name.casefold() in {c.casefold() for c in classes} else folder
+
+
+def is_off_scale(scale: float) -> bool:
+    """Whether fields read at ``scale`` (relative to the training scale) are far enough off it to be warned about
+    when they are shown to the model squeezed whole."""
+    return bool(np.isfinite(scale) and abs(np.log(scale)) >= np.log(OFF_SCALE))
 
 
 def folder_scale(estimates: Iterable[float]) -> tuple[float, int]:

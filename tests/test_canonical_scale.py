@@ -157,3 +157,37 @@ def test_capture_days_at_two_zooms_measured_into_a_manifest_that_finetune_trains
                           "data.target_mpp=1.0", "data.image_size=96", f"out_dir={tmp_path / 'ft'}",
                           "train.batch_size=4", "train.epochs=1", "train.max_steps=2", "cam.enabled=false",
                           "sam=off"]) == 0
+
+
+def test_finetune_warns_when_its_test_split_is_at_another_magnification(tmp_path: Path) -> None:
+    """The issue's second table: a test split photographed at another magnification, squeezed into the model's
+    input as the training images were, scores what it scores; finetune says why and what to do. A test split at
+    the training magnification is not warned about."""
+    from finetune.__main__ import main as finetune_main
+    from roseprior.imageio import read_image
+    from roseprior.synth import generate
+
+    data = generate(tmp_path / "drawn", n_per_class=8, size=192, domains=["site_a"], seed=9, progress=False)
+    paths = sorted(data.rglob("*.jpg"))
+    for name, test_zoom in (("same", 1.0), ("zoomed", 2.0)):
+        rows = []
+        for i, path in enumerate(paths):
+            split = ("train", "train", "val", "test")[i % 4]
+            image = read_image(path)
+            out = tmp_path / name / path.parent.name / f"{path.stem}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(resample(image, test_zoom) if split == "test" else image).save(out)
+            rows.append((str(out), path.parent.name, split))
+        manifest = tmp_path / name / "manifest.csv"
+        with manifest.open("w", newline="") as fh:
+            csv.writer(fh).writerows([("path", "label", "split"), *rows])
+        out_dir = tmp_path / f"ft_{name}"
+        assert finetune_main(["--config", str(REPO / "configs/finetune/msht_tiny_cpu.yaml"), f"data.root={manifest}",
+                              "data.image_size=96", f"out_dir={out_dir}", "train.batch_size=4", "train.epochs=1",
+                              "train.max_steps=1", "cam.enabled=false", "sam=off"]) == 0
+        warnings = [w for w in json.loads((out_dir / "metrics.json").read_text())["warnings"] if "magnification" in w]
+        if test_zoom == 1.0:
+            assert warnings == []
+        else:
+            assert len(warnings) == 1 and "--scale auto" in warnings[0], warnings
+            assert 1.6 < float(warnings[0].split("objects ")[1].split("x")[0]) < 2.5, warnings

@@ -289,7 +289,7 @@ def test_predict_without_scale_warns_about_a_folder_at_another_magnification(
             folder = tmp_path / "fields" / name / path.parent.name  # class folders N/ and P/
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(resample(read_image(path), factor)).save(folder / f"{path.stem}.png")
-    monkeypatch.setattr("finetune.predict.SCALE_CHECK_FIELDS", 12)  # of each folder's 20
+    monkeypatch.setattr("roseprior.scale.CHECK_FIELDS", 12)  # of each folder's 20
     capsys.readouterr()
     assert main(["--ckpt", str(run), "--images", str(tmp_path / "fields"), "--out", str(tmp_path / "p.csv")]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
