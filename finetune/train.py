@@ -363,12 +363,13 @@ def run_splits(run: Path) -> tuple[FinetuneConfig, dict[str, list[Sample]]] | No
         return None
 
 
-def off_scale_warnings(test: list[Sample], scale: dict[str, Any], source: str) -> list[str]:
+def off_scale_warnings(test: list[Sample], train: list[Sample], scale: dict[str, Any], source: str) -> list[str]:
     """A warning for each site of the test split (its ``domain``; the whole split without one) whose nuclei, on
     up to ``roseprior.scale.CHECK_FIELDS`` of its images, read ``OFF_SCALE`` or more from the training scale: its
     images were squeezed into the model's input at another magnification than the training images, and its
-    numbers say so (the issue's test split at 4x lower magnification lost 17 points). None when the images were
-    brought to one scale (``data.target_mpp``)."""
+    numbers say so (the issue's test split at 4x lower magnification lost 17 points). A site the training split
+    also has is not checked: its own training images were seen at its scale. None when the images were brought to
+    one scale (``data.target_mpp``)."""
     from roseprior import scale as scales
     from roseprior.data import spread_indices
     from roseprior.imageio import UnreadableImage, read_image
@@ -383,9 +384,11 @@ def off_scale_warnings(test: list[Sample], scale: dict[str, Any], source: str) -
             except UnreadableImage:
                 continue
 
+    trained_sites = {sample.domain for sample in train if sample.domain}
     sites: dict[str | None, list[Sample]] = {}
     for sample in test:
-        sites.setdefault(sample.domain, []).append(sample)
+        if sample.domain not in trained_sites:
+            sites.setdefault(sample.domain, []).append(sample)
     warnings = []
     for site, samples in sorted(sites.items(), key=lambda item: str(item[0])):
         picked = [samples[i] for i in spread_indices(len(samples), scales.CHECK_FIELDS)]
@@ -495,7 +498,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     metrics["warnings"] = [w for part in ("val", "test") for w in metrics[part].get("warnings", [])]
     if main:
         scale = training_scale(splits["train"], cfg.data.image_size, cfg.data.target_mpp, framing=cfg.data.framing)
-        metrics["warnings"] += off_scale_warnings(splits["test"], scale, str(out_dir))
+        metrics["warnings"] += off_scale_warnings(splits["test"], splits["train"], scale, str(out_dir))
         record_decision(out_dir, metrics, scale)
         atomic_write_json(out_dir / "metrics.json", metrics)
         write_image_list(out_dir, {"train": splits["train"], "val": splits["val"]})

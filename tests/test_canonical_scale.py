@@ -161,33 +161,40 @@ def test_capture_days_at_two_zooms_measured_into_a_manifest_that_finetune_trains
 
 def test_finetune_warns_when_its_test_split_is_at_another_magnification(tmp_path: Path) -> None:
     """The issue's second table: a test split photographed at another magnification, squeezed into the model's
-    input as the training images were, scores what it scores; finetune says why and what to do. A test split at
-    the training magnification is not warned about."""
+    input as the training images were, scores what it scores; finetune says why and what to do, naming the site
+    when the data has one. A test split at the training magnification is not warned about, nor a site whose own
+    training images were at its magnification."""
     from finetune.__main__ import main as finetune_main
     from roseprior.imageio import read_image
     from roseprior.synth import generate
 
     data = generate(tmp_path / "drawn", n_per_class=8, size=192, domains=["site_a"], seed=9, progress=False)
     paths = sorted(data.rglob("*.jpg"))
-    for name, test_zoom in (("same", 1.0), ("zoomed", 2.0)):
+    # (test zoom, the test split's site, a site of the training split whose images share the test zoom)
+    arms = {"same": (1.0, "", ""), "zoomed": (2.0, "", ""), "new_site": (2.0, "site_x", ""),
+            "trained_site": (2.0, "site_b", "site_b")}
+    for name, (test_zoom, test_site, zoomed_train_site) in arms.items():
         rows = []
         for i, path in enumerate(paths):
             split = ("train", "train", "val", "test")[i % 4]
+            site = test_site if split == "test" else (zoomed_train_site if i % 8 == 0 else "site_a" * bool(test_site))
             image = read_image(path)
             out = tmp_path / name / path.parent.name / f"{path.stem}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(resample(image, test_zoom) if split == "test" else image).save(out)
-            rows.append((str(out), path.parent.name, split))
+            zoomed = split == "test" or (site and site == zoomed_train_site)
+            Image.fromarray(resample(image, test_zoom) if zoomed else image).save(out)
+            rows.append((str(out), path.parent.name, split, site))
         manifest = tmp_path / name / "manifest.csv"
         with manifest.open("w", newline="") as fh:
-            csv.writer(fh).writerows([("path", "label", "split"), *rows])
+            csv.writer(fh).writerows([("path", "label", "split", "domain"), *rows])
         out_dir = tmp_path / f"ft_{name}"
         assert finetune_main(["--config", str(REPO / "configs/finetune/msht_tiny_cpu.yaml"), f"data.root={manifest}",
                               "data.image_size=96", f"out_dir={out_dir}", "train.batch_size=4", "train.epochs=1",
                               "train.max_steps=1", "cam.enabled=false", "sam=off"]) == 0
         warnings = [w for w in json.loads((out_dir / "metrics.json").read_text())["warnings"] if "magnification" in w]
-        if test_zoom == 1.0:
-            assert warnings == []
+        if name in ("same", "trained_site"):
+            assert warnings == [], (name, warnings)
         else:
             assert len(warnings) == 1 and "--scale auto" in warnings[0], warnings
+            assert ("of site_x" in warnings[0]) == (name == "new_site"), warnings
             assert 1.6 < float(warnings[0].split("objects ")[1].split("x")[0]) < 2.5, warnings
