@@ -5,7 +5,8 @@
 # about the same CPU time (300 against 240 steps of 128 fields: a multi-crop step costs 1.25-1.4x); fine-tune each
 # on the labelled fields of sites a and b; predict held-out sites c (about 0.6x the training magnification) and d
 # (1.6x) at the estimated training scale and squeezed; and the probes' balanced robustness index of each
-# backbone. Two pretraining seeds x three fine-tuning seeds; about 55 minutes on 2 cores (two jobs side by side).
+# backbone. Three pretraining seeds (PRETRAIN_SEEDS) x three fine-tuning seeds (SEEDS); about 25 minutes per
+# pretraining seed on 2 cores (two jobs side by side).
 #   bash benchmarks/heldout_recipes.sh [OUT]      # results: OUT/heldout/heldout_recipes.json, OUT/probes
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ pretrain() {  # name, seed, config, steps, epochs (the cosine schedule ends with
     data.root="$out/unlabelled_all.csv" out_dir="$run" train.batch_size=128 train.max_steps="$steps" \
     train.epochs="$epochs" monitor.progress=false checkpoint.every_steps=100000 "$@" > "$run.log" 2>&1
 }
-for pt_seed in ${PRETRAIN_SEEDS:-0 1}; do
+for pt_seed in ${PRETRAIN_SEEDS:-0 1 2}; do
   pretrain "twoview$pt_seed" "$pt_seed" simclr_msht_tiny_cpu.yaml 300 34 &
   pretrain "multicrop$pt_seed" "$pt_seed" simclr_multicrop_msht_tiny_cpu.yaml 240 27 train.batch_by_domain=true &
   wait
