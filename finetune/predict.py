@@ -161,29 +161,18 @@ def field_probabilities(predictor: Predictor, image: np.ndarray, scale: float) -
 
 def _folder_estimates(predictor: Predictor, paths: Sequence[Path], progress: bool, limit: int | None = None
                       ) -> Iterator[tuple[Path, list[Path], float, int]]:
-    """(folder, its paths, its ``shared_scale``, fields measured) per folder of fields taken alike (class folders
-    count with the folder above them, ``acquisition_folder``), measured on at most ``limit`` fields spread over
-    it, in a pass that keeps no field in memory."""
-    from roseprior.data import spread_indices
-    from roseprior.scale import acquisition_folder, shared_scale
+    """(folder, its paths, its scale, fields measured) per folder of fields taken alike (class folders count with
+    the folder above them, ``acquisition_folder``), measured on at most ``limit`` fields spread over it
+    (``sampled_scale``), in a pass that keeps no field in memory."""
+    from roseprior.scale import acquisition_folder, sampled_scale
 
     folders: dict[Path, list[Path]] = {}
     for path in paths:
         folders.setdefault(acquisition_folder(path, predictor.classes), []).append(path)
-    measured_paths = {folder: [group[i] for i in spread_indices(len(group), limit or len(group))]
-                      for folder, group in folders.items()}
-
-    def fields(group: list[Path], bar: Progress) -> Iterator[np.ndarray]:
-        for path in group:
-            try:
-                yield read_image(path)
-            except UnreadableImage:
-                pass  # listed with its reason by the prediction pass
-            bar.update()
-
-    with Progress(sum(map(len, measured_paths.values())), "scale", unit="img", enabled=progress) as bar:
+    total = sum(min(len(group), limit or len(group)) for group in folders.values())
+    with Progress(total, "scale", unit="img", enabled=progress) as bar:
         for folder, group in folders.items():
-            scale, measured = shared_scale(fields(measured_paths[folder], bar), predictor.scale, predictor.source)
+            scale, measured = sampled_scale(group, predictor.scale, predictor.source, limit, bar.update)
             yield folder, group, scale, measured
 
 

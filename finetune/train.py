@@ -371,19 +371,9 @@ def off_scale_warnings(test: list[Sample], train: list[Sample], scale: dict[str,
     also has is not checked: its own training images were seen at its scale. None when the images were brought to
     one scale (``data.target_mpp``)."""
     from roseprior import scale as scales
-    from roseprior.data import spread_indices
-    from roseprior.imageio import UnreadableImage, read_image
 
     if scale.get("target_mpp") is not None:
         return []
-
-    def fields(samples: list[Sample]) -> Any:
-        for sample in samples:
-            try:
-                yield read_image(sample.path)
-            except UnreadableImage:
-                continue
-
     trained_sites = {sample.domain for sample in train if sample.domain}
     sites: dict[str | None, list[Sample]] = {}
     for sample in test:
@@ -391,8 +381,7 @@ def off_scale_warnings(test: list[Sample], train: list[Sample], scale: dict[str,
             sites.setdefault(sample.domain, []).append(sample)
     warnings = []
     for site, samples in sorted(sites.items(), key=lambda item: str(item[0])):
-        picked = [samples[i] for i in spread_indices(len(samples), scales.CHECK_FIELDS)]
-        relative, measured = scales.shared_scale(fields(picked), scale, source)
+        relative, measured = scales.sampled_scale([s.path for s in samples], scale, source, scales.CHECK_FIELDS)
         if measured and scales.is_off_scale(relative):
             warnings.append(f"the test split{f' of {site}' if site else ''} shows objects {relative:.2f}x as large as "
                             f"the training split (nuclei of {measured} images): its numbers are at another "

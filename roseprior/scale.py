@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["FRAMINGS", "ScaleReference", "acquisition_folder", "add_parser", "at_training_scale", "camera_zoom",
-           "fields_scale", "folder_scale", "is_off_scale", "nucleus_size", "resample", "shared_scale", "tiles", "training_scale", "typical",
+           "fields_scale", "folder_scale", "is_off_scale", "nucleus_size", "resample", "sampled_scale", "shared_scale",
+           "tiles", "training_scale", "typical",
            "zoom_as_framed"]
 
 PERCENTILE = 90
@@ -306,6 +307,26 @@ def shared_scale(fields: Iterable[np.ndarray], info: dict[str, Any] | None, sour
         return 1.0, 0
     relative = float(info.get("input_per_native", 1.0) * folder)
     return (1.0 if abs(np.log(relative)) < np.log(SAME_SCALE) else relative), count
+
+
+def sampled_scale(paths: Sequence[str | Path], info: dict[str, Any] | None, source: str, limit: int | None = None,
+                  on_read: Callable[[], None] | None = None) -> tuple[float, int]:
+    """``shared_scale`` of the images at up to ``limit`` of ``paths`` spread over them (all of them without a
+    limit), read one at a time; one that does not decode is skipped (whoever reads it next lists it).
+    ``on_read()`` is called for each path tried (a progress bar)."""
+    from roseprior.data import spread_indices
+    from roseprior.imageio import UnreadableImage, read_image
+
+    def fields() -> Iterator[np.ndarray]:
+        for index in spread_indices(len(paths), limit or len(paths)):
+            try:
+                yield read_image(paths[index])
+            except UnreadableImage:
+                pass
+            if on_read is not None:
+                on_read()
+
+    return shared_scale(fields(), info, source)
 
 
 def acquisition_folder(path: Path, classes: Sequence[str]) -> Path:
