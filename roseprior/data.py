@@ -32,6 +32,8 @@ __all__ = [
     "find_images",
     "load_labelled",
     "load_unlabeled",
+    "manifest_columns",
+    "manifest_row",
     "read_during_run",
     "read_manifest",
     "resolve_root",
@@ -175,6 +177,24 @@ def read_manifest(path: str | Path, classes: Sequence[str] | None, split: str | 
         if absent:
             warnings.warn(f"manifest {path} has no rows of class {', '.join(absent)}", stacklevel=3)
     return samples
+
+
+def manifest_columns(samples: Sequence[Sample]) -> list[str]:
+    """The header of a manifest that ``read_manifest`` reads ``samples`` back from: path, label, then domain and
+    group when any sample has one, then the source's other columns in the order first seen."""
+    columns = ["path", "label"]
+    columns += [name for name in ("domain", "group") if any(getattr(s, name) is not None for s in samples)]
+    for s in samples:
+        columns.extend(k for k in s.extra if k not in columns)
+    return columns
+
+
+def manifest_row(sample: Sample, columns: Sequence[str], classes: Sequence[str], path: str) -> list[str]:
+    """``sample`` as a row under ``columns`` (``manifest_columns``): ``path`` as given (absolute, or relative to
+    the manifest), the class name (empty when unlabelled), then its own columns."""
+    row = {**sample.extra, "path": path, "label": classes[sample.label] if sample.label >= 0 else "",
+           "domain": sample.domain or "", "group": sample.group or ""}
+    return [row.get(column, "") for column in columns]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -331,14 +331,19 @@ def sampled_scale(paths: Sequence[str | Path], info: dict[str, Any] | None, sour
 
 def acquisition_folder(path: Path, classes: Sequence[str]) -> Path:
     """The folder of fields taken alike that the image at ``path`` belongs to, for one scale per folder: its own
-    folder, or the one above when its own is named after a class (``N/``, ``P/``; case ignored).
+    folder, less every folder on the way named after a class (``N/``, ``P/``) or a split (``train/``, ``val/``,
+    ``test/``); case ignored. ``site_a/test/P/x.png`` belongs to ``site_a``.
 
     Class folders split one acquisition by diagnosis. Since the estimate also reads malignancy's enlarged nuclei
     as magnification, a scale per class folder would read the P folder larger than the N folder and bring each
     toward one size, erasing the difference the classifier must see (300 CRIC cells of each class: N 0.91x,
-    P 1.04x, both 0.97x; zoomed 2x: 1.77x, 2.09x, 1.92x)."""
-    folder = Path(path).parent
-    return folder.parent if folder.name.casefold() in {c.casefold() for c in classes} else folder
+    P 1.04x, both 0.97x; zoomed 2x: 1.77x, 2.09x, 1.92x). Split folders split it by use: a scale per split would
+    measure the same site apart on fewer fields, and bring its test fields to another scale than its training
+    fields when the two estimates differ by their noise."""
+    from roseprior.data import SPLITS
+
+    parted = {name.casefold() for name in (*classes, *SPLITS)}
+    return Path(*[part for part in Path(path).parent.parts if part.casefold() not in parted])
 
 
 def is_off_scale(scale: float) -> bool:
@@ -365,11 +370,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "scale", help="estimate each image's magnification relative to a reference set, from its nuclei",
-        description=("Writes OUT (CSV): path (relative to OUT), label (the class folder an image is in, if any), "
-                     "relative_scale (1.0 = objects as large as in the reference; 2.0 = twice as large), nucleus_px: "
-                     "a manifest every stage reads (with data.target_mpp set). The reference is calibrated by "
-                     "resampling it by known factors."))
-    parser.add_argument("--images", required=True, help="folder of images to measure (searched recursively)")
+        description=("Writes OUT (CSV): path (relative to OUT), what the layout of --images says of each image as "
+                     "every stage reads it (label from class folders, domain from site folders, split from "
+                     "train/val/test folders, a manifest's columns), relative_scale (1.0 = objects as large as in the "
+                     "reference; 2.0 = twice as large), nucleus_px: a manifest every stage reads (with "
+                     "data.target_mpp set). The reference is calibrated by resampling it by known factors."))
+    parser.add_argument("--images", required=True,
+                        help="folder of images to measure (searched recursively), or a manifest CSV of them")
     parser.add_argument("--reference", required=True, help="folder of images at the reference scale")
     parser.add_argument("--out", required=True, help="CSV to write")
     parser.add_argument("--max-reference", type=int, default=64, help="reference images used (default 64)")
@@ -389,10 +396,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from roseprior.checkpoint import atomic_write_csv
-    from roseprior.data import find_images, spread_indices
+    from roseprior.data import Sample, find_images, manifest_columns, manifest_row, spread_indices
     from roseprior.errors import DataError
     from roseprior.imageio import UnreadableImage, read_image
     from roseprior.progress import Progress
+    from roseprior.splits import load_as_laid_out
 
     out = Path(args.out)
     if out.is_dir():
@@ -407,32 +415,36 @@ def _run(args: argparse.Namespace) -> int:
     if not reference_images:
         raise DataError(f"--reference {args.reference}: no readable images")
     reference = ScaleReference.build(reference_images, framing=args.framing)
-    rows: list[tuple[Path, float, float, str]] = []  # path, estimate, nucleus px, error
-    paths = find_images(args.images)
-    with Progress(len(paths), "scale", unit="img") as progress:
-        for path in paths:
+    # What the folder's layout says of each image (label, site, its own split, a manifest's columns) goes into the
+    # CSV with its scale, so that every stage reads the CSV as it read the folder.
+    samples = load_as_laid_out(args.images, args.classes)
+    rows: list[tuple[Sample, float, float, str]] = []  # sample, estimate, nucleus px, error
+    with Progress(len(samples), "scale", unit="img") as progress:
+        for sample in samples:
             try:
-                image = read_image(path)
+                image = read_image(sample.path)
                 size = nucleus_size(image)  # measured once: relative_scale reads it off the reference's curve
-                rows.append((path, reference.relative_scale(image, size), size, ""))
+                rows.append((sample, reference.relative_scale(image, size), size, ""))
             except UnreadableImage as err:
-                rows.append((path, float("nan"), float("nan"), err.reason))
+                rows.append((sample, float("nan"), float("nan"), err.reason))
             progress.update()
     if args.per_folder:  # one scale per folder: see shared_scale for why a manifest wants it
         folders: dict[Path, list[float]] = {}
-        for path, estimate, _, _ in rows:
-            folders.setdefault(acquisition_folder(path, args.classes), []).append(estimate)
+        for sample, estimate, _, _ in rows:
+            folders.setdefault(acquisition_folder(Path(sample.path), args.classes), []).append(estimate)
         per_folder = {folder: folder_scale(values)[0] for folder, values in folders.items()}
-        rows = [(path, per_folder[acquisition_folder(path, args.classes)] if not error else estimate, size, error)
-                for path, estimate, size, error in rows]
-    # A manifest every stage reads as it is: paths relative to the CSV, and the label of an image in a class folder.
-    classes = {c.casefold(): c for c in args.classes}
-    atomic_write_csv(out, ["path", "label", "relative_scale", "nucleus_px", "error"], (
-        [os.path.relpath(os.path.abspath(path), os.path.abspath(out.parent)), classes.get(path.parent.name.casefold(), ""),
-         f"{estimate:.4f}" if np.isfinite(estimate) else "", f"{size:.3f}" if np.isfinite(size) else "", error]
-        for path, estimate, size, error in rows))
+        rows = [(sample, per_folder[acquisition_folder(Path(sample.path), args.classes)] if not error else estimate,
+                 size, error) for sample, estimate, size, error in rows]
+    measured = [replace(sample, extra={**sample.extra, "relative_scale": f"{estimate:.4f}" if np.isfinite(estimate) else "",
+                                       "nucleus_px": f"{size:.3f}" if np.isfinite(size) else "", "error": error})
+                for sample, estimate, size, error in rows]  # a scale the source already had is replaced
+    columns = [c for c in manifest_columns(measured) if c not in ("relative_scale", "nucleus_px", "error")]
+    columns += ["relative_scale", "nucleus_px", "error"]
+    base = os.path.abspath(out.parent)
+    atomic_write_csv(out, columns, (manifest_row(s, columns, args.classes, os.path.relpath(os.path.abspath(s.path), base))
+                                    for s in measured))
     low, high = reference.measurable()
-    print(f"roseprior scale: {len(paths)} image(s) measured against {len(reference_images)} reference image(s), "
+    print(f"roseprior scale: {len(samples)} image(s) measured against {len(reference_images)} reference image(s), "
           f"which tell scales apart from {low:.3g}x to {high:.3g}x (an estimate outside is clamped) -> {out}",
           file=sys.stderr)
     return 0

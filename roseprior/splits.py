@@ -27,17 +27,26 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import io
 import os
 import random
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
-from roseprior.data import MANIFEST_NAME, SPLITS, Sample, load_labelled, with_scales
+from roseprior.data import (
+    MANIFEST_NAME,
+    SPLITS,
+    Sample,
+    find_images,
+    load_labelled,
+    manifest_columns,
+    manifest_row,
+    read_manifest,
+    with_scales,
+)
 from roseprior.errors import ConfigError, DataError
 
 __all__ = [
@@ -49,6 +58,8 @@ __all__ = [
     "split_fingerprint",
     "find_cross_split_duplicates",
     "group_key",
+    "has_split_folders",
+    "load_as_laid_out",
     "parse_ratios",
     "split_samples",
     "split_sizes",
@@ -316,7 +327,7 @@ def resolve_splits(data_cfg, root: str | Path | None = None) -> SplitSet:
     if data_cfg.split_dir:
         splits = {name: load_labelled(root, classes, split=name, split_dir=data_cfg.split_dir) for name in SPLITS}
         source = f"split files in {data_cfg.split_dir}"
-    elif root.is_dir() and (root / "train").is_dir() and not any((root / c).is_dir() for c in classes):
+    elif has_split_folders(root, classes):
         splits = {name: load_labelled(root, classes, split=name) if (root / name).is_dir() else [] for name in SPLITS}
         source = f"split folders under {root}"
     else:
@@ -357,6 +368,29 @@ def read_image_list(folder: str | Path) -> dict[str, str] | None:
         return {row["path"]: row["split"] for row in csv.DictReader(fh)}
 
 
+def has_split_folders(root: Path, classes: Sequence[str]) -> bool:
+    """Whether ``root`` holds its own split as ``train/``, ``val/``, ``test/`` folders (not class folders)."""
+    return root.is_dir() and (root / "train").is_dir() and not any((root / c).is_dir() for c in classes)
+
+
+def load_as_laid_out(root: str | Path, classes: Sequence[str]) -> list[Sample]:
+    """Every image under ``root`` with all that its layout says of it, for tools that write a manifest back
+    (``roseprior scale``): a labelled set as every stage reads it (label; ``domain`` from site folders; its own
+    split in ``extra["split"]``, from split folders or a manifest column; a manifest's other columns), an
+    unlabelled manifest as it is, and any other folder as every image in it, labelled where its own folder is
+    named after a class."""
+    root = Path(root)
+    if has_split_folders(root, classes):
+        return [replace(s, extra={**s.extra, "split": name}) for name in SPLITS if (root / name).is_dir()
+                for s in load_labelled(root, classes, split=name)]
+    if is_labelled(root, classes):
+        return load_labelled(root, classes)
+    if root.is_file():
+        return read_manifest(root, None)
+    index = {c.casefold(): i for i, c in enumerate(classes)}
+    return [Sample(str(path), index.get(path.parent.name.casefold(), -1)) for path in find_images(root)]
+
+
 def is_labelled(root: Path, classes: Sequence[str]) -> bool:
     """Whether ``root`` is a labelled set (split files aside): class folders, split folders, folders of
     class folders per domain, or a manifest with a ``label`` column."""
@@ -378,29 +412,12 @@ def is_labelled(root: Path, classes: Sequence[str]) -> bool:
 
 def write_split_csvs(splits: dict[str, list[Sample]], out: str | Path, classes: Sequence[str]) -> list[Path]:
     """Write ``out/{train,val,test}.csv``: absolute path, class name, then the source's columns."""
-    from roseprior.checkpoint import atomic_write_text
+    from roseprior.checkpoint import atomic_write_csv
 
-    out = Path(out)
-    all_samples = [s for name in SPLITS for s in splits[name]]
-    columns = ["path", "label"]
-    if any(s.domain is not None for s in all_samples):
-        columns.append("domain")
-    if any(s.group is not None for s in all_samples):
-        columns.append("group")
-    for s in all_samples:
-        columns.extend(k for k in s.extra if k not in columns)
-    written = []
-    for name in SPLITS:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        for s in splits[name]:
-            row = {"path": os.path.abspath(s.path), "label": classes[s.label], **s.extra}
-            row["domain"] = s.domain or ""
-            row["group"] = s.group or ""
-            writer.writerow({k: row.get(k, "") for k in columns})
-        written.append(atomic_write_text(out / f"{name}.csv", buffer.getvalue()))
-    return written
+    columns = manifest_columns([s for name in SPLITS for s in splits[name]])
+    return [atomic_write_csv(Path(out) / f"{name}.csv", columns,
+                             (manifest_row(s, columns, classes, os.path.abspath(s.path)) for s in splits[name]))
+            for name in SPLITS]
 
 
 def write_link_tree(splits: dict[str, list[Sample]], out: str | Path, classes: Sequence[str]) -> Path:

@@ -159,6 +159,59 @@ def test_capture_days_at_two_zooms_measured_into_a_manifest_that_finetune_trains
                           "sam=off"]) == 0
 
 
+def test_scale_manifest_keeps_the_sites_and_the_split_the_folders_gave(tmp_path: Path) -> None:
+    """Labelled data from two sites at two magnifications, laid out as every stage reads it (its own split, one
+    folder per site). The manifest ``roseprior scale`` writes for ``data.target_mpp`` must keep what the layout
+    said: each image's site (the probes' robustness index and ``train.batch_by_domain`` need it) and the user's
+    split (else every stage would split the CSV anew), with one scale per site across its split folders. A
+    manifest given as ``--images`` keeps its own columns."""
+    from roseprior.cli import main as cli
+    from roseprior.imageio import read_image
+    from roseprior.splits import resolve_splits
+    from roseprior.synth import generate
+
+    data = generate(tmp_path / "drawn", n_per_class=8, size=192, domains=["site_a"], seed=6, progress=False)
+    paths = sorted(data.rglob("*.jpg"))
+    layout = {}  # image -> (split, site)
+    for i, path in enumerate(paths):
+        split = ("train", "train", "val", "test")[i % 4]
+        for site, factor in (("site_a", 1.0), ("site_b", 2.0)):  # site b's objects twice as large
+            out = tmp_path / "data" / split / site / path.parent.name / f"{path.stem}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(resample(read_image(path), factor)).save(out)
+            layout[out.resolve()] = (split, site)
+    manifest = tmp_path / "scales.csv"
+    assert cli(["scale", "--images", str(tmp_path / "data"), "--reference", str(tmp_path / "data" / "train" / "site_a"),
+                "--per-folder", "--out", str(manifest)]) == 0
+    rows = list(csv.DictReader(manifest.open()))
+    assert len(rows) == len(layout) and {"domain", "split", "label", "relative_scale"} <= set(rows[0])
+    for row in rows:
+        assert (row["split"], row["domain"]) == layout[(tmp_path / row["path"]).resolve()], row
+    site_scale = {site: {r["relative_scale"] for r in rows if r["domain"] == site} for site in ("site_a", "site_b")}
+    assert all(len(values) == 1 for values in site_scale.values()), site_scale  # one per site, not per split folder
+    (site_a,), (site_b,) = site_scale.values()
+    assert 1.6 < float(site_b) / float(site_a) < 2.5, site_scale
+    splits = resolve_splits(DataConfig(root=str(manifest), target_mpp=1.0, image_size=96))
+    assert splits.source == f"the 'split' column of {manifest}"
+    for name, part in splits.splits.items():
+        assert sorted(Path(s.path).resolve() for s in part) == sorted(p for p, (split, _) in layout.items()
+                                                                      if split == name)
+        assert {s.domain for s in part} == {"site_a", "site_b"}
+        assert all(s.zoom == pytest.approx(1 / float(site_b if s.domain == "site_b" else site_a)) for s in part)
+    # A manifest as --images: its own columns (a slide group, a stain name) stay; a stale scale is replaced.
+    source = tmp_path / "data" / "slides.csv"
+    with source.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "group", "stain", "relative_scale"])
+        for i, row in enumerate(rows[:6]):
+            writer.writerow([str((tmp_path / row["path"]).resolve()), row["label"], f"slide{i // 2}", "pap", "9.9"])
+    assert cli(["scale", "--images", str(source), "--reference", str(tmp_path / "data" / "train" / "site_a"),
+                "--out", str(tmp_path / "slides_scales.csv")]) == 0
+    measured = read_manifest(tmp_path / "slides_scales.csv", ["N", "P"])
+    assert [s.group for s in measured] == ["slide0", "slide0", "slide1", "slide1", "slide2", "slide2"]
+    assert all(s.extra["stain"] == "pap" and float(s.extra["relative_scale"]) < 4 for s in measured)
+
+
 def test_finetune_warns_when_its_test_split_is_at_another_magnification(tmp_path: Path) -> None:
     """The issue's second table: a test split photographed at another magnification, squeezed into the model's
     input as the training images were, scores what it scores; finetune says why and what to do, naming the site

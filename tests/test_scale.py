@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -149,8 +150,9 @@ def test_scale_cli_writes_a_row_per_image(tmp_path: Path, write_image) -> None:
     assert per_folder[0]["relative_scale"] == "" and per_folder[0]["error"]
     folder_values = {r["relative_scale"] for r in per_folder[1:]}
     assert len(folder_values) == 1 and float(folder_values.pop()) == pytest.approx(typical(scales), abs=1e-4)
+    plain = shutil.copytree(ref, tmp_path / "plain", ignore=shutil.ignore_patterns("manifest.csv"))  # folders only
     for classes, folders in ((["N", "P"], 1), (["benign", "malignant"], 2)):  # class folders count with their parent
-        assert main(["scale", "--images", str(ref), "--reference", str(ref), "--out", str(tmp_path / "k.csv"),
+        assert main(["scale", "--images", str(plain), "--reference", str(ref), "--out", str(tmp_path / "k.csv"),
                      "--per-folder", "--classes", *classes]) == 0
         assert len({r["relative_scale"] for r in csv.DictReader((tmp_path / "k.csv").open())}) == folders, classes
     # The CSV is a labelled manifest as it stands, wherever it is written: paths relative to it, labels from the
