@@ -352,7 +352,7 @@ def run(cfg: ProbeConfig) -> dict[str, Any]:
     conditions, notes = build_conditions(cfg, data)
     from roseprior.metrics import small_class_warnings
 
-    warnings = [w for split in ("val", "test") for w in small_class_warnings(split, data.labels(split), data.classes)]
+    warnings = [w for split in ("val", "test") for w in small_class_warnings(f"the {split} split", data.labels(split), data.classes)]
     for warning in warnings:
         log.warning("eval_probes: warning: %s", warning)
     log.info("eval_probes: %d checkpoints x %d conditions on %s", len(names), len(conditions), data.root)

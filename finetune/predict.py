@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from roseprior.adequacy import COLUMNS, NOT_ASSESSABLE, FieldQuality, measure, quality_cells
-from roseprior.checkpoint import atomic_write_csv
-from roseprior.data import find_images
+from roseprior.checkpoint import atomic_write_csv, atomic_write_json
+from roseprior.data import Sample, find_images, read_manifest
 from roseprior.errors import CheckpointError, DataError
 from roseprior.features import resolve_device
 from roseprior.imageio import UnreadableImage, read_image
@@ -250,25 +250,99 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int =
 
 def write_csv(out: Path, predictor: Predictor, paths: Sequence[Path], probs: dict[Path, np.ndarray],
               unreadable: list[tuple[Path, str]], qualities: dict[Path, FieldQuality], judge_all: bool = False,
-              scale: float | Mapping[Path, float] | None = None) -> Path:
+              scale: float | Mapping[Path, float] | None = None, known: Mapping[Path, Sample] | None = None) -> Path:
     """One row per field, with its adequacy (``qualities``: ``roseprior.adequacy.FieldQuality`` per scored
     path): a flagged field is called ``not assessable`` rather than N or P, unless ``judge_all``. ``scale``
     (as ``predict_paths`` took it) fills the column ``scale``: how many times larger the field's objects were
-    taken to appear than in training, empty for a field resized whole."""
+    taken to appear than in training, empty for a field resized whole. ``known`` (``fields_to_score``) adds the
+    column ``label``, each field's true class where its layout gave one."""
     reasons = dict(unreadable)
 
     def row(path: Path) -> list[str]:
+        label = [predictor.classes[known[path].label] if path in known else ""] if known else []
         if path not in probs:
-            return [str(path), *([""] * (len(predictor.classes) + 1)), reasons.get(path, "unreadable"), "",
+            return [str(path), *label, *([""] * (len(predictor.classes) + 1)), reasons.get(path, "unreadable"), "",
                     *([""] * (len(COLUMNS) - 1))]
         p, quality = probs[path], qualities[path]
         call = predictor.call(p) if quality.assessable or judge_all else NOT_ASSESSABLE
         taken = scale.get(path) if isinstance(scale, Mapping) else scale
-        return [str(path), *(f"{v:.6f}" for v in p), call, "", "" if taken is None else f"{taken:.4f}",
+        return [str(path), *label, *(f"{v:.6f}" for v in p), call, "", "" if taken is None else f"{taken:.4f}",
                 *quality_cells(quality)]
 
-    header = ["path", *(f"p_{c}" for c in predictor.classes), "predicted", "error", "scale", *COLUMNS[1:]]
+    header = ["path", *(["label"] if known else []), *(f"p_{c}" for c in predictor.classes), "predicted", "error",
+              "scale", *COLUMNS[1:]]
     return atomic_write_csv(out, header, map(row, paths))
+
+
+def fields_to_score(images: str | Path, classes: Sequence[str]) -> tuple[list[Path], dict[Path, Sample]]:
+    """The fields under ``images`` (every image of a folder, or a manifest's rows) and, for each whose class is
+    known, a ``Sample`` with its label, site and group: in a folder, the innermost class folder it lies in
+    (``N/``, ``P/``; ``images`` itself or any folder below it, so a site folder of class folders, or only ``P/``,
+    is read too); in a manifest, its ``label``, ``domain`` and ``group`` columns. Predict scores those fields
+    against their labels."""
+    root = Path(images)
+    if root.is_file():
+        rows = read_manifest(root, None)
+        paths = [Path(s.path) for s in rows]
+        labels = [s.extra.get("label", "").strip() for s in rows]
+    else:
+        paths = find_images(root)
+        rows = [Sample(str(path)) for path in paths]
+        index = {c.casefold() for c in classes}
+        labels = [next((part for part in reversed((root.name, *path.relative_to(root).parts[:-1]))
+                        if part.casefold() in index), "") for path in paths]
+    by_name = {c.casefold(): i for i, c in enumerate(classes)}
+    known = {path: replace(row, label=by_name[label.casefold()]) for path, row, label in zip(paths, rows, labels, strict=True)
+             if label.casefold() in by_name}
+    return paths, known
+
+
+def score_known(predictor: Predictor, probs: Mapping[Path, np.ndarray], known: Mapping[Path, Sample]
+                ) -> dict[str, Any] | None:
+    """Balanced accuracy, sensitivity and specificity at the run's operating point, AUROC and ECE of the scored
+    fields whose class is known, with 95% bootstrap intervals (whole groups when the manifest names them) and
+    the same per site (``domain``, else the folder of fields taken alike); None when no scored field has a
+    label. What a user checks a run on a new site with."""
+    from roseprior.metrics import binary_metrics, bootstrap_intervals, small_class_warnings
+    from roseprior.scale import acquisition_folder
+
+    scored = [path for path in probs if path in known]
+    if not scored:
+        return None
+    positive = predictor.classes.index(predictor.positive_class)
+
+    def metrics(paths: list[Path], where: str) -> dict[str, Any]:
+        labels = np.array([known[path].label for path in paths])
+        y, p = labels == positive, np.array([probs[path][positive] for path in paths])
+        groups = [known[path].group or str(path) for path in paths]
+        return {**binary_metrics(y, p, predictor.threshold),
+                "ci95": bootstrap_intervals(y, p, groups, predictor.threshold),
+                "warnings": small_class_warnings(where, labels, predictor.classes)}
+
+    sites: dict[str, list[Path]] = {}
+    for path in scored:
+        site = known[path].domain or str(acquisition_folder(path, predictor.classes))
+        sites.setdefault(site, []).append(path)
+    return {"source": predictor.source, "threshold": predictor.threshold, "positive_class": predictor.positive_class,
+            "all": metrics(scored, "the labelled set"),
+            "per_site": {site: metrics(paths, f"the labelled set of {site}") for site, paths in sorted(sites.items())} if len(sites) > 1 else {}}
+
+
+def metrics_path(out: Path) -> Path:
+    """Where predict writes the scores of the labelled fields beside its CSV: ``preds.csv`` -> ``preds.metrics.json``."""
+    return out.with_suffix(".metrics.json")
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """One line of ``score_known``'s metrics with their intervals."""
+    def cell(key: str) -> str:
+        value, ci = result[key], result["ci95"].get(key)
+        if value is None:
+            return f"{key.replace('_', ' ')} -"
+        return f"{key.replace('_', ' ')} {value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    return f"{result['n']} field(s): " + ", ".join(cell(k) for k in ("balanced_accuracy", "sensitivity", "specificity",
+                                                                     "auroc"))
 
 
 def parse_scale(text: str) -> str | float:
@@ -296,7 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="a finetune out_dir (best.safetensors + best.json)")
     source.add_argument("--model", help="a file written by python -m finetune.export (.onnx, or .pt TorchScript)")
-    parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--images", required=True,
+                        help="folder of images (searched recursively), or a manifest CSV (path[,label][,domain][,group]); "
+                             "fields whose class is known (a class folder such as N/ or P/ at any depth, or the "
+                             "manifest's label) are also scored, into OUT with .metrics.json")
     parser.add_argument("--out", required=True, help="CSV: path, p_<class>..., predicted, error, scale (what the field was taken at; empty: resized whole), adequacy columns")
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ... (--ckpt)")
@@ -327,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"finetune.predict: {predictor.source} was adapted to a site whose objects appear {scale:.2f}x as "
                   "large as in training (roseprior adapt): its fields are brought to the training scale; --scale "
                   "none resizes them whole instead", file=sys.stderr)
-        paths = find_images(args.images)
+        paths, known = fields_to_score(args.images, predictor.classes)
         if not paths:
             raise DataError(f"no images under {args.images}")
         if scale is None and args.scale is None:  # not asked for --scale none: say when the scale is off
@@ -338,12 +415,25 @@ def main(argv: list[str] | None = None) -> int:
         probs, unreadable = predict_paths(predictor, paths, args.batch_size, scale=scale,
                                           on_field=lambda path, field: qualities.__setitem__(path, measure(field)))
         try:
-            write_csv(out, predictor, paths, probs, unreadable, qualities, args.judge_all, scale)
+            write_csv(out, predictor, paths, probs, unreadable, qualities, args.judge_all, scale, known)
+            scores = score_known(predictor, probs, known)
+            if scores is not None:
+                atomic_write_json(metrics_path(out), scores)
         except OSError as err:
             raise DataError(f"cannot write {out}: {err.strerror}") from None
         print(f"finetune.predict: {len(probs)} image(s) scored with {predictor.source}, {len(unreadable)} "
               f"unreadable -> {out}; predicted = {predictor.positive_class} when p_{predictor.positive_class} >= "
               f"{predictor.threshold:.4f}")
+        if scores is not None:
+            for site, result in {"labelled fields": scores["all"], **scores["per_site"]}.items():
+                print(f"  {site}: {summary_line(result)}")
+            for warning in scores["all"]["warnings"]:
+                print(f"  warning: {warning}", file=sys.stderr)
+            print(f"  scores of the fields whose class the layout gave, every scored field at the operating point "
+                  f"(not assessable ones too) -> {metrics_path(out)}")
+        elif metrics_path(out).exists():  # not ours to delete, but it no longer describes the CSV beside it
+            print(f"finetune.predict: warning: {metrics_path(out)} is left from an earlier run; no field here lies in a "
+                  "class folder (or has a manifest label), so it was not rewritten", file=sys.stderr)
         for path, reason in unreadable[:20]:
             print(f"  unreadable: {path}: {reason}", file=sys.stderr)
         return 0

@@ -308,7 +308,24 @@ def with_intervals(metrics: dict[str, Any], result: dict[str, Any], samples: Seq
     groups = ([group_key(samples[int(i)], cfg.data.group_by) or samples[int(i)].path for i in result["indices"]]
               if cfg.data.group_by else None)
     ci = bootstrap_intervals(result["labels"] == positive, result["probs"][:, positive], groups, seed=cfg.seed)
-    return {**metrics, "ci95": ci, "warnings": small_class_warnings(split, result["labels"], cfg.data.classes)}
+    return {**metrics, "ci95": ci, "warnings": small_class_warnings(f"the {split} split", result["labels"], cfg.data.classes)}
+
+
+def per_domain(result: dict[str, Any], samples: Sequence[Sample], cfg: FinetuneConfig, split: str
+               ) -> dict[str, dict[str, Any]]:
+    """``split``'s metrics (with intervals) for each of its sites (``domain``), when it has more than one: one
+    number for a test split of two sites hides the one the model fails on."""
+    domains = np.array([samples[int(i)].domain or "" for i in result["indices"]])
+    names = sorted(set(domains) - {""})
+    if len(names) < 2:
+        return {}
+    positive = cfg.data.classes.index(cfg.data.positive_class)
+    out = {}
+    for name in names:
+        part = {key: result[key][domains == name] for key in ("labels", "probs", "indices")}
+        out[name] = with_intervals(compute_metrics(part["labels"], part["probs"], positive), part, samples, cfg,
+                                   f"{split} ({name})")
+    return out
 
 
 def decide(cfg: FinetuneConfig, val: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
@@ -481,6 +498,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         metrics = {
             "val": with_intervals(result.val_metrics, val_result, splits["val"], cfg, "val"),
             "test": with_intervals(test_result["metrics"], test_result, splits["test"], cfg, "test"),
+            "test_per_domain": per_domain(test_result, splits["test"], cfg, "test"),
             "best_epoch": result.best_epoch, "val_loss": result.val_loss, "steps": result.steps,
             **decide(cfg, val_result, test_result), **common,
         }
@@ -546,10 +564,10 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
         if "mean" in m:
             cells = [f"{k} {_fmt(m['mean'][k])}±{_fmt(m['std'][k])}" for k in keys if k in m["mean"]]
         else:
-            ci = m.get("ci95") or {}
-            cells = [f"{k} {_fmt(m[k])}" + (f" [{_fmt(ci[k][0])}, {_fmt(ci[k][1])}]" if ci.get(k) else "")
-                     for k in keys if k in m]
+            cells = _with_intervals(m, keys)
         lines.append(f"{split}: " + ", ".join(cells))
+    for domain, m in metrics.get("test_per_domain", {}).items():
+        lines.append(f"test ({domain}, {m['n']} images): " + ", ".join(_with_intervals(m, keys)))
     op, cal = metrics["operating_point"], metrics["calibration"]
     lines.append(f"calibration: temperature {cal['temperature']:.3f}, val ECE {cal['val_ece_before']:.4f} -> "
                  f"{cal['val_ece_after']:.4f}")
@@ -558,6 +576,12 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
                  f"sensitivity {_fmt(op['test_sensitivity'])} specificity {_fmt(op['test_specificity'])}")
     lines += [f"warning: {w}" for w in metrics.get("warnings", [])]
     return "\n".join(lines)
+
+
+def _with_intervals(metrics: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    ci = metrics.get("ci95") or {}
+    return [f"{k} {_fmt(metrics[k])}" + (f" [{_fmt(ci[k][0])}, {_fmt(ci[k][1])}]" if ci.get(k) else "")
+            for k in keys if k in metrics]
 
 
 def _fmt(value: float | None) -> str:

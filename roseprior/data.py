@@ -114,8 +114,8 @@ def _extensions_text() -> str:
 def read_manifest(path: str | Path, classes: Sequence[str] | None, split: str | None = None) -> list[Sample]:
     """Samples from a CSV manifest; relative paths are relative to the manifest's folder.
 
-    ``classes=None`` reads it unlabelled (label -1, no ``label`` column needed). ``split`` keeps
-    only rows whose ``split`` column equals it.
+    ``classes=None`` reads it unlabelled (label -1, no ``label`` column needed; one that is there stays as text
+    in ``extra``). ``split`` keeps only rows whose ``split`` column equals it.
     """
     path = Path(path)
     try:
@@ -161,7 +161,8 @@ def read_manifest(path: str | Path, classes: Sequence[str] | None, split: str | 
                     f"classes {', '.join(classes)}; fix the label or set data.classes"
                 )
             label = class_index[name]
-        extra = {k: (v or "") for k, v in row.items() if k not in _SAMPLE_COLUMNS and k is not None}
+        extra = {k: (v or "") for k, v in row.items()
+                 if k is not None and (k not in _SAMPLE_COLUMNS or (k == "label" and classes is None))}
         samples.append(
             Sample(
                 path=str(base / rel),  # an absolute ``rel`` replaces ``base``

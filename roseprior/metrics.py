@@ -164,10 +164,10 @@ def weighted_auroc(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
         return ((w[:, order] * pos[order]) * (below + 0.5 * tied)).sum(1) / ((w * pos).sum(1) * (w * ~pos).sum(1))
 
 
-def small_class_warnings(split: str, y_true: Any, classes: list[str], minimum: int = SMALL_CLASS) -> list[str]:
-    """One line per class with fewer than ``minimum`` images in ``split``: its numbers move a lot
-    from one image to the next."""
+def small_class_warnings(where: str, y_true: Any, classes: list[str], minimum: int = SMALL_CLASS) -> list[str]:
+    """One line per class with fewer than ``minimum`` images in ``where`` ("the test split", "the labelled
+    set"): its numbers move a lot from one image to the next."""
     y = np.asarray(y_true).reshape(-1)
-    return [f"the {split} split has {int((y == i).sum())} images of class {name} (fewer than {minimum}): "
+    return [f"{where} has {int((y == i).sum())} images of class {name} (fewer than {minimum}): "
             "its numbers are unstable; read them with their intervals" for i, name in enumerate(classes)
             if (y == i).sum() < minimum]

@@ -159,6 +159,97 @@ def test_predict_scores_a_folder_and_lists_unreadable_files(run_dir, tiny_data, 
         assert row["predicted"] == expected and (row["assessable"] == "true") == (not row["reason"])
 
 
+def test_predict_scores_fields_whose_class_the_layout_gives(run_dir, tiny_data, tmp_path, capsys):
+    """A new site's labelled fields, as a user checks a run on them: class folders in site folders (one site with
+    positives only), or a manifest with slides as groups. Predict writes each field's label beside its call and
+    the scores at the run's operating point, with intervals, overall and per site; an unlabelled folder gets
+    neither."""
+    import numpy as np
+
+    from finetune.predict import main
+    from roseprior.metrics import binary_metrics
+
+    out, _, _ = run_dir
+    threshold = json.loads((out / "best.json").read_text())["decision"]["threshold"]
+    new = tmp_path / "new"
+    for site, label, count in (("site_x", "N", 4), ("site_x", "P", 3), ("site_y", "P", 3)):
+        (new / site / label).mkdir(parents=True)
+        for src in sorted((tiny_data / label).glob("*.jpg"))[:count]:
+            shutil.copy(src, new / site / label / f"{site}_{src.name}")
+    preds = tmp_path / "preds.csv"
+    assert main(["--ckpt", str(out), "--images", str(new), "--out", str(preds), "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(preds.open()))
+    assert len(rows) == 10 and all(r["label"] == Path(r["path"]).parent.name for r in rows)
+    scores = json.loads((tmp_path / "preds.metrics.json").read_text())
+    y = np.array([r["label"] == "P" for r in rows])
+    p = np.array([float(r["p_P"]) for r in rows])
+    expected = binary_metrics(y, p, threshold)  # every scored field at the operating point, assessable or not
+    assert scores["all"]["n"] == 10 and scores["threshold"] == threshold
+    for key in ("balanced_accuracy", "sensitivity", "specificity", "auroc"):
+        assert scores["all"][key] == pytest.approx(expected[key])
+        low, high = scores["all"]["ci95"][key]
+        assert low <= scores["all"][key] <= high, key
+    assert any("fewer than 30" in w for w in scores["all"]["warnings"])
+    assert sorted(scores["per_site"]) == [str(new / "site_x"), str(new / "site_y")]
+    positives_only = scores["per_site"][str(new / "site_y")]
+    assert positives_only["n"] == 3 and positives_only["auroc"] is None
+    assert positives_only["sensitivity"] == pytest.approx(float((p[-3:] >= threshold).mean()))
+    printed = capsys.readouterr().out
+    assert f"labelled fields: 10 field(s): balanced accuracy {expected['balanced_accuracy']:.3f} [" in printed
+    # A manifest: its labels, sites and slides (whole slides resampled for the intervals).
+    manifest = tmp_path / "new_site.csv"
+    with manifest.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "domain", "group"])
+        writer.writerows([r["path"], r["label"], "site_z", f"slide{i // 5}"] for i, r in enumerate(rows))
+    assert main(["--ckpt", str(out), "--images", str(manifest), "--out", str(tmp_path / "m.csv"), "--device",
+                 "cpu"]) == 0
+    from_manifest = json.loads((tmp_path / "m.metrics.json").read_text())
+    assert from_manifest["all"]["balanced_accuracy"] == pytest.approx(expected["balanced_accuracy"])
+    assert from_manifest["per_site"] == {}  # one site
+    # Fields outside any class folder: no label column, no scores.
+    plain = tmp_path / "plain"
+    shutil.copytree(new / "site_x" / "P", plain)
+    assert main(["--ckpt", str(out), "--images", str(plain), "--out", str(tmp_path / "u.csv"), "--device", "cpu"]) == 0
+    assert "label" not in next(csv.reader((tmp_path / "u.csv").open()))
+    assert not (tmp_path / "u.metrics.json").exists()
+    capsys.readouterr()
+    assert main(["--ckpt", str(out), "--images", str(plain), "--out", str(preds), "--device", "cpu"]) == 0
+    assert "preds.metrics.json is left from an earlier run" in capsys.readouterr().err  # beside a CSV it no longer describes
+
+
+def test_test_metrics_are_given_per_site_too(run_dir) -> None:
+    """A test split of two sites: metrics.json gives its metrics per site, with intervals, as the whole split's
+    are computed, and they add up to the whole split's; a split of one site gets none."""
+    import numpy as np
+
+    from finetune.config import FinetuneConfig
+    from finetune.train import _format_metrics, compute_metrics, per_domain
+
+    out, _, splits = run_dir
+    assert json.loads((out / "metrics.json").read_text())["test_per_domain"] == {}  # its test split: one site
+    rng = np.random.default_rng(0)
+    samples = [Sample(f"f{i}.png", label=i % 2, domain=("site_a", "site_b")[i % 3 == 0]) for i in range(40)]
+    probs = rng.dirichlet([1, 1], size=40)
+    order = rng.permutation(40)  # results come in the loader's order, not the split's
+    result = {"indices": order, "labels": np.array([samples[i].label for i in order]), "probs": probs}
+    cfg = FinetuneConfig()
+    sites = per_domain(result, samples, cfg, "test")
+    assert sorted(sites) == ["site_a", "site_b"]
+    for name, metrics in sites.items():
+        mask = np.array([samples[i].domain == name for i in order])
+        expected = compute_metrics(result["labels"][mask], probs[mask], 1)
+        assert metrics["balanced_accuracy"] == pytest.approx(expected["balanced_accuracy"])
+        assert metrics["ci95"]["balanced_accuracy"] and any("fewer than 30" in w for w in metrics["warnings"])
+    whole = compute_metrics(result["labels"], probs, 1)
+    assert np.sum([m["confusion_matrix"] for m in sites.values()], axis=0).tolist() == whole["confusion_matrix"]
+    one_site = [Sample(s.path, s.label, "site_a") for s in samples]
+    assert per_domain(result, one_site, cfg, "test") == {}
+    metrics = json.loads((out / "metrics.json").read_text())
+    printed = _format_metrics({**metrics, "test_per_domain": sites})
+    assert f"test (site_b, {sites['site_b']['n']} images): balanced_accuracy" in printed
+
+
 def test_metrics_carry_intervals_calibration_and_an_operating_point(run_dir):
     out, _, _ = run_dir
     metrics = json.loads((out / "metrics.json").read_text())

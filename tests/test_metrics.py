@@ -156,7 +156,7 @@ def test_grouped_intervals_resample_whole_groups_and_are_wider_for_correlated_im
 def test_small_classes_are_flagged():
     from roseprior.metrics import small_class_warnings
 
-    assert small_class_warnings("test", [0] * 40 + [1] * 12, ["N", "P"]) == [
+    assert small_class_warnings("the test split", [0] * 40 + [1] * 12, ["N", "P"]) == [
         "the test split has 12 images of class P (fewer than 30): its numbers are unstable; read them with their "
         "intervals"]
-    assert small_class_warnings("val", [0] * 30 + [1] * 30, ["N", "P"]) == []
+    assert small_class_warnings("the val split", [0] * 30 + [1] * 30, ["N", "P"]) == []
