@@ -33,6 +33,8 @@ STRIDE = 32
 class HybridViT(VisionTransformer):
     """timm VisionTransformer over a timm ResNet body, with the ``backbones`` feature API."""
 
+    input_multiple = STRIDE  # image sides the model takes are multiples of this (pretrain checks its view sizes)
+
     checkpoint_prefixes = ("patch_embed.backbone.",)  # where a plain ResNet state dict lands
 
     def __init__(

@@ -147,6 +147,8 @@ class MSHT(nn.Module):
     ``forward_embedding`` the pooled (B, D) embedding; ``forward`` the logits when num_classes > 0.
     """
 
+    input_multiple = STRIDE  # image sides the model takes are multiples of this (pretrain checks its view sizes)
+
     def __init__(
         self,
         block: str = "bottleneck",

@@ -32,7 +32,7 @@ from roseprior.data import (
     with_pseudo_domains,
     with_scales,
 )
-from roseprior.errors import DataError
+from roseprior.errors import ConfigError, DataError
 from roseprior.loop import (
     Hooks,
     TrainingStopped,
@@ -51,6 +51,17 @@ from .views import DecodedImages, MultiCropViews, StainBank, collate_decoded
 __all__ = ["make_step", "pretrain_images", "run"]
 
 log = logging.getLogger("pretrain")
+
+
+def check_view_sizes(views: Any, backbone: nn.Module, name: str) -> None:
+    """Refuse, before the first step, view sizes the backbone cannot take (MSHT: multiples of its 32-px token
+    grid), naming the key: the model would otherwise fail on the first batch."""
+    multiple = getattr(backbone, "input_multiple", 1)
+    sizes = {"views.global_size": views.global_size, **({"views.local_size": views.local_size} if views.n_local else {})}
+    for key, size in sizes.items():
+        if size % multiple:
+            options = ", ".join(str(multiple * k) for k in (1, 2, 3) if multiple * k != size)
+            raise ConfigError(f"{key}={size}: {name} takes image sides that are multiples of {multiple} (e.g. {options})")
 
 
 def pretrain_images(cfg: PretrainConfig) -> tuple[Path, list[Sample], SplitSet | None]:
@@ -130,6 +141,7 @@ def run(cfg: PretrainConfig) -> Path:
     set_seed(cfg.seed)  # identical initialisation on every process
     backbone = backbones.set_input_stats(backbones.load_init(cfg.model.init, cfg.model.name, **cfg.model.kwargs),
                                          cfg.views.mean, cfg.views.std)
+    check_view_sizes(cfg.views, backbone, cfg.model.name)
     method = build_method(cfg.method, backbone)
     if world > 1 and accelerator.device.type == "cuda" and cfg.model.sync_batchnorm:
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)

@@ -341,6 +341,15 @@ def test_out_of_range_values_are_refused_naming_the_key(override: str, key: str,
     assert not (tmp_path / "o").exists()
 
 
+def test_a_view_size_the_model_cannot_take_is_refused_before_the_first_step(data: Path, tmp_path: Path) -> None:
+    """MSHT's token grid is 32 px: a 56-px view failed inside the first training step; it is named up front."""
+    line = one_line_error(cli(*pretrain_args(data, tmp_path / "run", **{"model.name": "msht_tiny",
+                                                                         "views.global_size": 56})),
+                          "views.global_size=56", "multiples of 32")
+    assert "64" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_already_handled_inputs_still_are(tmp_path: Path, write_image) -> None:
     """Corrupt and zero-byte files are skipped and listed; an unknown key is one line (regression guard)."""
     src = tmp_path / "images"
