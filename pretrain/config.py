@@ -116,6 +116,10 @@ class ViewsConfig:
     scale_mode: Literal["magnification", "area"] = "magnification"
     magnification: list[float] = field(default_factory=lambda: [0.5, 2.0])
     local_magnification: list[float] | None = None
+    # Where local views are cut: uniform (anywhere in the image) or nuclei (centred on a point drawn in proportion
+    # to how dark each part of the image is: nuclei are the darkest objects in every cytology stain, so the locals
+    # show nuclear detail rather than glass or cytoplasm, which hold no diagnosis).
+    local_focus: Literal["uniform", "nuclei"] = "uniform"
     global_area: list[float] = field(default_factory=lambda: [0.4, 1.0])
     local_area: list[float] = field(default_factory=lambda: [0.05, 0.4])
     aspect_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])

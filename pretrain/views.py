@@ -182,8 +182,10 @@ class MultiCropViews:
     def _scale_range(self, is_global: bool) -> list[float]:
         return self.cfg.magnification if is_global else (self.cfg.local_magnification or self.cfg.magnification)
 
-    def boxes(self, u: torch.Tensor, sizes: torch.Tensor, out_size: int, is_global: bool) -> torch.Tensor:
-        """(B * V, 5) roi_align boxes, view-major, from the draws ``u`` (B, V, _NUM_DRAWS)."""
+    def boxes(self, u: torch.Tensor, sizes: torch.Tensor, out_size: int, is_global: bool,
+              focus: torch.Tensor | None = None) -> torch.Tensor:
+        """(B * V, 5) roi_align boxes, view-major, from the draws ``u`` (B, V, _NUM_DRAWS); ``focus``
+        (``darkness_cdf``) centres them on dark parts of each image instead of anywhere."""
         batch, n_views, _ = u.shape
         h = sizes[:, 0].to(torch.float64)[:, None].expand(batch, n_views)
         w = sizes[:, 1].to(torch.float64)[:, None].expand(batch, n_views)
@@ -200,8 +202,16 @@ class MultiCropViews:
         # A crop larger than its image shrinks to fit (keeping its aspect): never any fill border.
         shrink = torch.minimum(torch.ones_like(box_w), torch.minimum(w / box_w, h / box_h))
         box_w, box_h = box_w * shrink, box_h * shrink
-        x1 = u[..., _X] * (w - box_w)
-        y1 = u[..., _Y] * (h - box_h)
+        if focus is None:
+            x1 = u[..., _X] * (w - box_w)
+            y1 = u[..., _Y] * (h - box_h)
+        else:  # the grid cell u_X falls in under the image's darkness distribution, its centre the box's
+            grid = math.isqrt(focus.shape[1])
+            cell = torch.searchsorted(focus, u[..., _X].contiguous()).clamp_(max=grid * grid - 1)
+            centre_x = (cell % grid + 0.5) * w / grid
+            centre_y = (cell // grid + 0.5) * h / grid
+            x1 = torch.minimum((centre_x - box_w / 2).clamp_min(0), w - box_w)
+            y1 = torch.minimum((centre_y - box_h / 2).clamp_min(0), h - box_h)
         index = torch.arange(batch, dtype=torch.float64)[:, None].expand(batch, n_views)
         boxes = torch.stack([index, x1, y1, x1 + box_w, y1 + box_h], dim=-1)  # (B, V, 5)
         return boxes.transpose(0, 1).reshape(-1, 5)
@@ -248,7 +258,8 @@ class MultiCropViews:
         return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
     def view_group(self, source: torch.Tensor, sizes: torch.Tensor, u: torch.Tensor, size: int,
-                   is_global: bool, swap_alpha: torch.Tensor | None = None) -> torch.Tensor:
+                   is_global: bool, swap_alpha: torch.Tensor | None = None, focus: torch.Tensor | None = None
+                   ) -> torch.Tensor:
         """(n * B, 3, size, size) normalised views, view-major, from the draws ``u`` (B, n, D).
 
         Views are processed sorted (unblurred ones by symmetry, then blurred ones by sigma), so blur runs
@@ -271,7 +282,8 @@ class MultiCropViews:
         # Blurred views last and in order of sigma, so each chunk's kernel is only as wide as its own
         # largest sigma needs (about half the taps of the batch's largest, on average).
         order = torch.argsort(torch.where(sigma > 0, 8.0 + sigma, symmetry.float()), stable=True)
-        boxes, symmetry, rows, sigma = self.boxes(u, sizes, size, is_global)[order], symmetry[order], rows[order], sigma[order]
+        boxes, symmetry, rows, sigma = (self.boxes(u, sizes, size, is_global, focus)[order], symmetry[order], rows[order],
+                                        sigma[order])
         if swap_alpha is not None:
             swap_alpha = swap_alpha.transpose(0, 1).reshape(n * batch, 3)[order]
         on_cpu = source[0].device.type == "cpu"
@@ -320,11 +332,13 @@ class MultiCropViews:
         out: ViewBatch = {}
         groups = (("global", slice(0, cfg.n_global), cfg.global_size, True),
                   ("local", slice(cfg.n_global, self.n_views), cfg.local_size, False))
+        focus = darkness_cdf(images, sizes) if cfg.n_local and cfg.local_focus == "nuclei" else None
         with _cpu_threads(self.cfg.cpu_threads if images[0].device.type == "cpu" else None):
             for name, views, size, is_global in groups:
                 n = views.stop - views.start
                 crops = self.view_group(source, sizes, u[:, views], size, is_global,
-                                        None if swap is None else swap[:, views]) if n else None
+                                        None if swap is None else swap[:, views],
+                                        None if is_global else focus) if n else None
                 out[name] = list(crops.unflatten(0, (n, batch)).unbind(0)) if n else []
         return out
 
@@ -337,6 +351,25 @@ _HED_FROM_RGB = torch.from_numpy(hed_from_rgb)
 # log(max(v / 255, 1e-6)) of every uint8 value, the same float32 ops as on the converted image: a table
 # lookup is about 3x cheaper than converting, dividing, clamping and taking the log of every pixel.
 _LOG_OF_UINT8 = torch.arange(256, dtype=torch.float32).div_(255.0).clamp_min_(1e-6).log_()
+
+
+FOCUS_GRID = 16  # darkness_cdf's cells per side: a nucleus of a 128-px cell crop spans a few
+
+
+def darkness_cdf(images: torch.Tensor | Sequence[torch.Tensor], sizes: torch.Tensor, grid: int = FOCUS_GRID
+                 ) -> torch.Tensor:
+    """(B, grid * grid) cumulative distribution over a grid of each image, in proportion to how far each cell's
+    optical density exceeds the image's median, squared: the darkest parts, which in every cytology stain (Pap,
+    Diff-Quik, H&E) are the nuclei. A flat image gets a uniform distribution. Written here because no library
+    the platform uses draws crops by an image's own content."""
+    rows = []
+    for image, (h, w) in zip(images, sizes.tolist(), strict=True):
+        step = max(1, min(h, w) // (4 * grid))  # a coarse map needs no more than 4 samples per cell
+        grey = image[:, :h:step, :w:step].float().mean(0)
+        density = F.adaptive_avg_pool2d(-torch.log((grey + 1.0) / 256.0)[None, None], grid).flatten().double().cpu()
+        weight = (density - density.median()).clamp_min(0.0).square() + 1e-9
+        rows.append(weight.cumsum(0) / weight.sum())
+    return torch.stack(rows)
 
 
 def stain_and_acquisition_shift(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, gains: torch.Tensor,

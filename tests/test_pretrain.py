@@ -201,6 +201,42 @@ def test_views_local_magnification_puts_globals_below_locals():
         ViewsConfig(local_magnification=[2.0, 1.0])
 
 
+def test_local_views_focused_on_nuclei_are_cut_around_the_dark_parts_of_each_image():
+    """``views.local_focus: nuclei``: glass and pale cytoplasm hold no diagnosis, so the locals are centred where
+    the image is darkest; the globals, and a flat image's locals, are placed as before, and inside the image."""
+    from pretrain.config import ViewsConfig
+    from pretrain.views import MultiCropViews, darkness_cdf
+
+    images = torch.full((12, 3, 160, 200), 235, dtype=torch.uint8)  # pale glass and cytoplasm
+    yy, xx = torch.meshgrid(torch.arange(160), torch.arange(200), indexing="ij")
+    centres = [(30 + 9 * i, 40 + 11 * i) for i in range(11)]  # one dark nucleus per image, a flat 12th image
+    for image, (cy, cx) in zip(images[:11], centres, strict=True):
+        image[:, (yy - cy) ** 2 + (xx - cx) ** 2 < 12 ** 2] = 60
+    sizes = torch.tensor([[160, 200]] * 12)
+    kwargs = dict(global_size=32, local_size=16, n_local=6, magnification=[0.5, 1.0], local_magnification=[0.8, 1.0])
+    focused = MultiCropViews(ViewsConfig(**kwargs, local_focus="nuclei"), seed=0)
+    anywhere = MultiCropViews(ViewsConfig(**kwargs), seed=0)
+    focus = darkness_cdf(images, sizes)
+
+    def local_boxes(views: MultiCropViews) -> torch.Tensor:
+        out = views(images, sizes, torch.arange(12), epoch=0)
+        assert len(out["local"]) == 6 and out["local"][0].shape == (12, 3, 16, 16)
+        return views.boxes(views.draws(torch.arange(12), 0)[:, 2:], sizes, 16, False,
+                           focus if views is focused else None).view(6, 12, 5)
+
+    for views, least, most in ((focused, 0.95, 1.0), (anywhere, 0.0, 0.3)):
+        boxes = local_boxes(views)
+        box_x, box_y = (boxes[..., 1] + boxes[..., 3]) / 2, (boxes[..., 2] + boxes[..., 4]) / 2
+        on_nucleus = torch.stack([(box_x[:, i] - cx) ** 2 + (box_y[:, i] - cy) ** 2 < 20 ** 2  # radius 12, a map cell
+                                  for i, (cy, cx) in enumerate(centres)])
+        assert least <= on_nucleus.double().mean() <= most, (views.cfg.local_focus, on_nucleus.double().mean())
+        assert (boxes[..., 1:3] >= 0).all() and (boxes[..., 3] <= 200 + 1e-6).all() and (boxes[..., 4] <= 160 + 1e-6).all()
+    flat = local_boxes(focused)[:, 11]
+    assert flat[:, 1].std() > 10 and flat[:, 2].std() > 10  # nothing dark to aim at: anywhere, as before
+    u = focused.draws(torch.arange(12), 0)[:, :2]
+    assert torch.equal(focused.boxes(u, sizes, 32, True), anywhere.boxes(u, sizes, 32, True))  # globals unchanged
+
+
 def test_simclr_local_pairs_carry_local_weight_of_the_loss():
     """The global pair keeps its own share of the loss however many local views there are."""
     import backbones
