@@ -23,7 +23,7 @@ import torch
 
 from roseprior.adequacy import COLUMNS, NOT_ASSESSABLE, FieldQuality, measure, quality_cells
 from roseprior.checkpoint import atomic_write_csv, atomic_write_json
-from roseprior.data import Sample, find_images, read_manifest
+from roseprior.data import Sample, class_from_folders, find_images, read_manifest
 from roseprior.errors import CheckpointError, DataError
 from roseprior.features import resolve_device
 from roseprior.imageio import UnreadableImage, read_image
@@ -282,19 +282,13 @@ def fields_to_score(images: str | Path, classes: Sequence[str]) -> tuple[list[Pa
     against their labels."""
     root = Path(images)
     if root.is_file():
-        rows = read_manifest(root, None)
-        paths = [Path(s.path) for s in rows]
-        labels = [s.extra.get("label", "").strip() for s in rows]
+        by_name = {c.casefold(): i for i, c in enumerate(classes)}
+        rows = [replace(s, label=by_name.get(s.extra.get("label", "").strip().casefold(), -1))
+                for s in read_manifest(root, None)]
     else:
-        paths = find_images(root)
-        rows = [Sample(str(path)) for path in paths]
-        index = {c.casefold() for c in classes}
-        labels = [next((part for part in reversed((root.name, *path.relative_to(root).parts[:-1]))
-                        if part.casefold() in index), "") for path in paths]
-    by_name = {c.casefold(): i for i, c in enumerate(classes)}
-    known = {path: replace(row, label=by_name[label.casefold()]) for path, row, label in zip(paths, rows, labels, strict=True)
-             if label.casefold() in by_name}
-    return paths, known
+        rows = [Sample(str(path), class_from_folders(path, root, classes)) for path in find_images(root)]
+    paths = [Path(s.path) for s in rows]
+    return paths, {path: row for path, row in zip(paths, rows, strict=True) if row.label >= 0}
 
 
 def score_known(predictor: Predictor, probs: Mapping[Path, np.ndarray], known: Mapping[Path, Sample]

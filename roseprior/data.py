@@ -39,6 +39,7 @@ __all__ = [
     "resolve_root",
     "spread_indices",
     "acquisition_signature",
+    "class_from_folders",
     "to_canonical",
     "with_pseudo_domains",
     "with_scales",
@@ -178,6 +179,15 @@ def read_manifest(path: str | Path, classes: Sequence[str] | None, split: str | 
         if absent:
             warnings.warn(f"manifest {path} has no rows of class {', '.join(absent)}", stacklevel=3)
     return samples
+
+
+def class_from_folders(path: Path, root: Path, classes: Sequence[str]) -> int:
+    """The class of the image at ``path`` under ``root`` from the innermost folder on the way named after one of
+    ``classes`` (``root`` itself counts; case ignored), or -1: how a folder that is not a labelled set as a whole
+    (only ``P/``, class folders at some depth) still says what its fields are."""
+    index = {c.casefold(): i for i, c in enumerate(classes)}
+    folders = (root.name, *path.relative_to(root).parts[:-1])
+    return next((index[name.casefold()] for name in reversed(folders) if name.casefold() in index), -1)
 
 
 def manifest_columns(samples: Sequence[Sample]) -> list[str]:

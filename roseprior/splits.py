@@ -40,6 +40,7 @@ from roseprior.data import (
     MANIFEST_NAME,
     SPLITS,
     Sample,
+    class_from_folders,
     find_images,
     load_labelled,
     manifest_columns,
@@ -377,8 +378,7 @@ def load_as_laid_out(root: str | Path, classes: Sequence[str]) -> list[Sample]:
     """Every image under ``root`` with all that its layout says of it, for tools that write a manifest back
     (``roseprior scale``): a labelled set as every stage reads it (label; ``domain`` from site folders; its own
     split in ``extra["split"]``, from split folders or a manifest column; a manifest's other columns), an
-    unlabelled manifest as it is, and any other folder as every image in it, labelled where its own folder is
-    named after a class."""
+    unlabelled manifest as it is, and any other folder as every image in it, labelled by ``class_from_folders``."""
     root = Path(root)
     if has_split_folders(root, classes):
         return [replace(s, extra={**s.extra, "split": name}) for name in SPLITS if (root / name).is_dir()
@@ -387,8 +387,7 @@ def load_as_laid_out(root: str | Path, classes: Sequence[str]) -> list[Sample]:
         return load_labelled(root, classes)
     if root.is_file():
         return read_manifest(root, None)
-    index = {c.casefold(): i for i, c in enumerate(classes)}
-    return [Sample(str(path), index.get(path.parent.name.casefold(), -1)) for path in find_images(root)]
+    return [Sample(str(path), class_from_folders(path, root, classes)) for path in find_images(root)]
 
 
 def is_labelled(root: Path, classes: Sequence[str]) -> bool:
