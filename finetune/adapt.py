@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from roseprior.data import ImageDataset, Sample, filter_readable, find_images, spread_indices
+from roseprior.data import ImageDataset, Sample, filter_readable, load_unlabeled, spread_indices
 from roseprior.errors import DataError
 from roseprior.progress import Progress
 from roseprior.stage import command_main
@@ -127,8 +127,8 @@ def adapt(run: str | Path, images: str | Path, out: str | Path, bn: bool = True,
         raise DataError(f"--out {out} is not empty; adapt writes a new run folder, choose another")
     model, meta = load_classifier(run)
     size = int(meta["image_size"])
-    paths = find_images(images)  # sorted: a first max_images would be the first folders only
-    new_site = filter_readable([Sample(str(paths[i])) for i in spread_indices(len(paths), max_images)], None, 0.5)
+    listed = load_unlabeled(images)  # a folder (sorted: a first max_images would be its first folders only) or a manifest
+    new_site = filter_readable([Sample(listed[i].path) for i in spread_indices(len(listed), max_images)], None, 0.5)
     if not new_site:
         raise DataError(f"adapt: no readable images under {images}")
     transform, adapted = None, {"images": str(Path(images).resolve()), "new_site_images": len(new_site)}
@@ -322,7 +322,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="a finetune out_dir")
-    parser.add_argument("--images", required=True, help="unlabelled images of the new site (searched recursively)")
+    parser.add_argument("--images", required=True,
+                        help="the new site's images: a folder (searched recursively; labels unused) or a manifest CSV")
     parser.add_argument("--out", required=True, help="the new run folder to write")
     parser.add_argument("--no-bn", dest="bn", action="store_false", help="keep the BatchNorm statistics as trained")
     parser.add_argument("--stain", action="store_true", help="normalise inputs to the training set's stain")

@@ -95,6 +95,7 @@ def test_an_adapted_run_is_a_run_for_predict_export_and_the_probes(sites: dict[s
     from finetune.adapt import adapt
     from finetune.export import export
     from finetune.predict import load_predictor
+    from roseprior.data import find_images
 
     out = adapt(sites["run"], sites["shifted"], tmp_path / "stain", bn=False, stain=True)
     meta = json.loads((out / "best.json").read_text())
@@ -108,6 +109,13 @@ def test_an_adapted_run_is_a_run_for_predict_export_and_the_probes(sites: dict[s
     assert onnx.stain is not None
     assert backbones.load(out).forward_embedding(torch.rand(1, 3, 64, 64)).shape == (1, 192)
     assert (out / "training_images.csv").is_file()  # the probes' overlap check still knows its images
+    # The new site's images as a manifest (labels unused) adapt alike.
+    listed = tmp_path / "new_site.csv"
+    listed.write_text("path\n" + "".join(f"{p}\n" for p in find_images(sites["shifted"])))
+    again = adapt(sites["run"], listed, tmp_path / "from_manifest", bn=False, stain=True)
+    adapted = json.loads((again / "best.json").read_text())
+    assert adapted["stain_normalization"] == meta["stain_normalization"]
+    assert adapted["adaptation"]["new_site_images"] == meta["adaptation"]["new_site_images"]
 
 
 def test_adapt_refuses_a_non_empty_out(sites: dict[str, Path], tmp_path: Path, capsys) -> None:
