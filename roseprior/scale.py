@@ -429,12 +429,13 @@ def _run(args: argparse.Namespace) -> int:
                 rows.append((sample, float("nan"), float("nan"), err.reason))
             progress.update()
     if args.per_folder:  # one scale per folder: see shared_scale for why a manifest wants it
+        folder_of = [acquisition_folder(Path(sample.path), args.classes) for sample, *_ in rows]
         folders: dict[Path, list[float]] = {}
-        for sample, estimate, _, _ in rows:
-            folders.setdefault(acquisition_folder(Path(sample.path), args.classes), []).append(estimate)
+        for folder, (_, estimate, _, _) in zip(folder_of, rows, strict=True):
+            folders.setdefault(folder, []).append(estimate)
         per_folder = {folder: folder_scale(values)[0] for folder, values in folders.items()}
-        rows = [(sample, per_folder[acquisition_folder(Path(sample.path), args.classes)] if not error else estimate,
-                 size, error) for sample, estimate, size, error in rows]
+        rows = [(sample, per_folder[folder] if not error else estimate, size, error)
+                for folder, (sample, estimate, size, error) in zip(folder_of, rows, strict=True)]
     measured = [replace(sample, extra={**sample.extra, "relative_scale": f"{estimate:.4f}" if np.isfinite(estimate) else "",
                                        "nucleus_px": f"{size:.3f}" if np.isfinite(size) else "", "error": error})
                 for sample, estimate, size, error in rows]  # a scale the source already had is replaced
