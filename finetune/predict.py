@@ -27,6 +27,7 @@ from roseprior.data import Sample, class_from_folders, load_unlabeled
 from roseprior.errors import CheckpointError, DataError
 from roseprior.features import resolve_device
 from roseprior.imageio import UnreadableImage, read_image
+from roseprior.metrics import format_with_intervals
 from roseprior.progress import Progress
 from roseprior.scale import fields_scale
 from roseprior.stage import command_main
@@ -293,7 +294,7 @@ def score_known(predictor: Predictor, probs: Mapping[Path, np.ndarray], known: M
     fields whose class is known, with 95% bootstrap intervals (whole groups when the manifest names them) and
     the same per site (``domain``, else the folder of fields taken alike); None when no scored field has a
     label. What a user checks a run on a new site with."""
-    from roseprior.metrics import binary_metrics, bootstrap_intervals, small_class_warnings
+    from roseprior.metrics import binary_metrics, with_intervals
     from roseprior.scale import acquisition_folder
 
     scored = [path for path in probs if path in known]
@@ -303,11 +304,10 @@ def score_known(predictor: Predictor, probs: Mapping[Path, np.ndarray], known: M
 
     def metrics(paths: list[Path], where: str) -> dict[str, Any]:
         labels = np.array([known[path].label for path in paths])
-        y, p = labels == positive, np.array([probs[path][positive] for path in paths])
+        p = np.array([probs[path][positive] for path in paths])
         groups = [known[path].group or str(path) for path in paths]
-        return {**binary_metrics(y, p, predictor.threshold),
-                "ci95": bootstrap_intervals(y, p, groups, predictor.threshold),
-                "warnings": small_class_warnings(where, labels, predictor.classes)}
+        return with_intervals(binary_metrics(labels == positive, p, predictor.threshold), labels, p, predictor.classes,
+                              positive, where, groups, predictor.threshold)
 
     sites: dict[str, list[Path]] = {}
     for path in scored:
@@ -321,18 +321,6 @@ def score_known(predictor: Predictor, probs: Mapping[Path, np.ndarray], known: M
 def metrics_path(out: Path) -> Path:
     """Where predict writes the scores of the labelled fields beside its CSV: ``preds.csv`` -> ``preds.metrics.json``."""
     return out.with_suffix(".metrics.json")
-
-
-def summary_line(result: dict[str, Any]) -> str:
-    """One line of ``score_known``'s metrics with their intervals."""
-    def cell(key: str) -> str:
-        value, ci = result[key], result["ci95"].get(key)
-        if value is None:
-            return f"{key.replace('_', ' ')} -"
-        return f"{key.replace('_', ' ')} {value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-    return f"{result['n']} field(s): " + ", ".join(cell(k) for k in ("balanced_accuracy", "sensitivity", "specificity",
-                                                                     "auroc"))
 
 
 def parse_scale(text: str) -> str | float:
@@ -416,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{predictor.threshold:.4f}")
         if scores is not None:
             for site, result in {"labelled fields": scores["all"], **scores["per_site"]}.items():
-                print(f"  {site}: {summary_line(result)}")
+                print(f"  {site}: {result['n']} field(s): {format_with_intervals(result)}")
             for warning in scores["all"]["warnings"]:
                 print(f"  warning: {warning}", file=sys.stderr)
             print(f"  scores of the fields whose class the layout gave, every scored field at the operating point "

@@ -33,6 +33,7 @@ from roseprior.loop import (
     run_identity,
     seeded_permutation,
 )
+from roseprior.metrics import format_with_intervals
 from roseprior.scale import training_scale
 from roseprior.splits import resolve_splits, write_image_list
 
@@ -301,14 +302,14 @@ def with_intervals(metrics: dict[str, Any], result: dict[str, Any], samples: Seq
                    split: str) -> dict[str, Any]:
     """``metrics`` plus ``ci95`` (seeded percentile bootstrap, whole groups when ``data.group_by`` is
     set) and the small-class warnings of this split."""
-    from roseprior.metrics import bootstrap_intervals, small_class_warnings
+    from roseprior.metrics import with_intervals as metrics_with_intervals
     from roseprior.splits import group_key
 
     positive = cfg.data.classes.index(cfg.data.positive_class)
     groups = ([group_key(samples[int(i)], cfg.data.group_by) or samples[int(i)].path for i in result["indices"]]
               if cfg.data.group_by else None)
-    ci = bootstrap_intervals(result["labels"] == positive, result["probs"][:, positive], groups, seed=cfg.seed)
-    return {**metrics, "ci95": ci, "warnings": small_class_warnings(f"the {split} split", result["labels"], cfg.data.classes)}
+    return metrics_with_intervals(metrics, result["labels"], result["probs"][:, positive], cfg.data.classes, positive,
+                                  f"the {split} split", groups, seed=cfg.seed)
 
 
 def per_domain(result: dict[str, Any], samples: Sequence[Sample], cfg: FinetuneConfig, split: str
@@ -562,12 +563,12 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
     for split in ("val", "test"):
         m = metrics[split]
         if "mean" in m:
-            cells = [f"{k} {_fmt(m['mean'][k])}±{_fmt(m['std'][k])}" for k in keys if k in m["mean"]]
+            cells = ", ".join(f"{k} {_fmt(m['mean'][k])}±{_fmt(m['std'][k])}" for k in keys if k in m["mean"])
         else:
-            cells = _with_intervals(m, keys)
-        lines.append(f"{split}: " + ", ".join(cells))
+            cells = format_with_intervals(m, keys)
+        lines.append(f"{split}: " + cells)
     for domain, m in metrics.get("test_per_domain", {}).items():
-        lines.append(f"test ({domain}, {m['n']} images): " + ", ".join(_with_intervals(m, keys)))
+        lines.append(f"test ({domain}, {m['n']} images): " + format_with_intervals(m, keys))
     op, cal = metrics["operating_point"], metrics["calibration"]
     lines.append(f"calibration: temperature {cal['temperature']:.3f}, val ECE {cal['val_ece_before']:.4f} -> "
                  f"{cal['val_ece_after']:.4f}")
@@ -576,12 +577,6 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
                  f"sensitivity {_fmt(op['test_sensitivity'])} specificity {_fmt(op['test_specificity'])}")
     lines += [f"warning: {w}" for w in metrics.get("warnings", [])]
     return "\n".join(lines)
-
-
-def _with_intervals(metrics: dict[str, Any], keys: Sequence[str]) -> list[str]:
-    ci = metrics.get("ci95") or {}
-    return [f"{k} {_fmt(metrics[k])}" + (f" [{_fmt(ci[k][0])}, {_fmt(ci[k][1])}]" if ci.get(k) else "")
-            for k in keys if k in metrics]
 
 
 def _fmt(value: float | None) -> str:

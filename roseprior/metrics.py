@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["binary_metrics", "bootstrap_intervals", "expected_calibration_error", "reliability_bins", "small_class_warnings"]
+__all__ = ["binary_metrics", "bootstrap_intervals", "expected_calibration_error", "format_with_intervals", "reliability_bins",
+           "small_class_warnings", "with_intervals"]
 
 
 def _ratio(num: float, den: float) -> float:
@@ -171,3 +172,27 @@ def small_class_warnings(where: str, y_true: Any, classes: list[str], minimum: i
     return [f"{where} has {int((y == i).sum())} images of class {name} (fewer than {minimum}): "
             "its numbers are unstable; read them with their intervals" for i, name in enumerate(classes)
             if (y == i).sum() < minimum]
+
+
+def with_intervals(metrics: dict[str, Any], labels: Any, p_pos: Any, classes: list[str], positive: int, where: str,
+                   groups: Any = None, threshold: float = 0.5, seed: int = 0) -> dict[str, Any]:
+    """``metrics`` of a labelled set plus what reading them needs: ``ci95`` (``bootstrap_intervals``, whole
+    ``groups`` resampled) and ``warnings`` (``small_class_warnings`` for ``where``). One rule for finetune's
+    splits, their sites and predict's labelled fields."""
+    labels = np.asarray(labels).reshape(-1)
+    return {**metrics, "ci95": bootstrap_intervals(labels == positive, p_pos, groups, threshold, seed=seed),
+            "warnings": small_class_warnings(where, labels, classes)}
+
+
+def format_with_intervals(metrics: dict[str, Any], keys: tuple[str, ...] = CI_METRICS) -> str:
+    """``balanced accuracy 0.812 [0.754, 0.866], ...``: the ``keys`` that ``metrics`` has, each with its 95%
+    interval when it has one; what finetune and predict print."""
+    ci = metrics.get("ci95") or {}
+
+    def cell(key: str) -> str:
+        value, name = metrics[key], key.replace("_", " ")
+        if value is None:
+            return f"{name} n/a"
+        return f"{name} {value:.3f}" + (f" [{ci[key][0]:.3f}, {ci[key][1]:.3f}]" if ci.get(key) else "")
+
+    return ", ".join(cell(key) for key in keys if key in metrics)

@@ -247,7 +247,9 @@ def test_test_metrics_are_given_per_site_too(run_dir) -> None:
     assert per_domain(result, one_site, cfg, "test") == {}
     metrics = json.loads((out / "metrics.json").read_text())
     printed = _format_metrics({**metrics, "test_per_domain": sites})
-    assert f"test (site_b, {sites['site_b']['n']} images): balanced_accuracy" in printed
+    low, high = sites["site_b"]["ci95"]["balanced_accuracy"]
+    assert (f"test (site_b, {sites['site_b']['n']} images): balanced accuracy "
+            f"{sites['site_b']['balanced_accuracy']:.3f} [{low:.3f}, {high:.3f}]") in printed
 
 
 def test_metrics_carry_intervals_calibration_and_an_operating_point(run_dir):
