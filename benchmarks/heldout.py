@@ -8,12 +8,14 @@
 - ``labelled_ab.csv``: the labelled fields of sites a and b, what fine-tuning sees;
 - ``unlabelled_all.csv``: every field of the four sites with its site and no label, what pretraining on
   "the unlabelled images of both domains" sees;
-- ``site_c/`` and ``site_d/``: one folder of links per held-out site, as ``finetune.predict`` reads a new
-  site, and ``heldout_labels.csv``, their labels, used for scoring only.
+- ``site_c/`` and ``site_d/``: one folder of links per held-out site, its fields in class folders (``N/``,
+  ``P/``), as a user lays out a new site whose diagnoses are known: ``finetune.predict`` reads the site and
+  scores its calls itself (``preds.metrics.json``); ``heldout_unlabelled.csv`` lists them with their site and
+  no label, what ``augment.stain_targets`` reads.
 
-``summarise`` scores every ``preds_<arm>_s<seed>_<site>_<auto|none>.csv`` in OUT against those labels
-(balanced accuracy of the calls) and every ``<arm>_s<seed>/metrics.json`` (the labelled sites' test split):
-mean ± sd over seeds per arm and site, printed and written to ``OUT/NAME``.
+``summarise`` gathers the balanced accuracy of every ``preds_<arm>_s<seed>_<site>_<auto|none>.metrics.json``
+in OUT (predict's own scores of that site) and of every ``<arm>_s<seed>/metrics.json`` (the labelled sites'
+test split): mean ± sd over seeds per arm and site, printed and written to ``OUT/NAME``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ if str(REPO) not in sys.path:  # runnable as `python benchmarks/heldout.py` from
 
 LABELLED = ("site_a", "site_b")
 HELD_OUT = ("site_c", "site_d")
-PREDS = re.compile(r"preds_(.+)_s(\d+)_(site_.)_(auto|none)\.csv")
+PREDS = re.compile(r"preds_(.+)_s(\d+)_(site_.)_(auto|none)\.metrics\.json")
 
 
 def prepare(data: Path, out: Path) -> None:
@@ -55,34 +57,27 @@ def prepare(data: Path, out: Path) -> None:
         writer = csv.writer(fh)
         writer.writerow(["path", "domain"])
         writer.writerows((relative(r, out), r["domain"]) for r in rows)
-    with (out / "heldout_labels.csv").open("w", newline="") as fh:
+    with (out / "heldout_unlabelled.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "label", "domain"])
+        writer.writerow(["path", "domain"])
         for r in rows:
             if r["domain"] in HELD_OUT:
-                folder = out / r["domain"]
-                folder.mkdir(exist_ok=True)
+                folder = out / r["domain"] / r["label"]
+                folder.mkdir(parents=True, exist_ok=True)
                 link = folder / Path(r["path"]).name
                 if not os.path.lexists(link):
                     os.symlink(relative(r, folder), link)
-                writer.writerow([os.path.abspath(link), r["label"], r["domain"]])
+                writer.writerow([os.path.relpath(link, out), r["domain"]])
 
 
 def summarise(out: Path, name: str = "heldout_sites.json") -> dict[str, dict]:
     """Each arm's balanced accuracy per held-out site (``auto``: at the estimated training scale; ``none``:
     squeezed) and on the labelled sites' test split, per seed, with mean and sd."""
-    from roseprior.metrics import binary_metrics
-
-    # Matched by the file each path leads to: OUT may be reached through another path than when predict ran.
-    truth = {os.path.realpath(r["path"]): r["label"] for r in csv.DictReader((out / "heldout_labels.csv").open())}
     scores: dict[str, dict[str, float]] = collections.defaultdict(dict)
-    for path in sorted(out.glob("preds_*_s*_site_*_*.csv")):
+    for path in sorted(out.glob("preds_*_s*_site_*_*.metrics.json")):
         arm, seed, site, scale = PREDS.fullmatch(path.name).groups()
-        rows = [r for r in csv.DictReader(path.open()) if not r.get("error")]
-        y = np.array([truth[os.path.realpath(r["path"])] == "P" for r in rows], int)
-        called = np.array([r["predicted"] == "P" for r in rows], float)
         key = f"{arm} {site}" + ("" if scale == "auto" else ", squeezed (--scale none)")
-        scores[key][seed] = binary_metrics(y, called)["balanced_accuracy"]
+        scores[key][seed] = json.loads(path.read_text())["all"]["balanced_accuracy"]
     for metrics in sorted(out.glob("*_s*/metrics.json")):
         arm, seed = re.fullmatch(r"(.+)_s(\d+)", metrics.parent.name).groups()
         scores[f"{arm} labelled sites' test split"][seed] = json.loads(metrics.read_text())["test"]["balanced_accuracy"]

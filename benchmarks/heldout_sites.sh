@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Another site, as the issue's first table: fine-tune on the labelled images of two synthetic sites, predict the
-# images of the two others (their labels never used), with and without stain swaps in fine-tuning, and with the
+# images of the two others (in class folders: predict scores its calls; no label reaches the model), with and without stain swaps in fine-tuning, and with the
 # swaps taking the held-out sites' own stains (augment.stain_targets: their unlabelled images). The backbone is
 # benchmarks/invariance.sh's multi-crop arm (swaps + batches by domain), pretrained on every site's unlabelled
 # images. The default arm is also adapted to each held-out site (roseprior adapt: BatchNorm statistics of its
@@ -25,7 +25,7 @@ finetune() {  # name, overrides...
 for seed in ${SEEDS:-0 1 2}; do  # fine-tuning seeds: the held-out sites move more from seed to seed than a test interval says
   finetune plain_s$seed seed=$seed
   finetune swap_s$seed seed=$seed augment.stain_swap=0.3
-  finetune swap_to_heldout_s$seed seed=$seed augment.stain_swap=0.3 "augment.stain_targets=$out/heldout_labels.csv"  # labels unused
+  finetune swap_to_heldout_s$seed seed=$seed augment.stain_swap=0.3 "augment.stain_targets=$out/heldout_unlabelled.csv"
   for arm in plain swap swap_to_heldout; do
     for site in site_c site_d; do
       for scale in auto none; do  # auto: at the training scale, estimated per folder (the README's chain); none: squeezed

@@ -182,30 +182,40 @@ def test_shift_quality_scores_every_shift_with_and_without_its_remedy(tmp_path: 
 
 def test_heldout_sites_layout_and_scores(tmp_path: Path) -> None:
     """``benchmarks/heldout.py``: sites a, b labelled for fine-tuning, all four unlabelled for pretraining, c and d
-    one folder each for predict; then each arm's balanced accuracy per held-out site from predict's CSVs, matched
-    to the labels through whatever path led to the folder."""
+    one folder each in class folders, whose classes predict reads as the manifest gave them; then each arm's
+    balanced accuracy per held-out site gathered from predict's own scores."""
+    import numpy as np
+
     from benchmarks.heldout import prepare, summarise
+    from roseprior.data import class_from_folders
     from roseprior.synth import generate
 
     data = generate(tmp_path / "data", n_per_class=12, size=32, seed=3, progress=False)
     prepare(data, tmp_path / "real")
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    out = tmp_path / "link"  # reached through another path than the one the labels were written with
+    out = tmp_path / "link"  # reached through another path than the one the layout was written with
     labelled = list(csv.DictReader((out / "labelled_ab.csv").open()))
     unlabelled = list(csv.DictReader((out / "unlabelled_all.csv").open()))
     assert {r["domain"] for r in labelled} == {"site_a", "site_b"} and len(unlabelled) == 24
     assert "label" not in unlabelled[0] and all((out / r["path"]).is_file() for r in labelled + unlabelled)
-    truth = {Path(r["path"]).name: r["label"] for r in csv.DictReader((out / "heldout_labels.csv").open())}
-    held_out = sorted(p.name for site in ("site_c", "site_d") for p in (out / site).iterdir())
-    assert held_out == sorted(truth) and held_out
-    for site in ("site_c", "site_d"):  # an arm that calls every field right, and one that calls every field P
-        fields = sorted((out / site).iterdir())
-        for arm, call in (("right", lambda p: truth[p.name]), ("allp", lambda p: "P")):
-            with (out / f"preds_{arm}_s0_{site}_auto.csv").open("w", newline="") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(["path", "predicted", "error"])
-                writer.writerows((p, call(p), "") for p in fields)
+    truth = {Path(r["path"]).name: (r["domain"], r["label"]) for r in csv.DictReader((data / "manifest.csv").open())
+             if r["domain"] in ("site_c", "site_d")}
+    for site in ("site_c", "site_d"):
+        fields = sorted(p for p in (out / site).rglob("*") if p.is_file())
+        assert fields and all(truth[p.name] == (site, ("N", "P")[class_from_folders(p, out / site, ["N", "P"])])
+                              for p in fields)
+    held_out = list(csv.DictReader((out / "heldout_unlabelled.csv").open()))
+    assert sorted(Path(r["path"]).name for r in held_out) == sorted(truth) and "label" not in held_out[0]
+    assert all((out / r["path"]).is_file() for r in held_out)
+    for seed, (c, d) in enumerate(((0.9, 0.7), (0.8, 0.5))):
+        for site, value in (("site_c", c), ("site_d", d)):
+            (out / f"preds_plain_s{seed}_{site}_auto.metrics.json").write_text(
+                json.dumps({"all": {"balanced_accuracy": value}}))
+    (out / "plain_s0").mkdir()
+    (out / "plain_s0" / "metrics.json").write_text(json.dumps({"test": {"balanced_accuracy": 0.95}}))
     result = summarise(out, "scores.json")
-    assert result["right site_c"]["mean"] == 1.0 and result["right site_d"]["mean"] == 1.0
-    assert result["allp site_c"]["mean"] == 0.5
+    assert result["plain site_c"]["mean"] == pytest.approx(0.85)
+    assert result["plain site_d"]["per_seed"] == {"0": 0.7, "1": 0.5}
+    assert result["plain site_c"]["sd"] == pytest.approx(np.std([0.9, 0.8], ddof=1))
+    assert result["plain labelled sites' test split"]["mean"] == 0.95
     assert json.loads((out / "scores.json").read_text()) == json.loads(json.dumps(result))
