@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     steps_done = max((m["step"] for m in metrics), default=0)
     gain = results["pretrained"]["knn_balanced_accuracy"] - results["random_init"]["knn_balanced_accuracy"]
     summary = {
-        "minutes_budget": args.minutes, "pretrain_seconds": round(pretrain_s, 1), "steps": steps_done,
+        "seed": args.seed, "minutes_budget": args.minutes, "pretrain_seconds": round(pretrain_s, 1), "steps": steps_done,
         "config": args.config, "overrides": args.set, "model": recipe.model.name, "method": recipe.method.name,
         "eval_size": eval_size, "protocol": "eval_probes (k and C chosen on val, scored on test)", **results,
         "knn_gain_points": round(100 * gain, 1),

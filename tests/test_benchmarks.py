@@ -219,3 +219,44 @@ def test_heldout_sites_layout_and_scores(tmp_path: Path) -> None:
     assert result["plain site_c"]["sd"] == pytest.approx(np.std([0.9, 0.8], ddof=1))
     assert result["plain labelled sites' test split"]["mean"] == 0.95
     assert json.loads((out / "scores.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_paired_seeds_reads_two_recipes_seed_by_seed(tmp_path: Path, capsys) -> None:
+    """``benchmarks/paired_seeds.py``: the recipe minus the baseline per seed both have (a seed from the file or
+    its split), mean, standard error and seeds led; and on the committed CRIC results, the README's figures."""
+    import numpy as np
+
+    from benchmarks.paired_seeds import main
+
+    def result(seed: int, knn: float, linear: float, by_split: bool) -> dict:
+        zoom = {"knn": knn - 0.1, "linear": linear - 0.1}
+        run = {"steps": 400, "pretrained": {"knn_balanced_accuracy": knn, "linear_balanced_accuracy": linear,
+                                            "zoom": {"0.5": zoom, "2": zoom}}}
+        return {**run, "split": {"source": f"7:2:1 split of cells, split_seed {seed}"}} if by_split else {**run, "seed": seed}
+
+    recipe, baseline = [0.70, 0.72, 0.66, 0.9], [0.68, 0.73, 0.62]
+    for seed, knn in enumerate(recipe):
+        (tmp_path / f"recipe_{seed}.json").write_text(json.dumps(result(seed, knn, 0.8, by_split=seed % 2 == 0)))
+    for seed, knn in enumerate(baseline):
+        (tmp_path / f"base_{seed}.json").write_text(json.dumps(result(seed, knn, 0.8, by_split=True)))
+    assert main(["--recipe", str(tmp_path / "recipe_*.json"), "--baseline", str(tmp_path / "base_*.json"),
+                 "--json", str(tmp_path / "pairs.json")]) == 0
+    pairs = json.loads((tmp_path / "pairs.json").read_text())
+    diffs = 100 * (np.array(recipe[:3]) - np.array(baseline))
+    assert pairs["seeds"] == [0, 1, 2] and pairs["unpaired"] == [3]
+    assert pairs["summary"]["kNN"]["mean"] == pytest.approx(diffs.mean())
+    assert pairs["summary"]["kNN"]["standard_error"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
+    assert pairs["summary"]["kNN"]["seeds_led"] == 2 and pairs["summary"]["linear"]["seeds_led"] == 0
+    assert "warning: 3 seed(s)" in capsys.readouterr().err
+    (tmp_path / "base_again.json").write_text(json.dumps(result(1, 0.5, 0.5, by_split=False)))
+    with pytest.raises(SystemExit, match="both seed 1"):
+        main(["--recipe", str(tmp_path / "recipe_*.json"), "--baseline", str(tmp_path / "base_*.json")])
+    results = REPO / "docs" / "results"
+    assert main(["--recipe", str(results / "pretrain_quality_cric_multicrop.json"),
+                 str(results / "pretrain_quality_cric_multicrop_seed?.json"),
+                 "--baseline", str(results / "pretrain_quality_cric.json"),
+                 str(results / "pretrain_quality_cric_seed?.json")]) == 0
+    printed = capsys.readouterr().out
+    for line in ("kNN          +1.8 ± 0.7 (led on 6 of 8)", "linear       -0.7 ± 1.1 (led on 2 of 8)",
+                 "linear 2x    +5.1 ± 0.8 (led on 8 of 8)"):  # as the README gives them
+        assert line in printed
