@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Another site, as the issue's first table: fine-tune on the labelled images of two synthetic sites, predict the
-# images of the two others (in class folders: predict scores its calls; no label reaches the model), with and without stain swaps in fine-tuning, and with the
-# swaps taking the held-out sites' own stains (augment.stain_targets: their unlabelled images). The backbone is
-# benchmarks/invariance.sh's multi-crop arm (swaps + batches by domain), pretrained on every site's unlabelled
-# images. The default arm is also adapted to each held-out site (roseprior adapt: BatchNorm statistics of its
-# unlabelled images, at its estimated scale or squeezed). Prints each arm's balanced accuracy per held-out site,
+# images of the two others (in class folders: predict scores its own calls; no label reaches the model), with and
+# without stain swaps in fine-tuning, and with the swaps taking the held-out sites' own stains
+# (augment.stain_targets: their unlabelled images). The backbone is benchmarks/invariance.sh's multi-crop arm
+# (swaps + batches by domain), pretrained on every site's unlabelled images. The default arm is also adapted to
+# each held-out site (roseprior adapt: BatchNorm statistics of its unlabelled images, at its estimated scale or
+# squeezed). Prints each arm's balanced accuracy per held-out site,
 # mean ± sd over 3 fine-tuning seeds; about 50 minutes on one core (SEEDS="0" for one seed).
 #   bash benchmarks/heldout_sites.sh [BASE]      # BASE: benchmarks/invariance.sh's output (runs/bench/invariance)
 set -euo pipefail
