@@ -41,11 +41,10 @@ from roseprior.data import (
     SPLITS,
     Sample,
     class_from_folders,
-    find_images,
     load_labelled,
+    load_unlabeled,
     manifest_columns,
     manifest_row,
-    read_manifest,
     with_scales,
 )
 from roseprior.errors import ConfigError, DataError
@@ -385,9 +384,8 @@ def load_as_laid_out(root: str | Path, classes: Sequence[str]) -> list[Sample]:
                 for s in load_labelled(root, classes, split=name)]
     if is_labelled(root, classes):
         return load_labelled(root, classes)
-    if root.is_file():
-        return read_manifest(root, None)
-    return [Sample(str(path), class_from_folders(path, root, classes)) for path in find_images(root)]
+    return [s if root.is_file() else replace(s, label=class_from_folders(Path(s.path), root, classes))
+            for s in load_unlabeled(root)]  # a folder with no image is refused in one line, not written as an empty CSV
 
 
 def is_labelled(root: Path, classes: Sequence[str]) -> bool:

@@ -363,3 +363,16 @@ def test_already_handled_inputs_still_are(tmp_path: Path, write_image) -> None:
     listed = (out / "skipped_files.csv").read_text()
     assert "zero.jpg" in listed and "fake.jpg" in listed
     one_line_error(cli("-m", "pretrain", f"out_dir={out}", "train.max_step=3"), "did you mean 'train.max_steps'")
+
+
+def test_scale_refuses_a_folder_with_no_image_rather_than_write_an_empty_manifest(tmp_path: Path, write_image) -> None:
+    """``roseprior scale --images`` on an unlabelled folder with no image (a wrong path, images of another format)
+    wrote a CSV of no rows and exited 0; it is one line naming the folder, as a labelled one already was."""
+    for i in range(3):
+        write_image(tmp_path / "reference" / f"r{i}.png", size=(64, 64), seed=i)
+    (tmp_path / "empty" / "day1").mkdir(parents=True)  # no class folder: the unlabelled layout
+    (tmp_path / "empty" / "day1" / "notes.txt").write_text("not an image")
+    out = tmp_path / "scales.csv"
+    one_line_error(cli("-m", "roseprior", "scale", "--images", str(tmp_path / "empty"), "--reference",
+                       str(tmp_path / "reference"), "--out", str(out)), f"no images under {tmp_path / 'empty'}")
+    assert not out.exists()
