@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 
 from roseprior.adequacy import COLUMNS, NOT_ASSESSABLE, FieldQuality, measure, quality_cells
 from roseprior.checkpoint import atomic_write_csv, atomic_write_json
-from roseprior.data import Sample, class_from_folders, load_unlabeled
+from roseprior.data import Sample, load_where_known
 from roseprior.errors import CheckpointError, DataError
 from roseprior.features import resolve_device
 from roseprior.imageio import UnreadableImage, read_image
@@ -281,9 +281,7 @@ def fields_to_score(images: str | Path, classes: Sequence[str]) -> tuple[list[Pa
     (``N/``, ``P/``; ``images`` itself or any folder below it, so a site folder of class folders, or only ``P/``,
     is read too); in a manifest, its ``label``, ``domain`` and ``group`` columns. Predict scores those fields
     against their labels."""
-    root, by_name = Path(images), {c.casefold(): i for i, c in enumerate(classes)}
-    rows = [replace(s, label=by_name.get(s.extra.get("label", "").strip().casefold(), -1)) if root.is_file()
-            else replace(s, label=class_from_folders(Path(s.path), root, classes)) for s in load_unlabeled(root)]
+    rows = load_where_known(images, classes)
     paths = [Path(s.path) for s in rows]
     return paths, {path: row for path, row in zip(paths, rows, strict=True) if row.label >= 0}
 

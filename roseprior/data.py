@@ -32,6 +32,7 @@ __all__ = [
     "find_images",
     "load_labelled",
     "load_unlabeled",
+    "load_where_known",
     "manifest_columns",
     "manifest_row",
     "read_during_run",
@@ -327,6 +328,17 @@ def load_unlabeled(root: str | Path) -> list[Sample]:
             f"no images under {root} (looked for {_extensions_text()}, any case; dot-files and dot-folders are skipped)"
         )
     return [Sample(path=str(p)) for p in images]
+
+
+def load_where_known(root: str | Path, classes: Sequence[str]) -> list[Sample]:
+    """Every image of a folder or manifest (``load_unlabeled``), each with the class its layout gives where it
+    gives one, -1 elsewhere: in a folder its innermost class folder (``class_from_folders``), in a manifest its
+    ``label`` column. For sets that need not be labelled as a whole: a new site predict scores, a folder
+    ``roseprior scale`` measures."""
+    root = Path(root)
+    by_name = {c.casefold(): i for i, c in enumerate(classes)}
+    return [replace(s, label=by_name.get(s.extra.get("label", "").strip().casefold(), -1)) if root.is_file()
+            else replace(s, label=class_from_folders(Path(s.path), root, classes)) for s in load_unlabeled(root)]
 
 
 def resolve_root(data_cfg: Any) -> Path:

@@ -40,9 +40,8 @@ from roseprior.data import (
     MANIFEST_NAME,
     SPLITS,
     Sample,
-    class_from_folders,
     load_labelled,
-    load_unlabeled,
+    load_where_known,
     manifest_columns,
     manifest_row,
     with_scales,
@@ -384,8 +383,7 @@ def load_as_laid_out(root: str | Path, classes: Sequence[str]) -> list[Sample]:
                 for s in load_labelled(root, classes, split=name)]
     if is_labelled(root, classes):
         return load_labelled(root, classes)
-    return [s if root.is_file() else replace(s, label=class_from_folders(Path(s.path), root, classes))
-            for s in load_unlabeled(root)]  # a folder with no image is refused in one line, not written as an empty CSV
+    return load_where_known(root, classes)  # a folder with no image is refused in one line, not written as an empty CSV
 
 
 def is_labelled(root: Path, classes: Sequence[str]) -> bool:
