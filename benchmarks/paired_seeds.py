@@ -67,6 +67,15 @@ def load(patterns: list[str]) -> dict[int, tuple[str, dict]]:
     return runs
 
 
+BUDGET_GAP = 0.15  # a pair whose runs used their budgets this differently did not run in the same time
+
+
+def budget_used(result: dict) -> float | None:
+    """The fraction of its CPU budget a run spent pretraining (calibration included), None if not recorded."""
+    seconds, minutes = result.get("pretrain_seconds"), result.get("minutes_budget")
+    return seconds / (60.0 * minutes) if seconds is not None and minutes else None
+
+
 def compare(recipe: dict[int, tuple[str, dict]], baseline: dict[int, tuple[str, dict]]) -> dict:
     """Per seed both sides have: the recipe minus the baseline in points; then mean, standard error of the mean
     (None for one seed) and the seeds where the recipe led, per number."""
@@ -82,6 +91,7 @@ def compare(recipe: dict[int, tuple[str, dict]], baseline: dict[int, tuple[str, 
                          "seeds_led": int((d > 0).sum())}
     return {"seeds": seeds, "unpaired": sorted(set(recipe) ^ set(baseline)),
             "steps": {s: [recipe[s][1].get("steps"), baseline[s][1].get("steps")] for s in seeds},
+            "budget_used": {s: [budget_used(recipe[s][1]), budget_used(baseline[s][1])] for s in seeds},
             "per_seed": {s: dict(zip([n for n, _ in NUMBERS], diffs[i].round(2).tolist(), strict=True))
                          for i, s in enumerate(seeds)},
             "summary": summary}
@@ -98,13 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"paired_seeds: recipe minus baseline in points, seeds {', '.join(map(str, result['seeds']))}"
           + (f" (no pair: {', '.join(map(str, result['unpaired']))})" if result["unpaired"] else ""))
     for seed, row in result["per_seed"].items():
-        steps = result["steps"][seed]
-        print(f"  seed {seed} ({steps[0]} / {steps[1]} steps): " + ", ".join(f"{k} {v:+.1f}" for k, v in row.items()))
+        steps, used = result["steps"][seed], result["budget_used"][seed]
+        budget = f", {used[0]:.0%} / {used[1]:.0%} of the budget" if None not in used else ""
+        print(f"  seed {seed} ({steps[0]} / {steps[1]} steps{budget}): "
+              + ", ".join(f"{k} {v:+.1f}" for k, v in row.items()))
     for name, s in result["summary"].items():
         error = f" ± {s['standard_error']:.1f}" if s["standard_error"] is not None else ""
         print(f"  {name:12s} {s['mean']:+.1f}{error} (led on {s['seeds_led']} of {n})")
     if n < 5:
         print(f"  warning: {n} seed(s): a recipe's lead moves by 2 to 4 points from one seed to the next", file=sys.stderr)
+    for seed, used in result["budget_used"].items():
+        if None not in used and abs(used[0] - used[1]) > BUDGET_GAP:
+            print(f"  warning: seed {seed}: the recipe's run used {used[0]:.0%} of its budget and the baseline's "
+                  f"{used[1]:.0%}; that pair did not run in the same time", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

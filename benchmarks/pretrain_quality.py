@@ -52,8 +52,9 @@ def load_recipe(args: argparse.Namespace, out: Path, extra: list[str] = ()):
 
 def time_step(cfg) -> float:
     """Seconds of one warm training step: the product's own step (views, method, backward, update), the median
-    of three after a cold one. A single timing read 5.3 to 5.9 s for the same recipe and left 20% of the budget
-    unused."""
+    of four after two cold ones. A single timing read 5.3 to 5.9 s for the same recipe and left 20% of the budget
+    unused; with one cold step, six local views read 4.45 s where the run went at 4.0 to 4.2 s (the allocator
+    settles over the first few steps), so a recipe could be given a third fewer steps than its budget holds."""
     import backbones
     from pretrain.loop import ViewCollate, make_step, pretrain_images
     from pretrain.methods import build_method
@@ -69,17 +70,19 @@ def time_step(cfg) -> float:
     collate = ViewCollate(MultiCropViews(cfg.views, seed=cfg.seed, stain_bank=bank))
     step = make_step(accelerator, method, optimizer, cfg, None)
     times = []
-    for _ in range(4):
+    for _ in range(6):
         start = time.perf_counter()
         step(collate([dataset[i] for i in range(len(dataset))], 0), 0, 0)
         if method.has_teacher:
             method.after_step(0.99)
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])  # the first is a cold start; one slow step must not size the run
+    return statistics.median(times[2:])  # cold starts left out; one slow step must not size the run
 
 
-def pretrain_within_budget(args: argparse.Namespace, out: Path, budget_s: float) -> float:
-    """Pretrain into ``out/pretrain`` with schedules sized to the budget; returns the seconds spent.
+def pretrain_within_budget(args: argparse.Namespace, out: Path, budget_s: float) -> tuple[float, float]:
+    """Pretrain into ``out/pretrain`` with schedules sized to the budget; returns the seconds spent and the
+    seconds per step the schedule was sized with (the result records both, so a run that used little of its
+    budget shows).
 
     The number of steps comes from the time of one warm step, so the cosine schedules end when the
     budget does; ``train.max_minutes`` stops the run if the machine turns out slower.
@@ -88,7 +91,7 @@ def pretrain_within_budget(args: argparse.Namespace, out: Path, budget_s: float)
 
     start = time.perf_counter()
     recipe = load_recipe(args, out / "pretrain")
-    step_s = 1.1 * time_step(recipe)  # 10% margin: logging, checkpoints
+    step_s = 1.05 * time_step(recipe)  # 5% margin: logging, export
     calib_s = time.perf_counter() - start
     steps_per_epoch = len(pretrain_images(recipe)[1]) // recipe.train.batch_size
     steps = max(1, int((budget_s - calib_s) / step_s))
@@ -102,7 +105,7 @@ def pretrain_within_budget(args: argparse.Namespace, out: Path, budget_s: float)
         f"train.max_minutes={max((budget_s - calib_s - 20.0) / 60.0, 0.1)}",  # 20 s: start-up, export
     ])
     run(cfg)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, step_s
 
 
 def probe(args: argparse.Namespace, out: Path, recipe, eval_size: int) -> dict:
@@ -169,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = out / "quality.json"
     if args.reuse and (out / "pretrain" / "backbone.safetensors").is_file() and previous.is_file():
         print(f"pretrain_quality: --reuse: probing the backbone already in {out / 'pretrain'}")
-        pretrain_s = json.loads(previous.read_text())["pretrain_seconds"]
+        recorded = json.loads(previous.read_text())
+        pretrain_s, step_s = recorded["pretrain_seconds"], recorded.get("planned_seconds_per_step")
     else:
         print(f"pretrain_quality: pretraining budget {args.minutes} min on the training fields of {args.data}")
-        pretrain_s = pretrain_within_budget(args, out, args.minutes * 60.0)
+        pretrain_s, step_s = pretrain_within_budget(args, out, args.minutes * 60.0)
     eval_size = args.eval_size or recipe.views.global_size
     results = probe(args, out, recipe, eval_size)
     metrics = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -180,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     gain = results["pretrained"]["knn_balanced_accuracy"] - results["random_init"]["knn_balanced_accuracy"]
     summary = {
         "seed": args.seed, "minutes_budget": args.minutes, "pretrain_seconds": round(pretrain_s, 1), "steps": steps_done,
+        "budget_used": round(pretrain_s / (60.0 * args.minutes), 3),
+        "planned_seconds_per_step": None if step_s is None else round(step_s, 2),
         "config": args.config, "overrides": args.set, "model": recipe.model.name, "method": recipe.method.name,
         "eval_size": eval_size, "protocol": "eval_probes (k and C chosen on val, scored on test)", **results,
         "knn_gain_points": round(100 * gain, 1),
@@ -188,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
     sizes = results["split"]["sizes"]
-    print(f"pretrain_quality: {steps_done} {recipe.method.name} steps in {pretrain_s:.0f} s on {recipe.model.name}; "
+    print(f"pretrain_quality: {steps_done} {recipe.method.name} steps in {pretrain_s:.0f} s "
+          f"({summary['budget_used']:.0%} of the budget) on {recipe.model.name}; "
           f"probes at {eval_size} px on {sizes['train']} train / {sizes['val']} val / {sizes['test']} test cells")
     print(f"  {'backbone':<12} {'kNN':>7} {'linear':>7} {'kNN 0.5x':>9} {'lin 0.5x':>9} {'kNN 2x':>7} {'lin 2x':>7}")
     for name in ("pretrained", "random_init"):

@@ -95,6 +95,9 @@ def test_pretrain_quality_smoke_run_and_reuse(shared_data: Path, tmp_path: Path,
     finally:
         torch.set_num_threads(threads)
     assert first["method"] == "simclr" and first["eval_size"] == 64 and first["steps"] >= 1
+    # what the schedule was sized with and how much of the budget the run used are on record
+    assert first["planned_seconds_per_step"] > 0
+    assert first["budget_used"] == round(first["pretrain_seconds"] / (60 * 0.3), 3)
     for which in ("pretrained", "random_init"):
         assert 0.0 <= first[which]["knn_balanced_accuracy"] <= 1.0 and first[which]["linear_C"] > 0
         assert set(first[which]["zoom"]) == {"0.5", "2"}
@@ -107,6 +110,7 @@ def test_pretrain_quality_smoke_run_and_reuse(shared_data: Path, tmp_path: Path,
     assert weights.stat().st_mtime_ns == stamp  # not pretrained again
     again = json.loads((tmp_path / "pq" / "quality.json").read_text())
     assert again["pretrained"] == first["pretrained"] and "--reuse" in capsys.readouterr().out
+    assert again["planned_seconds_per_step"] == first["planned_seconds_per_step"]
 
 
 def test_cam_quality_scores_every_panel_of_a_synthetic_run(tmp_path: Path) -> None:
@@ -228,9 +232,9 @@ def test_paired_seeds_reads_two_recipes_seed_by_seed(tmp_path: Path, capsys) -> 
 
     from benchmarks.paired_seeds import main
 
-    def result(seed: int, knn: float, linear: float, by_split: bool) -> dict:
+    def result(seed: int, knn: float, linear: float, by_split: bool, seconds: float = 1700.0) -> dict:
         zoom = {"knn": knn - 0.1, "linear": linear - 0.1}
-        run = {"steps": 400, "pretrained": {"knn_balanced_accuracy": knn, "linear_balanced_accuracy": linear,
+        run = {"steps": 400, "minutes_budget": 30.0, "pretrain_seconds": seconds, "pretrained": {"knn_balanced_accuracy": knn, "linear_balanced_accuracy": linear,
                                             "zoom": {"0.5": zoom, "2": zoom}}}
         return {**run, "split": {"source": f"7:2:1 split of cells, split_seed {seed}"}} if by_split else {**run, "seed": seed}
 
@@ -238,7 +242,8 @@ def test_paired_seeds_reads_two_recipes_seed_by_seed(tmp_path: Path, capsys) -> 
     for seed, knn in enumerate(recipe):
         (tmp_path / f"recipe_{seed}.json").write_text(json.dumps(result(seed, knn, 0.8, by_split=seed % 2 == 0)))
     for seed, knn in enumerate(baseline):
-        (tmp_path / f"base_{seed}.json").write_text(json.dumps(result(seed, knn, 0.8, by_split=True)))
+        (tmp_path / f"base_{seed}.json").write_text(json.dumps(result(seed, knn, 0.8, by_split=True,
+                                                                      seconds=1200.0 if seed == 2 else 1700.0)))
     assert main(["--recipe", str(tmp_path / "recipe_*.json"), "--baseline", str(tmp_path / "base_*.json"),
                  "--json", str(tmp_path / "pairs.json")]) == 0
     pairs = json.loads((tmp_path / "pairs.json").read_text())
@@ -247,7 +252,11 @@ def test_paired_seeds_reads_two_recipes_seed_by_seed(tmp_path: Path, capsys) -> 
     assert pairs["summary"]["kNN"]["mean"] == pytest.approx(diffs.mean())
     assert pairs["summary"]["kNN"]["standard_error"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
     assert pairs["summary"]["kNN"]["seeds_led"] == 2 and pairs["summary"]["linear"]["seeds_led"] == 0
-    assert "warning: 3 seed(s)" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "warning: 3 seed(s)" in printed.err and "seed 1 (400 / 400 steps, 94% / 94% of the budget)" in printed.out
+    # seed 2's baseline ran 67% of its budget against the recipe's 94%: that pair is named
+    assert "seed 2: the recipe's run used 94% of its budget and the baseline's 67%" in printed.err
+    assert "seed 0:" not in printed.err and pairs["budget_used"]["2"] == pytest.approx([1700 / 1800, 1200 / 1800])
     (tmp_path / "base_again.json").write_text(json.dumps(result(1, 0.5, 0.5, by_split=False)))
     with pytest.raises(SystemExit, match="both seed 1"):
         main(["--recipe", str(tmp_path / "recipe_*.json"), "--baseline", str(tmp_path / "base_*.json")])
