@@ -53,8 +53,9 @@ def load_recipe(args: argparse.Namespace, out: Path, extra: list[str] = ()):
 def time_step(cfg) -> float:
     """Seconds of one warm training step: the product's own step (views, method, backward, update), the median
     of four after two cold ones. A single timing read 5.3 to 5.9 s for the same recipe and left 20% of the budget
-    unused; with one cold step, six local views read 4.45 s where the run went at 4.0 to 4.2 s (the allocator
-    settles over the first few steps), so a recipe could be given a third fewer steps than its budget holds."""
+    unused. Steps still get faster for a while (six local views: 4.5 s at the third step, 4.2 s at the tenth, and
+    4.6 to 5.5 s read with a second run starting beside it, where the runs went at 4.0 to 4.2 s), so the result
+    records the budget the run used and ``paired_seeds.py`` names pairs that used theirs unequally."""
     import backbones
     from pretrain.loop import ViewCollate, make_step, pretrain_images
     from pretrain.methods import build_method
