@@ -14,8 +14,11 @@ unless told otherwise. Then three adaptations, each optional, written as a run f
   way, ``transfer_batchnorm``) removes much of a stain or scanner shift. The weights are unchanged; only
   the running means and variances move.
 - **Stain normalisation of the inputs to the training set's reference** (Macenko, through torchstain):
-  the stain vectors of a sample of the run's training images become the target every new field is
-  mapped to before the model sees it (``best.json`` records the target; predict applies it).
+  the stain of a sample of the run's training images becomes the target, the new site's stain is measured
+  once over a sample of its images, and every new field is mapped from the one to the other by the same map
+  before the model sees it (``best.json`` records both; predict applies it). One map for the site, not a
+  Macenko estimate per field: per field, each field's darkest nuclei would be set to the target's darkness,
+  and how dark a nucleus is tells malignant from benign (``imageops.StainNormalizer.fit_source``).
 
 - **Continued self-supervised pretraining on the new site, then the head refitted on the original
   labels** (``--ssl-steps N``): the backbone continues with the SimCLR CPU recipe (``pretrain``,
@@ -48,7 +51,7 @@ from .predict import parse_scale
 
 __all__ = ["adapt", "main", "reestimate_batchnorm", "transfer_batchnorm"]
 
-STAIN_TARGETS = 16  # training images the stain target is fitted on
+STAIN_TARGETS = 16  # training images the stain target is fitted on, and new-site images its source
 # A move of the share of fields called positive beyond this (absolute) is reported: without labels it is the one
 # sign that the adapted statistics changed what the operating point means.
 CALLED_POSITIVE_MOVE = 0.15
@@ -150,8 +153,11 @@ def adapt(run: str | Path, images: str | Path, out: str | Path, bn: bool = True,
         picked = filter_readable([train[i] for i in spread_indices(len(train), STAIN_TARGETS)], None, 0.5)
         reference = ImageDataset(picked, image_size=size)
         normalizer = StainNormalizer("macenko").fit(torch.stack([reference[i][0] for i in range(len(reference))]))
+        site = ImageDataset([new_site[i] for i in spread_indices(len(new_site), STAIN_TARGETS)], image_size=size)
+        normalizer.fit_source(torch.stack([site[i][0] for i in range(len(site))]))
         meta["stain_normalization"] = normalizer.state_dict()
-        adapted["stain"] = f"macenko, target fitted on {len(picked)} training images"
+        adapted["stain"] = (f"macenko, target fitted on {len(picked)} training images, the site's stain on "
+                            f"{len(site)} of its images")
         transform = normalizer
     if ssl_steps:
         continue_pretraining(model, meta, new_site, out / "continued_pretraining", ssl_steps)

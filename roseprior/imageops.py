@@ -495,9 +495,17 @@ class StainNormalizer:
     unstained fields, flat colour) come back unchanged; ``num_failed`` counts them and each call
     that meets one warns once.
 
+    Macenko measures each image's own stain (its stain vectors and 99th-percentile concentrations) and maps
+    it to the target's. ``fit_source`` measures the source once instead, over a site's images, and maps every
+    image of that site by the same linear map of optical density. On a crop of one cell, the per-image rule
+    scales the cell's darkest nucleus to the target's darkness whatever it was, erasing hyperchromasia, a sign
+    of malignancy; one map per site keeps a dark nucleus darker than a pale one.
+
     Example:
         >>> normalizer = StainNormalizer("macenko").fit(target_image)
-        >>> normalised = normalizer(batch)
+        >>> normalised = normalizer(batch)                              # each image's stain measured alone
+        >>> site = StainNormalizer("macenko").fit(target_image).fit_source(site_images)
+        >>> normalised = site(batch)                                    # one map for the whole site
     """
 
     def __init__(self, method: Literal["macenko", "reinhard"] = "macenko", intensity: float = 240.0,
@@ -517,6 +525,7 @@ class StainNormalizer:
         self.min_tissue_pixels = min_tissue_pixels
         self.num_failed = 0
         self.fitted = False
+        self.source: tuple[torch.Tensor, torch.Tensor] | None = None  # (stain vectors, max concentrations), fit_source
 
     def fit(self, target: torch.Tensor) -> StainNormalizer:
         """Learn the target's stain vectors (Macenko) or LAB statistics (Reinhard).
@@ -538,6 +547,21 @@ class StainNormalizer:
         self.fitted = True
         return self
 
+    def fit_source(self, images: torch.Tensor) -> StainNormalizer:
+        """Measure the stain the images to be normalised come in, once, over ``images`` (a batch of one site's
+        equal-size images, fitted as one, as ``fit`` fits a target); every later image is mapped as stained
+        so. Macenko only."""
+        if self.method != "macenko":
+            raise ConfigError("imageops.StainNormalizer.fit_source: a site-wide source is Macenko's; got "
+                              f"{self.method!r}")
+        site = StainNormalizer("macenko", self.intensity, self.od_threshold, self.percentile, self.min_tissue_pixels)
+        try:
+            site.fit(images)
+        except DataError as err:
+            raise DataError(str(err).replace("target", "source")) from None
+        self.source = (site._normalizer.HERef, site._normalizer.maxCRef)
+        return self
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fitted:
             raise ConfigError("imageops.StainNormalizer: call .fit(target_image) before normalising")
@@ -546,7 +570,9 @@ class StainNormalizer:
         out, failed = [], 0
         for image, original in zip(images, xf, strict=True):
             normalised = None
-            if self._cannot_normalise(image) is None:
+            if self.source is not None:
+                normalised = self._map_from_source(image)
+            elif self._cannot_normalise(image) is None:
                 try:
                     normalised = self._normalise_one(image)
                 except (RuntimeError, IndexError, ValueError):
@@ -570,6 +596,8 @@ class StainNormalizer:
         norm = self._normalizer
         target = ({"HERef": norm.HERef.tolist(), "maxCRef": norm.maxCRef.tolist()} if self.method == "macenko"
                   else {"target_means": norm.target_means.tolist(), "target_stds": norm.target_stds.tolist()})
+        if self.source is not None:
+            target |= {"HESource": self.source[0].tolist(), "maxCSource": self.source[1].tolist()}
         return {"method": self.method, "intensity": self.intensity, "od_threshold": self.od_threshold,
                 "percentile": self.percentile, **target}
 
@@ -579,6 +607,8 @@ class StainNormalizer:
         norm = normalizer._normalizer
         if state["method"] == "macenko":
             norm.HERef, norm.maxCRef = torch.tensor(state["HERef"]), torch.tensor(state["maxCRef"])
+            if "HESource" in state:
+                normalizer.source = (torch.tensor(state["HESource"]), torch.tensor(state["maxCSource"]))
         else:
             norm.target_means, norm.target_stds = torch.tensor(state["target_means"]), torch.tensor(state["target_stds"])
         normalizer.fitted = True
@@ -609,6 +639,17 @@ class StainNormalizer:
             self._normalizer.fit(image, Io=self.intensity, alpha=self.percentile, beta=self.od_threshold)
         else:
             self._normalizer.fit(image)
+
+    def _map_from_source(self, image: torch.Tensor) -> torch.Tensor:
+        # Macenko's reconstruction (torchstain's normalize) with the site's stain in place of the image's own.
+        # By hand because torchstain measures the source of every image it normalises and has no call that takes
+        # one: concentrations by least squares on the source's stain vectors, scaled from the source's 99th
+        # percentile to the target's, recomposed with the target's vectors.
+        stains, max_concentration = self.source
+        od = -torch.log((image.reshape(3, -1) + 1.0) / self.intensity)
+        concentrations = torch.linalg.lstsq(stains, od).solution * (self._normalizer.maxCRef / max_concentration)[:, None]
+        mapped = (self.intensity * torch.exp(-self._normalizer.HERef @ concentrations)).clamp_(0.0, 255.0)
+        return mapped.reshape(image.shape).div_(255.0)
 
     def _normalise_one(self, image: torch.Tensor) -> torch.Tensor:
         if self.method == "macenko":

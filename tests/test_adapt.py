@@ -102,6 +102,7 @@ def test_an_adapted_run_is_a_run_for_predict_export_and_the_probes(sites: dict[s
     assert meta["stain_normalization"]["method"] == "macenko" and meta["decision"] and meta["temperature"]
     predictor = load_predictor(ckpt=str(out))
     assert predictor.stain is not None  # every field goes through the training set's stain first
+    assert predictor.stain.source is not None  # by one map for the site, measured on its images by adapt
     x = torch.rand(2, 3, 64, 64)
     raw = load_predictor(ckpt=str(sites["run"]))
     assert not np.allclose(predictor.probabilities(x), raw.probabilities(x))

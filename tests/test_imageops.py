@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -481,6 +482,39 @@ def test_macenko_moves_stain_statistics_toward_the_target(stain_target):
     refit = imageops.StainNormalizer("macenko").fit(out)._normalizer.HERef
     source_vectors = imageops.StainNormalizer("macenko").fit(source)._normalizer.HERef
     assert (refit - target_vectors).norm() < 0.2 * (source_vectors - target_vectors).norm()
+
+
+def test_a_site_wide_source_keeps_a_dark_nucleus_darker_than_a_pale_one(stain_target):
+    """Per image, Macenko sets each image's darkest stain to the target's: a hyperchromatic cell and a pale one
+    of the same slide come out alike. Measured once over the site (``fit_source``), one map moves both and the
+    dark one stays darker, by about the ratio it had; it still takes the target's stain vectors."""
+    pale = stained_image(*SOURCE_STAINS, seed=1, h_scale=0.6, e_scale=0.4)
+    dark = stained_image(*SOURCE_STAINS, seed=1, h_scale=1.2, e_scale=0.4)
+    site = torch.stack([pale, dark])
+    per_image = imageops.StainNormalizer("macenko").fit(stain_target)(site)
+    site_wide = imageops.StainNormalizer("macenko").fit(stain_target).fit_source(site)
+    mapped = site_wide(site)
+    assert site_wide.num_failed == 0
+
+    def darkness(x):
+        return torch.log(x.clamp_min(1 / 255)).sum(0).amin().neg()  # the densest pixel: a nucleus's centre
+
+    assert darkness(per_image[1]) / darkness(per_image[0]) < 1.15  # per image: alike
+    assert darkness(mapped[1]) / darkness(mapped[0]) > 1.5  # one map: dark stays dark (1.8 before, 1.9 after)
+    target_h = site_wide._normalizer.HERef[:, 0]  # haematoxylin: the stain these fields are mostly of
+    refit_h = imageops.StainNormalizer("macenko").fit(mapped)._normalizer.HERef[:, 0]
+    source_h = imageops.StainNormalizer("macenko").fit(site)._normalizer.HERef[:, 0]
+    assert (refit_h - target_h).norm() < 0.2 * (source_h - target_h).norm()
+    # One image as its own site: the per-image rule (up to torchstain's rounding to whole grey levels).
+    alone = imageops.StainNormalizer("macenko").fit(stain_target).fit_source(pale[None])
+    torch.testing.assert_close(alone(pale[None]), per_image[:1], atol=1.5 / 255, rtol=0)
+    # Saved and loaded as plain numbers, the source comes along.
+    reloaded = imageops.StainNormalizer.from_state_dict(json.loads(json.dumps(site_wide.state_dict())))
+    torch.testing.assert_close(reloaded(site), mapped)
+    with pytest.raises(ConfigError, match="Macenko"):
+        imageops.StainNormalizer("reinhard").fit(stain_target).fit_source(site)
+    with pytest.raises(DataError, match="source"):
+        imageops.StainNormalizer("macenko").fit(stain_target).fit_source(torch.full((1, 3, 32, 32), 0.98))
 
 
 def test_blank_field_passes_through_with_a_counted_warning(stain_target):
