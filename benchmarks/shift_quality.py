@@ -5,9 +5,12 @@ images only, and scored with ``finetune.predict``'s machinery, balanced accuracy
 decision:
 
 - stain: HED jitter 0.1 and 0.2, a white-balance and brightness change, Macenko re-staining to a
-  target that is not in the test split (the run's own training images, darkest and lightest);
+  target that is not in the test split (the run's own training images, darkest and lightest), image by image
+  (``macenko_to_``: each image's own stain measured and set to the target's, which on a crop of one cell also
+  sets its nucleus to the target's darkness) and as one site (``macenko_site_to_``: the test split's stain
+  measured once and every image mapped alike, as another laboratory's stain would move them all);
   each also after ``roseprior adapt`` on the shifted images (BatchNorm statistics re-estimated), and
-  after ``roseprior adapt --stain`` (each field also mapped to the training set's stain, Macenko), each
+  after ``roseprior adapt --stain`` (the shifted site's stain also mapped to the training set's by one Macenko map), each
   adapted run scored as predict scores it (at the site scale adapt recorded, when it read one);
 - scale: zoom 0.25x, 0.5x, 2x, 4x in two ways, each predicted as trained (``--scale none``), at the
   known scale, and with the scale estimated from the nuclei (``--scale auto``):
@@ -80,13 +83,18 @@ def stain_shifts(images: list[np.ndarray], train_paths: list[str]) -> dict[str, 
         "stain/wb_brightness": batch_op(lambda x, g: imageops.brightness_shift(
             imageops.white_balance_shift(x, [1.15, 1.0, 0.85]), -0.1)),
     }
+    alike = [img for img in images if img.shape == images[0].shape]
+    site = torch.from_numpy(np.stack([alike[i] for i in np.linspace(0, len(alike) - 1, min(64, len(alike))).astype(int)])
+                            ).permute(0, 3, 1, 2)
     for name, pick in (("darkest", int(np.argmin(darkness))), ("lightest", int(np.argmax(darkness)))):
         target = torch.from_numpy(train[pick]).permute(2, 0, 1)[None]
         try:
             normalizer = imageops.StainNormalizer("macenko").fit(target)
+            site_wide = imageops.StainNormalizer("macenko").fit(target).fit_source(site)
         except Exception:  # noqa: BLE001 - a target Macenko cannot use is skipped, not fatal
             continue
         shifts[f"stain/macenko_to_{name}_train_image"] = batch_op(lambda x, g, n=normalizer: n(x))
+        shifts[f"stain/macenko_site_to_{name}_train_image"] = batch_op(lambda x, g, n=site_wide: n(x))
     return shifts
 
 

@@ -169,6 +169,9 @@ def test_shift_quality_scores_every_shift_with_and_without_its_remedy(tmp_path: 
     assert {"stain/none", "stain/hed_0.1", "stain/hed_0.2", "stain/wb_brightness"} <= set(stains)
     assert result["stain/none"]["as_trained"] == result["clean"]
     assert all(set(result[k]) == {"as_trained", "adapted", "adapted_stain"} for k in stains)
+    per_image = {k for k in stains if k.startswith("stain/macenko_to_")}  # each Macenko target both ways
+    assert per_image and {k.replace("macenko_site_to_", "macenko_to_") for k in stains if "macenko_site_to_" in k
+                          } == per_image
     for kind in ("scale", "resampled"):
         zooms = [k for k in result if k.startswith(f"{kind}/")]
         assert zooms == [f"{kind}/0.25", f"{kind}/0.5", f"{kind}/2", f"{kind}/4"]
