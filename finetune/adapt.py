@@ -18,7 +18,7 @@ unless told otherwise. Then three adaptations, each optional, written as a run f
   once over a sample of its images, and every new field is mapped from the one to the other by the same map
   before the model sees it (``best.json`` records both; predict applies it). One map for the site, not a
   Macenko estimate per field: per field, each field's darkest nuclei would be set to the target's darkness,
-  and how dark a nucleus is tells malignant from benign (``imageops.StainNormalizer.fit_source``).
+  and a dark nucleus is one of the signs of malignancy (``imageops.StainNormalizer.fit_source``).
 
 - **Continued self-supervised pretraining on the new site, then the head refitted on the original
   labels** (``--ssl-steps N``): the backbone continues with the SimCLR CPU recipe (``pretrain``,

@@ -557,8 +557,9 @@ class StainNormalizer:
         site = StainNormalizer("macenko", self.intensity, self.od_threshold, self.percentile, self.min_tissue_pixels)
         try:
             site.fit(images)
-        except DataError as err:
-            raise DataError(str(err).replace("target", "source")) from None
+        except DataError:
+            raise DataError(f"imageops.StainNormalizer.fit_source: the {len(images)} images cannot be measured (too "
+                            "little stained tissue); give the site's images with stained cells") from None
         self.source = (site._normalizer.HERef, site._normalizer.maxCRef)
         return self
 
