@@ -101,7 +101,7 @@ def test_temperature_lowers_the_ece_of_an_overconfident_model() -> None:
     assert 4.0 < t < 8.0 and after < before / 3, (t, before, after)
 
 
-def test_the_operating_point_meets_its_target_with_the_highest_threshold() -> None:
+def test_the_operating_point_meets_its_target_as_specifically_as_can_be_with_a_margin() -> None:
     from roseprior.calibration import operating_point
 
     rng = np.random.default_rng(1)
@@ -110,8 +110,30 @@ def test_the_operating_point_meets_its_target_with_the_highest_threshold() -> No
     for target in (0.8, 0.9, 0.95, 1.0):
         point = operating_point(y, p, target)
         assert point["sensitivity"] >= target
-        higher = np.nextafter(point["threshold"], 1.0)
-        assert (p[y == 1] >= higher).mean() < target  # any higher threshold misses the target
+        kept = np.sort(p[y == 1])[::-1][int(np.ceil(target * (y == 1).sum())) - 1]  # the highest rule's threshold
+        assert (p[y == 1] >= np.nextafter(kept, 1.0)).mean() < target  # any higher misses the target
+        assert point["specificity"] == (p[y == 0] < kept).mean()  # as specific as the highest rule
+        negative = p[(y == 0) & (p < kept)].max()
+        assert negative < point["threshold"] < kept  # on no field's own score: a margin either side
+        log_odds = [np.log(v / (1 - v)) for v in (negative, point["threshold"], kept)]
+        assert log_odds[1] - log_odds[0] == pytest.approx(log_odds[2] - log_odds[1])
+    # A separable validation split: no negative near the positives, the threshold sits between the two groups.
+    separable = operating_point(np.array([0, 0, 1, 1]), np.array([0.01, 0.02, 0.97, 0.99]), 0.95)
+    assert 0.02 < separable["threshold"] < 0.97 and separable["specificity"] == 1.0
+
+
+def test_temperature_stops_short_of_certainty_on_a_separable_split() -> None:
+    """Validation the model separates: the plain likelihood drove T to its bound (0.085 here, 0.05 on a held-out
+    synthetic run) and the probabilities to 1.0; against Platt's targets confidence stays below 1."""
+    from roseprior.calibration import apply_temperature, fit_temperature
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 100)
+    logits = np.stack([np.zeros(100), (2 * y - 1) * (3 + 5 * rng.random(100))], axis=1)  # margins 3-8
+    t = fit_temperature(logits, y)
+    p = apply_temperature(logits, t)
+    assert t > 0.5 and p.max() < 1 - 1e-3, (t, p.max())
+    assert (p.argmax(1) == y).all()  # the ranking and the calls at 0.5 are unchanged
 
 
 def test_tiles_cover_a_field_and_mirror_a_small_one() -> None:

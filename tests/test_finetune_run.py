@@ -156,7 +156,7 @@ def test_predict_scores_a_folder_and_lists_unreadable_files(run_dir, tiny_data, 
     for row in scored:  # a field flagged by the adequacy check is not called N or P (unless --judge-all)
         expected = ("P" if float(row["p_P"]) >= threshold - 1e-6 else "N") if row["assessable"] == "true" \
             else "not assessable"
-        assert row["predicted"] == expected and (row["assessable"] == "true") == (not row["reason"])
+        assert row["predicted"] == expected and (row["assessable"] == "true") == (not row["reason"]), (row, threshold)
 
 
 def test_predict_scores_fields_whose_class_the_layout_gives(run_dir, tiny_data, tmp_path, capsys):
