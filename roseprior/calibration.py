@@ -1,7 +1,7 @@
 """Calibrated probabilities and a chosen operating point, both fitted on validation only.
 
 Temperature scaling (Guo et al. 2017, https://arxiv.org/abs/1706.04599) divides the logits by one
-scalar T fitted by likelihood on the validation split: the ranking (AUROC) and the argmax are
+scalar T fitted by likelihood (against Platt's targets) on the validation split: the ranking (AUROC) and the argmax are
 unchanged, the confidence becomes honest. ROSE then wants a call at a chosen sensitivity rather
 than at 0.5: the operating point is the most specific threshold on the calibrated P-probability that
 still reaches ``target_sensitivity`` on validation, placed midway between the positive it must keep and the
@@ -59,9 +59,9 @@ def operating_point(y_true: Any, p_pos: Any, target_sensitivity: float) -> dict[
     target on these labels, with the sensitivity and specificity it gives there.
 
     Every threshold between the lowest positive that must be kept and the highest negative below it is as
-    specific; this takes the midpoint of the two in log-odds, not the positive's own score. At that score the
-    call of that very field flipped with float rounding (predict and validation batch it differently), and
-    a new slide's positives, which score lower than the training site's, met no margin at all.
+    specific; this takes the midpoint of the two in log-odds, not the positive's own score. On that score the
+    field's own call flipped with float rounding when predict scored it apart from validation, and a new
+    slide's positives, which score lower than the training site's, met no margin at all.
     """
     y = np.asarray(y_true, dtype=np.int64).reshape(-1)
     p = np.asarray(p_pos, dtype=np.float64).reshape(-1)
