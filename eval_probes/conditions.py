@@ -31,6 +31,10 @@ class Condition:
     apply: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = field(repr=False)
     random: bool = False  # draws from the generator: its features depend on the batch order too
     target_domain: str | None = None  # re-staining: the domain whose stain the images are given
+    # When set, each test image's own domain picks the op (``by_domain(domain)``; ``None``: an image with none):
+    # re-staining maps a site's images by that site's stain, measured once (``imageops.StainNormalizer.fit_source``).
+    by_domain: Callable[[str | None], Callable[[torch.Tensor, torch.Generator], torch.Tensor]] | None = field(
+        default=None, repr=False)
 
     @property
     def shift(self) -> bool:
@@ -71,11 +75,24 @@ def white_balance(gains: list[float]) -> Condition:
                      lambda x, g: imageops.white_balance_shift(x, gains))
 
 
-def restain(domain: str, normalizer: imageops.StainNormalizer, target_ids: list[str]) -> Condition:
-    """Every test image re-stained to ``domain``'s target (fitted on a few of its train images)."""
-    return Condition(f"stain/{normalizer.method}->{domain}", "stain", None,
-                     {"op": f"{normalizer.method}_restain", "domain": domain, "targets": target_ids},
-                     lambda x, g: normalizer(x), target_domain=domain)
+def restain(domain: str, normalizer: imageops.StainNormalizer, target_ids: list[str],
+            site_maps: dict[str, imageops.StainNormalizer] | None = None, source_ids: dict[str, str] | None = None
+            ) -> Condition:
+    """Every test image re-stained to ``domain``'s target (fitted on a few of its train images).
+
+    With ``site_maps`` (Macenko fitted to the target with each source domain's stain, ``fit_source`` on a few of
+    that domain's train images), an image of a listed domain is mapped by its domain's one map, as another
+    laboratory's stain would move a whole site: image by image, Macenko would also set every cell's darkest
+    nucleus to the target's darkness. An image of an unlisted domain is normalised on its own."""
+    def for_domain(source: str | None) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+        mapped = (site_maps or {}).get(source) if source is not None else None
+        return (lambda x, g: mapped(x)) if mapped is not None else (lambda x, g: normalizer(x))
+
+    spec = {"op": f"{normalizer.method}_restain", "domain": domain, "targets": target_ids}
+    if site_maps:
+        spec["sources"] = source_ids or {}
+    return Condition(f"stain/{normalizer.method}->{domain}", "stain", None, spec, lambda x, g: normalizer(x),
+                     target_domain=domain, by_domain=for_domain if site_maps else None)
 
 
 def scale(factor: float) -> Condition:

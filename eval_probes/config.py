@@ -15,7 +15,7 @@ class StainConditions:
     """Colour shifts of the test images (the slide-to-slide and session-to-session variation)."""
 
     hed_strengths: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])  # 0 is the clean run
-    restain: bool = True  # Macenko re-staining of every test image to each domain's target
+    restain: bool = True  # re-staining of every test image to each domain's target (Macenko: one map per site)
     restain_method: Literal["macenko", "reinhard"] = "macenko"
     white_balance: list[list[float]] = field(default_factory=lambda: [[1.1, 1.0, 0.9], [0.9, 1.0, 1.1]])
     brightness: list[float] = field(default_factory=lambda: [-0.1, 0.1])

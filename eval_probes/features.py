@@ -143,7 +143,20 @@ def cached_features(
             progress.update(len(samples))
         return feats
     generator = condition.generator(seed, device=device)
-    feats = extract_features(model_loader(), samples, image_size, lambda x: condition.apply(x, generator), batch_size,
-                             num_workers, device, progress, stats)
+    model = model_loader()
+    if condition.by_domain is None:
+        feats = extract_features(model, samples, image_size, lambda x: condition.apply(x, generator), batch_size,
+                                 num_workers, device, progress, stats)
+    else:  # each domain's images through its own op, put back in sample order
+        rows_of: dict[str | None, list[int]] = {}
+        for i, sample in enumerate(samples):
+            rows_of.setdefault(sample.domain, []).append(i)
+        parts = {domain: extract_features(model, [samples[i] for i in rows], image_size,
+                                          lambda x, op=condition.by_domain(domain): op(x, generator), batch_size,
+                                          num_workers, device, progress, stats)
+                 for domain, rows in rows_of.items()}
+        feats = np.zeros((len(samples), next(iter(parts.values())).shape[1]), dtype=np.float32)
+        for domain, rows in rows_of.items():
+            feats[rows] = parts[domain]
     cache.save(key, feats)
     return feats

@@ -200,6 +200,50 @@ def test_conditions_keep_size_and_random_ones_are_reproducible():
     assert [c.name for c in (cond_lib.hed(0.05), cond_lib.scale(0.75))] == ["stain/hed_0.05", "scale/0.75"]
 
 
+def test_restaining_maps_each_site_by_its_own_stain_in_sample_order(tmp_path):
+    """``stain/macenko->site_b``: each test image goes through its own site's one map to site_b's stain (so
+    site_b's own images are left nearly as they were), an image of a site without a map is normalised alone,
+    and the features come back in the samples' order."""
+    import csv as csv_lib
+
+    import backbones
+    from backbones import init_fingerprint as checkpoint_fingerprint
+    from roseprior.features import extract_features
+    from roseprior.imageio import read_image
+    from roseprior.imageops import StainNormalizer
+    from roseprior.synth import generate
+
+    root = generate(tmp_path / "s", n_per_class=2, size=64, domains=["site_a", "site_b"], seed=3, progress=False)
+    rows = list(csv_lib.DictReader((root / "manifest.csv").open()))
+    samples = [Sample(str(root / r["path"]), label=int(r["label"] == "P"), domain=r["domain"]) for r in rows]
+    samples = sorted(samples, key=lambda s: s.path)[::-1]  # sites interleaved with the classes
+    samples.append(Sample(samples[0].path, label=0, domain="site_c"))  # a site with no map
+
+    def batch(domain):
+        return torch.stack([torch.from_numpy(read_image(s.path)).permute(2, 0, 1) for s in samples if s.domain == domain])
+
+    normalizer = StainNormalizer("macenko").fit(batch("site_b"))
+    maps = {d: StainNormalizer("macenko").fit(batch("site_b")).fit_source(batch(d)) for d in ("site_a", "site_b")}
+    condition = cond_lib.restain("site_b", normalizer, ["t"], maps, {"site_a": "fa", "site_b": "fb"})
+    assert condition.spec["sources"] == {"site_a": "fa", "site_b": "fb"}  # part of the cache key
+    x = batch("site_b").float() / 255
+    g = condition.generator(0)
+    torch.testing.assert_close(condition.by_domain("site_b")(x, g), maps["site_b"](x))
+    assert (condition.by_domain("site_b")(x, g) - x).abs().mean() < 0.5 * (normalizer(x) - x).abs().mean()
+    torch.testing.assert_close(condition.by_domain("site_c")(x, g), normalizer(x))
+
+    torch.manual_seed(0)
+    model = backbones.create("timm:test_vit")
+    ckpt = backbones.save(model, tmp_path / "ckpt")
+    feats = cached_features(FeatureCache(tmp_path / "cache"), lambda: backbones.load_init(str(ckpt)),
+                            checkpoint_fingerprint(str(ckpt), 0), samples, data_fingerprint(samples), condition,
+                            image_size=32, seed=0, batch_size=2, device="cpu")
+    loaded = backbones.load_init(str(ckpt))
+    for i, sample in enumerate(samples):
+        alone = extract_features(loaded, [sample], 32, lambda x, d=sample.domain: condition.by_domain(d)(x, g))
+        np.testing.assert_allclose(feats[i], alone[0], rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Config and command line
 # ---------------------------------------------------------------------------------------------
