@@ -144,7 +144,7 @@ def cached_features(
         return feats
     generator = condition.generator(seed, device=device)
     model = model_loader()
-    if condition.by_domain is None:
+    if condition.by_domain is None or not samples:
         feats = extract_features(model, samples, image_size, lambda x: condition.apply(x, generator), batch_size,
                                  num_workers, device, progress, stats)
     else:  # each domain's images through its own op, put back in sample order
