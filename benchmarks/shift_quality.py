@@ -86,13 +86,19 @@ def stain_shifts(images: list[np.ndarray], train_paths: list[str]) -> dict[str, 
     alike = [img for img in images if img.shape == images[0].shape]
     site = torch.from_numpy(np.stack([alike[i] for i in np.linspace(0, len(alike) - 1, min(64, len(alike))).astype(int)])
                             ).permute(0, 3, 1, 2)
+    try:
+        site_stain = imageops.StainNormalizer("macenko").fit(site)  # the test split's stain, measured once
+    except Exception:  # noqa: BLE001 - no Macenko shift then, as for a target it cannot use
+        site_stain = None
     for name, pick in (("darkest", int(np.argmin(darkness))), ("lightest", int(np.argmax(darkness)))):
         target = torch.from_numpy(train[pick]).permute(2, 0, 1)[None]
         try:
             normalizer = imageops.StainNormalizer("macenko").fit(target)
-            site_wide = imageops.StainNormalizer("macenko").fit(target).fit_source(site)
         except Exception:  # noqa: BLE001 - a target Macenko cannot use is skipped, not fatal
             continue
+        if site_stain is None:
+            continue
+        site_wide = normalizer.mapping(site_stain)
         shifts[f"stain/macenko_to_{name}_train_image"] = batch_op(lambda x, g, n=normalizer: n(x))
         shifts[f"stain/macenko_site_to_{name}_train_image"] = batch_op(lambda x, g, n=site_wide: n(x))
     return shifts

@@ -76,21 +76,17 @@ def build_conditions(cfg: ProbeConfig, data: ProbeData) -> tuple[list[Condition]
     if cfg.stain.restain:
         if not data.domains:
             notes.append("stain re-staining skipped: the data has no domain labels to take targets from")
-        targets = {domain: restain_targets(data, domain, cfg.data.image_size) for domain in data.domains}
-        for domain, (picked, images) in targets.items():
+        fitted = {}  # each domain's stain, fitted once: the target of its condition and the source of the others'
+        for domain in data.domains:
+            picked, images = restain_targets(data, domain, cfg.data.image_size)
             try:
-                normalizer = StainNormalizer(cfg.stain.restain_method).fit(images)
+                fitted[domain] = picked, StainNormalizer(cfg.stain.restain_method).fit(images)
             except DataError as err:
                 notes.append(f"stain/{cfg.stain.restain_method}->{domain} skipped: {err}")
-                continue
-            site_maps, source_ids = {}, {}
-            if cfg.stain.restain_method == "macenko":  # each site's images by one map from its own stain
-                for source, (source_picked, source_images) in targets.items():
-                    try:
-                        site_maps[source] = StainNormalizer("macenko").fit(images).fit_source(source_images)
-                        source_ids[source] = data_fingerprint(source_picked)
-                    except DataError:
-                        continue  # that site's images are normalised one by one
+        by_site = cfg.stain.restain_method == "macenko"  # each site's images by one map from its own stain
+        source_ids = {source: data_fingerprint(picked) for source, (picked, _) in fitted.items()} if by_site else {}
+        for domain, (picked, normalizer) in fitted.items():
+            site_maps = {source: normalizer.mapping(site) for source, (_, site) in fitted.items()} if by_site else {}
             conditions.append(cond_lib.restain(domain, normalizer, [data_fingerprint(picked)], site_maps, source_ids))
     conditions += [cond_lib.scale(z) for z in cfg.zooms if z != 1.0]
     repeated = [name for name, n in Counter(c.name for c in conditions).items() if n > 1]

@@ -563,6 +563,15 @@ class StainNormalizer:
         self.source = (site._normalizer.HERef, site._normalizer.maxCRef)
         return self
 
+    def mapping(self, site: StainNormalizer) -> StainNormalizer:
+        """A new normaliser to this one's target from the stain ``site`` was fitted to, as ``fit_source`` on
+        ``site``'s images would measure it: each site and each target fitted once serve every pair of them."""
+        if self.method != "macenko" or site.method != "macenko" or not site.fitted:
+            raise ConfigError("imageops.StainNormalizer.mapping: both must be fitted Macenko normalisers")
+        mapped = StainNormalizer.from_state_dict(self.state_dict())
+        mapped.source = (site._normalizer.HERef, site._normalizer.maxCRef)
+        return mapped
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fitted:
             raise ConfigError("imageops.StainNormalizer: call .fit(target_image) before normalising")

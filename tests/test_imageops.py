@@ -508,6 +508,10 @@ def test_a_site_wide_source_keeps_a_dark_nucleus_darker_than_a_pale_one(stain_ta
     # One image as its own site: the per-image rule (up to torchstain's rounding to whole grey levels).
     alone = imageops.StainNormalizer("macenko").fit(stain_target).fit_source(pale[None])
     torch.testing.assert_close(alone(pale[None]), per_image[:1], atol=1.5 / 255, rtol=0)
+    # The site measured once and paired with a target fitted once: the same map, and the target left per-image.
+    target_only = imageops.StainNormalizer("macenko").fit(stain_target)
+    torch.testing.assert_close(target_only.mapping(imageops.StainNormalizer("macenko").fit(site))(site), mapped)
+    assert target_only.source is None
     # Saved and loaded as plain numbers, the source comes along.
     reloaded = imageops.StainNormalizer.from_state_dict(json.loads(json.dumps(site_wide.state_dict())))
     torch.testing.assert_close(reloaded(site), mapped)
