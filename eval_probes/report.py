@@ -462,11 +462,9 @@ def _tb_name(name: str) -> str:
 def _thumbnails(samples: list[Any], size: int = 32, max_images: int = 2000) -> Any:
     """Small copies of the test images for the projector's sprite (skipped for big test sets: the
     sprite is one image of all of them)."""
-    import torch
 
     from roseprior.data import ImageDataset
 
     if len(samples) > max_images:
         return None
-    dataset = ImageDataset(samples, image_size=size)
-    return torch.stack([dataset[i][0] for i in range(len(dataset))]).float().div_(255.0)
+    return ImageDataset(samples, image_size=size).stacked().float().div_(255.0)

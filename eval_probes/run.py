@@ -60,8 +60,7 @@ def score_all(probes: FittedProbes, feats: np.ndarray, y: np.ndarray, positive: 
 
 def restain_targets(data: ProbeData, domain: str, image_size: int) -> tuple[list[Sample], torch.Tensor]:
     picked = sorted((s for s in data.splits["train"] if s.domain == domain), key=lambda s: s.path)[:RESTAIN_TARGETS]
-    dataset = ImageDataset(picked, image_size=image_size)
-    return picked, torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return picked, ImageDataset(picked, image_size=image_size).stacked()
 
 
 def build_conditions(cfg: ProbeConfig, data: ProbeData) -> tuple[list[Condition], list[str]]:

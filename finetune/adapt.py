@@ -151,10 +151,9 @@ def adapt(run: str | Path, images: str | Path, out: str | Path, bn: bool = True,
             raise DataError(f"adapt --stain: {run} lists no training images (training_images.csv) to take the "
                             "stain target from")
         picked = filter_readable([train[i] for i in spread_indices(len(train), STAIN_TARGETS)], None, 0.5)
-        reference = ImageDataset(picked, image_size=size)
-        normalizer = StainNormalizer("macenko").fit(torch.stack([reference[i][0] for i in range(len(reference))]))
-        site = ImageDataset([new_site[i] for i in spread_indices(len(new_site), STAIN_TARGETS)], image_size=size)
-        normalizer.fit_source(torch.stack([site[i][0] for i in range(len(site))]))
+        normalizer = StainNormalizer("macenko").fit(ImageDataset(picked, image_size=size).stacked())
+        site = [new_site[i] for i in spread_indices(len(new_site), STAIN_TARGETS)]
+        normalizer.fit_source(ImageDataset(site, image_size=size).stacked())
         meta["stain_normalization"] = normalizer.state_dict()
         adapted["stain"] = (f"macenko, target fitted on {len(picked)} training images, the site's stain on "
                             f"{len(site)} of its images")

@@ -147,17 +147,20 @@ def _batches(paths: Sequence[Path], size: int, batch_size: int, on_field: FieldH
 
 
 def field_probabilities(predictor: Predictor, image: np.ndarray, scale: float) -> tuple[np.ndarray, int]:
-    """One field at the training scale (``roseprior.scale.at_training_scale``; ``scale``: how many times larger
-    its objects appear than in the training fields), tiled at the model's input size; the field's
-    probabilities are the mean of its tiles'.
+    """One field at the training scale (``scale``: how many times larger its objects appear than in the training
+    fields), tiled at the model's input size (``roseprior.scale.training_tiles``, a batch at a time); the
+    field's probabilities are the mean of its tiles'.
 
     The mean, not the maximum: one tile's call is noisy, and a maximum would let the noisiest tile of a
     large field decide it. Returns (probabilities, number of tiles).
     """
-    from roseprior.scale import at_training_scale, tiles
+    from roseprior.scale import training_tiles
 
-    batch = tiles(at_training_scale(image, predictor.scale, scale), predictor.image_size)
-    return predictor.probabilities(batch).mean(axis=0), len(batch)
+    total, count = 0.0, 0
+    for batch in training_tiles(image, predictor.scale, scale, predictor.image_size):
+        total = total + predictor.probabilities(batch).sum(axis=0)
+        count += len(batch)
+    return total / count, count
 
 
 def _folder_estimates(predictor: Predictor, paths: Sequence[Path], progress: bool, limit: int | None = None

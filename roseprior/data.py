@@ -556,6 +556,12 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def stacked(self) -> Any:
+        """Every image as one uint8 (N, 3, S, S) batch: for the handful a stain fit or a thumbnail sheet needs."""
+        import torch
+
+        return torch.stack([self[i][0] for i in range(len(self))])
+
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
         import torch
 

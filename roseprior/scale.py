@@ -22,6 +22,7 @@ magnification the crop holds the whole cell and grows with it (a plain resample)
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,16 +32,28 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FRAMINGS", "ScaleReference", "acquisition_folder", "add_parser", "at_training_scale", "camera_zoom",
+__all__ = ["FRAMINGS", "ScaleReference", "acquisition_folder", "add_parser", "camera_zoom",
            "fields_scale", "folder_scale", "is_off_scale", "nucleus_size", "resample", "sampled_scale", "shared_scale",
-           "tiles", "training_scale", "typical",
-           "zoom_as_framed"]
+           "tile_batches", "tiles", "training_scale", "training_tiles", "typical",
+           "windows", "zoom_as_framed"]
 
 PERCENTILE = 90
 DARK_FLOOR = 0.04  # of full scale: the darkest a channel is taken to be (optical density at most 1.4)
 # The measure's version, recorded with every reference: a reference measured otherwise cannot be read with it.
 MEASURE_VERSION = 2
 WORKING_SIZE = 8.0  # px: a measure below this is repeated on an upsampled copy
+# The most pixels one measure looks at, upsampled copy included: a larger field is measured on a reduced copy or
+# on windows spread over it (``nucleus_size``), within 4% of the whole field's measure on real ROSE and synthetic
+# mosaics of 5-9 MP. Without a bound, a 4000 x 4000 camera field with 3-px nuclei (a weak objective) was
+# upsampled 4x whole: 9.7 GB and 38 s for one field (2 s and 1 GB now).
+MEASURED_PIXELS = 2048 * 2048
+MEASURED_WINDOWS = 16  # windows of a field larger than MEASURED_PIXELS: a grid of 4 x 4 over its extent
+UPSAMPLED_WINDOWS = 64  # and for its upsampled measure, whose nuclei are small: a finer grid samples more of it
+MIN_WINDOW = 256  # px as measured (upsampled): a window spans at least 20 of the nuclei it measures below 12 px
+# Prediction at the training scale: tiles per forward pass, and the most pixels of a field resampled at once
+# (``training_tiles``), so that neither the tiles of a large field nor its resampled copy are held whole.
+TILE_BATCH = 32
+RESAMPLED_PIXELS = 4096 * 4096
 # Wide enough for fields 0.5x-2x of the reference zoomed 0.25x-4x: outside it an estimate is clamped.
 CALIBRATION_SCALES = tuple(float(s) for s in np.geomspace(1 / 8, 8, 25))
 # The slope of log size against log scale below which the curve is taken as flat: there a measure's error of
@@ -96,11 +109,18 @@ def zoom_as_framed(image: np.ndarray, factor: float, framing: str = "field") -> 
     return camera_zoom(image, factor) if framing == "field" else resample(image, factor)
 
 
-def tiles(image: np.ndarray, size: int) -> Any:
-    """(T, 3, size, size) float tiles in [0, 1] covering ``image`` (H, W, 3): a side shorter than ``size``
-    is mirrored out to it (never stretched); a longer one gets evenly spaced tiles that overlap by at least
-    half, so that anything no larger than half a tile lies whole in one of them. (Tiles that only touched
-    cut the centred cell of a zoomed-out CRIC crop in four: 0.652 against 0.717 balanced accuracy at 0.5×.)"""
+def _starts(length: int, size: int, stride: int) -> np.ndarray:
+    """Evenly spaced starts of ``size`` windows over ``length`` px, first and last flush with the ends, at most
+    ``stride`` apart."""
+    return np.linspace(0, length - size, 1 + -(-(length - size) // stride)).round().astype(int)
+
+
+def tile_batches(image: np.ndarray, size: int, batch_size: int = TILE_BATCH) -> Iterator[Any]:
+    """(T, 3, size, size) float batches in [0, 1] of the tiles covering ``image`` (H, W, 3), at most
+    ``batch_size`` at a time: a side shorter than ``size`` is mirrored out to it (never stretched); a longer one
+    gets evenly spaced tiles that overlap by at least half, so that anything no larger than half a tile lies
+    whole in one of them. (Tiles that only touched cut the centred cell of a zoomed-out CRIC crop in four: 0.652
+    against 0.717 balanced accuracy at 0.5×.)"""
     import torch
 
     h, w = image.shape[:2]
@@ -110,13 +130,60 @@ def tiles(image: np.ndarray, size: int) -> Any:
                        mode="symmetric")
         h, w = image.shape[:2]
     stride = max(1, size // 2)
-    ys = np.linspace(0, h - size, 1 + -(-(h - size) // stride)).round().astype(int)
-    xs = np.linspace(0, w - size, 1 + -(-(w - size) // stride)).round().astype(int)
-    crops = [image[y : y + size, x : x + size] for y in ys for x in xs]
-    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255.0)
+    starts = list(itertools.product(_starts(h, size, stride), _starts(w, size, stride)))
+    for first in range(0, len(starts), batch_size):
+        crops = [image[y : y + size, x : x + size] for y, x in starts[first : first + batch_size]]
+        yield torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _raw_size(image: np.ndarray) -> float:
+def tiles(image: np.ndarray, size: int) -> Any:
+    """All of ``tile_batches`` at once, for a field known to be small."""
+    import torch
+
+    return torch.cat(list(tile_batches(image, size)))
+
+
+def training_tiles(image: np.ndarray, info: dict[str, Any] | None, scale: float, size: int,
+                   batch_size: int = TILE_BATCH) -> Iterator[Any]:
+    """``tile_batches`` of a field resampled to the scale its model was trained at, given ``scale``: how many
+    times larger its objects appear than in the training fields (known, or a folder's ``shared_scale``).
+
+    A field that would have more than ``RESAMPLED_PIXELS`` once resampled is resampled and tiled block by block:
+    native blocks overlapping by a tile's extent, so that every tile-sized window of the field lies whole in one
+    block, and memory follows the block rather than the field. (A 4000 x 4000 field at scale 0.5 is 8000 x 8000
+    px at the training scale: 16,000 tiles of 128 px, 3 GB as one batch.)"""
+    factor = (info or {}).get("input_per_native", 1.0) / float(scale)
+    h, w = image.shape[:2]
+    if h * w * factor**2 <= RESAMPLED_PIXELS:
+        yield from tile_batches(resample(image, factor), size, batch_size)
+        return
+    tile = int(np.ceil(size / factor))  # a tile's extent in native px
+    block = max(2 * tile, int(np.sqrt(RESAMPLED_PIXELS) / factor))
+    for top, left in itertools.product(_starts(h, min(block, h), block - tile), _starts(w, min(block, w), block - tile)):
+        yield from tile_batches(resample(image[top : top + block, left : left + block], factor), size, batch_size)
+
+
+def windows(image: np.ndarray, max_pixels: int | None = None, count: int = MEASURED_WINDOWS,
+            min_side: int = 1) -> list[np.ndarray]:
+    """``image`` whole when it has at most ``max_pixels`` (``MEASURED_PIXELS``), else up to ``count`` (a square
+    number) square views of it, no copies, on a grid spread evenly over it, together holding at most
+    ``max_pixels`` (fewer and larger when ``min_side`` asks): a sample of its nuclei whose cost does not grow
+    with the field."""
+    max_pixels = MEASURED_PIXELS if max_pixels is None else max_pixels
+    h, w = image.shape[:2]
+    if h * w <= max_pixels:
+        return [image]
+    side = max(1, min(h, w, max(min_side, int(np.sqrt(max_pixels / count)))))
+    per_axis = int(np.clip(np.sqrt(max_pixels) // side, 1, round(np.sqrt(count))))
+    tops = np.unique(np.linspace(0, h - side, per_axis).round().astype(int))
+    lefts = np.unique(np.linspace(0, w - side, per_axis).round().astype(int))
+    return [image[top : top + side, left : left + side] for top in tops for left in lefts]
+
+
+def _raw_size(parts: Sequence[np.ndarray]) -> float:
+    """The measure on the pixels of ``parts`` (a field, or windows of one) taken together: one threshold for all
+    of them, and the percentile over all their nuclei's distances. A window with no background (inside one
+    nucleus) is left out: its distances would run to the window's far side."""
     from scipy import ndimage as ndi
     from skimage.color import rgb2hed
     from skimage.filters import threshold_otsu
@@ -125,20 +192,33 @@ def _raw_size(image: np.ndarray) -> float:
     # A channel read at 0 says the light fell below the camera's floor, not that the density is infinite: without
     # a floor, a darker exposure's clipped pixels (1.7% of a field) took Otsu's threshold above every nucleus,
     # and a synthetic site under a warmer, darker camera read 0.34x of itself (tests/test_scale.py).
-    hematoxylin = rgb2hed(np.maximum(img_as_float(image[..., :3]), DARK_FLOOR))[..., 0]
-    if float(hematoxylin.max() - hematoxylin.min()) < 1e-6:
+    hematoxylin = [rgb2hed(np.maximum(img_as_float(part[..., :3]), DARK_FLOOR))[..., 0] for part in parts]
+    values = np.concatenate([h.ravel() for h in hematoxylin])
+    if float(values.max() - values.min()) < 1e-6:
         return float("nan")
-    mask = hematoxylin > threshold_otsu(hematoxylin)
-    inside = ndi.distance_transform_edt(mask)[mask]
+    threshold = threshold_otsu(values)
+    masks = [h > threshold for h in hematoxylin]
+    inside = [ndi.distance_transform_edt(mask)[mask] for mask in masks if len(masks) == 1 or not mask.all()]
+    inside = np.concatenate(inside) if inside else np.empty(0)
     return float(np.percentile(inside, PERCENTILE)) if inside.size else float("nan")
 
 
 def nucleus_size(image: np.ndarray) -> float:
-    """A size in px that scales with the nuclei of ``image`` (NaN when it has no stained structure)."""
-    size = _raw_size(image)
+    """A size in px that scales with the nuclei of ``image`` (NaN when it has no stained structure).
+
+    A field of more than ``MEASURED_PIXELS`` (a camera's frame) is measured within that budget, so memory and
+    time do not grow with it: on a copy reduced to the budget when its nuclei are large enough there to be
+    measured in proportion (2 x ``WORKING_SIZE``), else on ``windows`` of it, which small nuclei do not span."""
+    shrink = float(np.sqrt(image.shape[0] * image.shape[1] / MEASURED_PIXELS))
+    if shrink > 1:
+        reduced = _raw_size([resample(image, 1 / shrink)])
+        if np.isfinite(reduced) and reduced >= 2 * WORKING_SIZE:
+            return reduced * shrink
+    size = _raw_size(windows(image, min_side=MIN_WINDOW))
     if np.isfinite(size) and size < WORKING_SIZE:
         up = min(8.0, 1.5 * WORKING_SIZE / max(size, 1.0))
-        size = _raw_size(resample(image, up)) / up
+        parts = windows(image, int(MEASURED_PIXELS / up**2), UPSAMPLED_WINDOWS, int(np.ceil(MIN_WINDOW / up)))
+        size = _raw_size([resample(part, up) for part in parts]) / up
     return size
 
 
@@ -274,12 +354,6 @@ def fields_scale(info: dict[str, Any] | None, scale: str | float | None, mpp: fl
         raise DataError(f"{source} was trained at {target} micrometres per pixel: give the fields' scale "
                         "with --mpp VALUE, or --scale auto to estimate it from their nuclei")
     return scale
-
-
-def at_training_scale(image: np.ndarray, info: dict[str, Any] | None, scale: float) -> np.ndarray:
-    """A field resampled to the scale its model was trained at, given ``scale``: how many times larger its
-    objects appear than in the training fields (known, or a folder's ``shared_scale``)."""
-    return resample(image, (info or {}).get("input_per_native", 1.0) / float(scale))
 
 
 def shared_scale(fields: Iterable[np.ndarray], info: dict[str, Any] | None, source: str) -> tuple[float, int]:

@@ -171,6 +171,39 @@ def test_a_field_at_a_known_scale_is_predicted_at_the_training_scale(run: Path) 
     assert np.abs(p1 - p2).max() < 0.02
 
 
+def test_a_large_field_is_predicted_a_batch_of_tiles_at_a_time_and_block_by_block(
+        run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A camera-sized field is never held whole at the training scale: its tiles reach the model a batch at a
+    time (the same mean as all at once), and a field too large to resample whole is resampled in blocks that
+    overlap by a tile, whose tiles give nearly the same probabilities."""
+    from finetune.predict import field_probabilities, load_predictor
+    from roseprior import scale
+    from roseprior.imageio import read_image
+
+    predictor = load_predictor(ckpt=str(run))
+    data = yaml.safe_load((run / "config.yaml").read_text())["data"]["root"]
+    fields = [read_image(p) for p in sorted(Path(data).rglob("*.jpg"))[:16]]
+    mosaic = np.concatenate([np.concatenate(fields[row * 4 : row * 4 + 4], axis=1) for row in range(4)])  # 256 px
+    batches: list[int] = []
+    model = predictor.model
+    monkeypatch.setattr(predictor, "model", lambda x: batches.append(len(x)) or model(x))
+    whole, count = field_probabilities(predictor, mosaic, 1.0)
+    assert count == 49 and sum(batches) == 49 and max(batches) <= scale.TILE_BATCH  # 7 x 7 tiles
+    np.testing.assert_allclose(whole, model(scale.tiles(mosaic, 64)).mean(axis=0), atol=1e-5)
+
+    resampled: list[int] = []
+    resample = scale.resample
+    monkeypatch.setattr(scale, "resample", lambda image, f: resampled.append(round(image.shape[0] * f)
+                                                                             * round(image.shape[1] * f))
+                        or resample(image, f))
+    monkeypatch.setattr(scale, "RESAMPLED_PIXELS", 160 * 160)
+    blocks, _ = field_probabilities(predictor, mosaic, 0.8)  # 320 px at the training scale: in 3 x 3 blocks
+    assert len(resampled) == 9 and max(resampled) <= 160 * 160
+    monkeypatch.setattr(scale, "RESAMPLED_PIXELS", 4096 * 4096)
+    at_once, _ = field_probabilities(predictor, mosaic, 0.8)
+    assert np.abs(blocks - at_once).max() < 0.05, (blocks, at_once)
+
+
 @pytest.fixture(scope="module")
 def site_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A classifier of 192-px synthetic fields of one site (in 64-px fields nuclei are 2 px across, too small to

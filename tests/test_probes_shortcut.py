@@ -40,7 +40,7 @@ def _train_backbone(data: Path, out: Path, steps: int = 40) -> str:
     model = backbones.create("timm:test_vit", num_classes=2)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in backbones.input_stats(model))
     dataset = ImageDataset(load_labelled(data, ["N", "P"]), image_size=SIZE)
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))]).float().div_(255)
+    images = dataset.stacked().float().div_(255)
     labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     order = torch.Generator().manual_seed(0)

@@ -51,6 +51,36 @@ def test_nucleus_size_grows_with_the_nuclei(tmp_path: Path) -> None:
     assert np.isnan(nucleus_size(np.full((64, 64, 3), 200, np.uint8)))  # nothing stained: no size
 
 
+def test_a_camera_sized_field_is_measured_within_a_budget_and_reads_as_the_whole(tmp_path: Path) -> None:
+    """A field larger than the measure's budget (a camera's frame) reads within 10% of what the whole field
+    reads, at 1x and zoomed out to nuclei that are measured upsampled; and a field of four times the area,
+    16x as many pixels as the budget, costs no more memory. (Measured whole, a 4000 x 4000 field with 3-px
+    nuclei took 9.7 GB.)"""
+    import tracemalloc
+
+    from roseprior import scale
+    from roseprior.synth import generate
+
+    data = generate(tmp_path / "s", n_per_class=18, size=384, domains=["site_a"], seed=3, progress=False)
+    fields = [read_image(p) for p in sorted(data.rglob("*.jpg"))]
+    fields = [fields[i] for i in np.random.default_rng(0).permutation(len(fields))]  # benign and malignant mixed
+    mosaic = np.concatenate([np.concatenate(fields[r * 6 : r * 6 + 6], axis=1) for r in range(6)])  # 2304 px
+    assert mosaic.shape[0] * mosaic.shape[1] > scale.MEASURED_PIXELS
+    small = resample(mosaic, 0.25)
+    with pytest.MonkeyPatch.context() as patch:  # as the fields read measured whole
+        patch.setattr(scale, "MEASURED_PIXELS", mosaic.shape[0] * mosaic.shape[1])
+        whole = {"1x": nucleus_size(mosaic), "0.25x": nucleus_size(small)}
+    peaks = []
+    for zoom, field in (("1x", mosaic), ("1x", np.tile(mosaic, (2, 2, 1))), ("0.25x", np.tile(small, (8, 8, 1)))):
+        tracemalloc.start()
+        size = nucleus_size(field)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert abs(np.log(size / whole[zoom])) < np.log(1.1), (field.shape, size, whole[zoom])
+    assert whole["0.25x"] < scale.WORKING_SIZE  # the zoomed-out nuclei were measured upsampled
+    assert peaks[1] < 1.25 * peaks[0] and peaks[2] < 1.25 * peaks[0], peaks
+
+
 def test_synthetic_fields_zoomed_by_known_factors_are_estimated_within_15_percent() -> None:
     """Synthetic fields of 4 domains (drawn at magnifications 0.5x-2x), one half the reference, the other
     zoomed 0.25x-4x: the median field reads its zoom within 15%. Per field the estimate also carries the
