@@ -229,7 +229,7 @@ def new_site_scale(meta: dict[str, Any], new_site: list[Sample], scale: str | fl
 
     if scale is None or scale == 1.0:
         return None
-    if scale == "auto":
+    if scale in ("auto", "site"):  # one value for the site either way
         from .train import current_training_scale
 
         meta["scale"] = current_training_scale(Path(source), meta.get("scale"))
@@ -334,8 +334,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stain", action="store_true", help="normalise inputs to the training set's stain")
     parser.add_argument("--max-images", type=int, default=2000, help="new-site images used (default 2000)")
     parser.add_argument("--scale", default="auto", type=parse_scale,
-                        help="auto (the default): estimate the new site's magnification from its nuclei, one value "
-                             "for the site; VALUE: its objects appear VALUE times as large as in the training "
+                        help="auto (the default; site is the same): estimate the new site's magnification from its "
+                             "nuclei, one value for the site; VALUE: its objects appear VALUE times as large as in the training "
                              "images; none: take it at the training scale. A scale other than the training one is "
                              "recorded in OUT, and finetune.predict brings the site's fields to the training scale")
     parser.add_argument("--ssl-steps", type=int, default=0,

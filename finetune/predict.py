@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -163,15 +164,18 @@ def field_probabilities(predictor: Predictor, image: np.ndarray, scale: float) -
     return total / count, count
 
 
-def _folder_estimates(predictor: Predictor, paths: Sequence[Path], progress: bool, limit: int | None = None
-                      ) -> Iterator[tuple[Path, list[Path], float, int]]:
+def _folder_estimates(predictor: Predictor, paths: Sequence[Path], progress: bool, limit: int | None = None,
+                      pooled: bool = False) -> Iterator[tuple[Path, list[Path], float, int]]:
     """(folder, its paths, its scale, fields measured) per folder of fields taken alike (class folders count with
-    the folder above them, ``acquisition_folder``), measured on at most ``limit`` fields spread over it
-    (``sampled_scale``), in a pass that keeps no field in memory."""
+    the folder above them, ``acquisition_folder``), or for all ``paths`` together (``pooled``: under the folder
+    they share), measured on at most ``limit`` fields spread over it (``sampled_scale``), in a pass that keeps no
+    field in memory."""
     from roseprior.scale import acquisition_folder, sampled_scale
 
     folders: dict[Path, list[Path]] = {}
-    for path in paths:
+    if pooled:
+        folders[Path(os.path.commonpath([p.parent for p in paths]))] = list(paths)
+    for path in paths if not pooled else ():
         folders.setdefault(acquisition_folder(path, predictor.classes), []).append(path)
     total = sum(min(len(group), limit or len(group)) for group in folders.values())
     with Progress(total, "scale", unit="img", enabled=progress) as bar:
@@ -180,21 +184,33 @@ def _folder_estimates(predictor: Predictor, paths: Sequence[Path], progress: boo
             yield folder, group, scale, measured
 
 
-def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = True) -> dict[Path, float]:
-    """``--scale auto``: each path's scale, one per folder of fields (``_folder_estimates``); each folder's value
-    is printed."""
+# Folders read this far apart under --scale auto get a warning: more than malignancy's own enlargement of a
+# folder's nuclei within the estimate's error (SAME_SCALE) on either side, which is what folders of one case each
+# look like (docs/results/scale_case_folders_synthetic.json).
+CASE_SPREAD = 1.5
+
+
+def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = True, pooled: bool = False
+                  ) -> dict[Path, float]:
+    """``--scale auto``: each path's scale, one per folder of fields (``_folder_estimates``); ``--scale site``
+    (``pooled``): one for all of them. Each value is printed."""
     from roseprior.scale import SAME_SCALE
 
     from .train import current_training_scale
 
     if Path(predictor.source).is_dir():
         predictor.scale = current_training_scale(Path(predictor.source), predictor.scale)
-    scales = {}
-    for folder, group, scale, measured in _folder_estimates(predictor, paths, progress):
+    scales, read = {}, []
+    for folder, group, scale, measured in _folder_estimates(predictor, paths, progress, pooled=pooled):
         scales.update(dict.fromkeys(group, scale))
-        print(f"finetune.predict: --scale auto: {folder}: objects appear {scale:.2f}x as large as in the "
+        read.append(scale)
+        print(f"finetune.predict: --scale {'site' if pooled else 'auto'}: {folder}: objects appear {scale:.2f}x as large as in the "
               f"training fields (midmean of {measured} of {len(group)} fields' estimates; within {SAME_SCALE:g}x of the "
               "training scale reads 1.00)", file=sys.stderr)
+    if max(read) / min(read) >= CASE_SPREAD:  # held-out synthetic cases of one class read 0.76x (N) to 1.64x (P)
+        print(f"finetune.predict: warning: folders read {min(read):.2f}x to {max(read):.2f}x. If each folder holds one "
+              "case, its diagnosis reads as magnification (enlarged malignant nuclei) and a positive case's fields are "
+              "shrunk toward benign size: --scale site takes all of them at one scale", file=sys.stderr)
     return scales
 
 
@@ -228,8 +244,8 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], batch_size: int =
     adequacy there, so it is decoded once more only for ``"auto"``'s estimate)."""
     probs: dict[Path, np.ndarray] = {}
     unreadable: list[tuple[Path, str]] = []
-    if scale == "auto":
-        scale = folder_scales(predictor, paths, progress)
+    if scale in ("auto", "site"):
+        scale = folder_scales(predictor, paths, progress, pooled=scale == "site")
     with Progress(len(paths), "predict", unit="img", enabled=progress) as bar:
         if scale is not None:
             for path in paths:
@@ -325,13 +341,14 @@ def metrics_path(out: Path) -> Path:
 
 
 def parse_scale(text: str) -> str | float:
-    """``--scale``: none, auto or a positive number (shared with ``roseprior adapt``)."""
-    if text in ("none", "auto"):
+    """``--scale``: none, auto, site or a positive number (shared with ``roseprior adapt``, which estimates one
+    scale for the site in any case)."""
+    if text in ("none", "auto", "site"):
         return text
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be none, auto or a positive number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be none, auto, site or a positive number, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
@@ -363,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                              "scale is warned about); VALUE: the fields' objects "
                              "appear VALUE times as large as in the training fields; auto: estimate that from the "
                              "nuclei, one value per folder (the midmean of its fields' estimates; class folders such as N/ and P/ "
-                             "count with the folder above them). With VALUE or auto each field "
+                             "count with the folder above them); site: one estimate for every field given, for "
+                             "folders that each hold one case (one diagnosis), whose enlarged malignant nuclei "
+                             "would read as magnification. With VALUE, auto or site each field "
                              "is resampled to the training scale and tiled, and its probabilities are the mean of "
                              "its tiles'")
     parser.add_argument("--mpp", type=float, default=None,
@@ -388,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"no images under {args.images}")
         if scale is None and args.scale is None:  # not asked for --scale none: say when the scale is off
             check_scale(predictor, paths)
-        if scale == "auto":  # resolved here, so that the CSV says what each field was taken at
-            scale = folder_scales(predictor, paths)
+        if scale in ("auto", "site"):  # resolved here, so that the CSV says what each field was taken at
+            scale = folder_scales(predictor, paths, pooled=scale == "site")
         qualities: dict[Path, FieldQuality] = {}
         probs, unreadable = predict_paths(predictor, paths, args.batch_size, scale=scale,
                                           on_field=lambda path, field: qualities.__setitem__(path, measure(field)))

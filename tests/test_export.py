@@ -221,7 +221,8 @@ def site_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _auto_lines(err: str) -> list[str]:
-    return sorted(line for line in err.splitlines() if "--scale auto" in line)
+    return sorted(line for line in err.splitlines() if line.startswith(("finetune.predict: --scale auto:",
+                                                                           "finetune.predict: --scale site:")))
 
 
 def test_scale_auto_estimates_one_scale_per_folder_and_brings_each_folder_back(
@@ -244,8 +245,10 @@ def test_scale_auto_estimates_one_scale_per_folder_and_brings_each_folder_back(
     capsys.readouterr()
     assert main(["--ckpt", str(run), "--images", str(tmp_path / "fields"), "--out", str(out), "--scale", "auto",
                  "--judge-all"]) == 0
-    lines = _auto_lines(capsys.readouterr().err)
+    err = capsys.readouterr().err
+    lines = _auto_lines(err)
     assert len(lines) == 2 and all("midmean of 10 of 10 fields" in line for line in lines), lines
+    assert "warning: folders read" in err  # 2x apart: one case per folder would read so, and predict says
     native, zoomed = (float(line.split("appear ")[1].split("x")[0]) for line in lines)
     print("--scale auto, native and 2x folders:", native, zoomed)
     assert 0.6 < native < 1.6 and 1.6 < zoomed / native < 2.5, lines
@@ -287,6 +290,44 @@ def test_scale_auto_reads_class_folders_with_the_folder_above_them(
     assert len(lines) == 1 and f"{tmp_path / 'site'}:" in lines[0] and "of 20 fields" in lines[0], lines
     both = float(lines[0].split("appear ")[1].split("x")[0])
     assert by_class["N"] < both < by_class["P"], (by_class, both)
+
+
+def test_scale_site_takes_folders_of_one_case_each_at_one_scale(
+        site_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Folders of one case each (one diagnosis) at the training scale: per folder, the positive cases' enlarged
+    nuclei read as magnification, and their fields would be shrunk toward benign size; --scale site takes every
+    field given at one scale, between the two."""
+    from PIL import Image
+
+    from finetune.predict import CASE_SPREAD, main
+    from roseprior.imageio import read_image
+
+    run, data = site_run
+    for label in ("N", "P"):
+        for path in sorted((data / label).glob("*.jpg")):
+            folder = tmp_path / "cases" / f"case_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(read_image(path)).save(folder / f"{path.stem}.png")
+    estimates, warned = {}, {}
+    for mode in ("auto", "site"):
+        capsys.readouterr()
+        out = tmp_path / f"{mode}.csv"
+        assert main(["--ckpt", str(run), "--images", str(tmp_path / "cases"), "--out", str(out), "--scale", mode,
+                     "--judge-all"]) == 0
+        err = capsys.readouterr().err
+        lines = _auto_lines(err)
+        warned[mode] = "warning: folders read" in err
+        estimates[mode] = {line.split(": objects")[0].rsplit("/", 1)[-1]: float(line.split("appear ")[1].split("x")[0])
+                           for line in lines}
+        taken = {Path(r["path"]).parent.name: float(r["scale"]) for r in csv.DictReader(out.open())}
+        assert len(taken) == 2
+        if mode == "site":
+            assert len(set(taken.values())) == 1, taken
+    print("--scale auto per case folder, and site:", estimates)
+    auto, (site,) = estimates["auto"], estimates["site"].values()
+    assert len(auto) == 2 and auto["case_P"] > 1.15 * auto["case_N"], estimates  # malignancy read as magnification
+    assert auto["case_N"] <= site <= auto["case_P"] and site / auto["case_N"] > 1.05, estimates
+    assert warned == {"auto": auto["case_P"] / auto["case_N"] >= CASE_SPREAD, "site": False}, warned
 
 
 def test_a_run_whose_scale_reference_an_older_measure_took_is_read_with_todays(
