@@ -13,7 +13,8 @@ decision:
   after ``roseprior adapt --stain`` (the shifted site's stain also mapped to the training set's by one Macenko map), each
   adapted run scored as predict scores it (at the site scale adapt recorded, when it read one);
 - scale: zoom 0.25x, 0.5x, 2x, 4x in two ways, each predicted as trained (``--scale none``), at the
-  known scale, and with the scale estimated from the nuclei (``--scale auto``):
+  known scale, and with the scale estimated from the nuclei (``--scale auto``, one estimate per site of the
+  test split, as predict reads a folder per site):
   ``scale/``: at a fixed image size (a weaker or stronger objective on the same camera: the frame keeps
   its pixels, so zooming in loses the border and zooming out fills it with reflected content);
   ``resampled/``: the same objects at another magnification with the frame following them (a cell
@@ -47,8 +48,9 @@ if str(REPO) not in sys.path:
 ZOOMS = (0.25, 0.5, 2.0, 4.0)
 
 
-def test_images(run: Path, limit: int | None) -> tuple[list[np.ndarray], np.ndarray, list[Any], str]:
-    """The run's test split (decoded) and its labels, its training samples, and how its images were framed."""
+def test_images(run: Path, limit: int | None) -> tuple[list[np.ndarray], np.ndarray, list[Any], str, list[Any]]:
+    """The run's test split (decoded) and its labels, its training samples, how its images were framed, and each
+    test image's site (``domain``; None where the split names none)."""
     from finetune.config import FinetuneConfig
     from roseprior.config import load_config
     from roseprior.imageio import read_image
@@ -59,7 +61,7 @@ def test_images(run: Path, limit: int | None) -> tuple[list[np.ndarray], np.ndar
     test = split["test"][:: max(1, len(split["test"]) // limit)] if limit else split["test"]
     positive = cfg.data.classes.index(cfg.data.positive_class)
     return ([read_image(s.path) for s in test], np.array([int(s.label == positive) for s in test]), split["train"],
-            cfg.data.framing)
+            cfg.data.framing, [s.domain for s in test])
 
 
 def stain_shifts(images: list[np.ndarray], train_paths: list[str]) -> dict[str, list[np.ndarray]]:
@@ -120,7 +122,10 @@ def resampled(images: list[np.ndarray], factor: float) -> list[np.ndarray]:
     return [resample(img, factor) for img in images]
 
 
-def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, scale: str | float | None) -> float:
+def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, scale: str | float | None,
+                      sites: list[Any] | None = None) -> float:
+    """At ``scale`` (None: squeezed whole; ``"auto"``: one estimate per site of ``sites``, as predict reads a
+    folder per site, or one for all)."""
     import torchvision.transforms.v2.functional as TF
     from sklearn.metrics import balanced_accuracy_score
 
@@ -128,16 +133,20 @@ def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, s
     from roseprior.scale import shared_scale
 
     positive = predictor.classes.index(predictor.positive_class)
-    if scale == "auto":  # one folder of fields: one scale, as finetune.predict estimates it
-        scale = shared_scale(images, predictor.scale, predictor.source)[0]
+    if scale == "auto":  # a folder of fields per site: one scale each, as finetune.predict estimates it
+        sites = sites or [None] * len(images)
+        per_site = {site: shared_scale([img for img, s in zip(images, sites, strict=True) if s == site],
+                                       predictor.scale, predictor.source)[0] for site in set(sites)}
+        scale = [per_site[site] for site in sites]
     calls = []
-    for img in images:
-        if scale is None:  # as trained: the whole field resized to the model's input (finetune.predict's default)
+    for index, img in enumerate(images):
+        taken = scale[index] if isinstance(scale, list) else scale
+        if taken is None:  # as trained: the whole field resized to the model's input (finetune.predict's default)
             side = predictor.image_size
             x = TF.resize(torch.from_numpy(img).permute(2, 0, 1), [side, side], antialias=True)
             p = predictor.probabilities(x[None].float().div_(255.0))[0]
         else:
-            p, _ = field_probabilities(predictor, img, scale)
+            p, _ = field_probabilities(predictor, img, taken)
         calls.append(int(p.argmax() == positive))
     return float(balanced_accuracy_score(y, calls))
 
@@ -163,7 +172,7 @@ def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = Fal
     from roseprior.scale import FRAMINGS, fields_scale, training_scale
 
     start = time.perf_counter()
-    images, y, train_paths, framing = test_images(run, limit)
+    images, y, train_paths, framing, sites = test_images(run, limit)
     predictor = load_predictor(ckpt=str(run))
     # A run from before finetune recorded its training scale has none; --recalibrate rebuilds it with today's code,
     # and also as if the run's images had been framed the other way (data.framing), to show what that choice does.
@@ -188,9 +197,10 @@ def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = Fal
         shifted = zoom(images, factor)
         result[f"{kind}/{factor:g}"] = {"as_trained": balanced_accuracy(predictor, shifted, y, None),
                                        "known_scale": balanced_accuracy(predictor, shifted, y, factor),
-                                       "estimated_scale": balanced_accuracy(predictor, shifted, y, "auto")}
+                                       "estimated_scale": balanced_accuracy(predictor, shifted, y, "auto", sites)}
         for other, framed in framed_otherwise.items():
-            result[f"{kind}/{factor:g}"][f"estimated_scale_as_{other}"] = balanced_accuracy(framed, shifted, y, "auto")
+            result[f"{kind}/{factor:g}"][f"estimated_scale_as_{other}"] = balanced_accuracy(framed, shifted, y, "auto",
+                                                                                            sites)
     result["trained_input_per_native"] = trained_scale
     result["framing"] = (predictor.scale or {}).get("reference", {}).get("framing", "field")
     result["seconds"] = round(time.perf_counter() - start, 1)
