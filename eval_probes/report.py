@@ -462,7 +462,6 @@ def _tb_name(name: str) -> str:
 def _thumbnails(samples: list[Any], size: int = 32, max_images: int = 2000) -> Any:
     """Small copies of the test images for the projector's sprite (skipped for big test sets: the
     sprite is one image of all of them)."""
-
     from roseprior.data import ImageDataset
 
     if len(samples) > max_images:

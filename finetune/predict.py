@@ -173,10 +173,11 @@ def _folder_estimates(predictor: Predictor, paths: Sequence[Path], progress: boo
     from roseprior.scale import acquisition_folder, sampled_scale
 
     folders: dict[Path, list[Path]] = {}
-    if pooled:
+    if pooled and paths:
         folders[Path(os.path.commonpath([p.parent for p in paths]))] = list(paths)
-    for path in paths if not pooled else ():
-        folders.setdefault(acquisition_folder(path, predictor.classes), []).append(path)
+    else:
+        for path in paths:
+            folders.setdefault(acquisition_folder(path, predictor.classes), []).append(path)
     total = sum(min(len(group), limit or len(group)) for group in folders.values())
     with Progress(total, "scale", unit="img", enabled=progress) as bar:
         for folder, group in folders.items():
@@ -207,7 +208,7 @@ def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = 
         print(f"finetune.predict: --scale {'site' if pooled else 'auto'}: {folder}: objects appear {scale:.2f}x as large as in the "
               f"training fields (midmean of {measured} of {len(group)} fields' estimates; within {SAME_SCALE:g}x of the "
               "training scale reads 1.00)", file=sys.stderr)
-    if max(read) / min(read) >= CASE_SPREAD:  # held-out synthetic cases of one class read 0.76x (N) to 1.64x (P)
+    if len(read) > 1 and max(read) / min(read) >= CASE_SPREAD:  # held-out synthetic cases of one class read 0.76x (N) to 1.64x (P)
         print(f"finetune.predict: warning: folders read {min(read):.2f}x to {max(read):.2f}x. If each folder holds one "
               "case, its diagnosis reads as magnification (enlarged malignant nuclei) and a positive case's fields are "
               "shrunk toward benign size: --scale site takes all of them at one scale", file=sys.stderr)
