@@ -231,7 +231,8 @@ def check_scale(predictor: Predictor, paths: Sequence[Path], progress: bool = Tr
             flagged.append(folder)
             print(f"finetune.predict: warning: {folder}: objects appear {scale:.2f}x as large as in the training fields "
                   f"(nuclei of {measured} fields); squeezed whole into the model's input, they are shown at another "
-                  "magnification than in training: --scale auto brings them to the training scale", file=sys.stderr)
+                  "magnification than in training: --scale auto brings them to the training scale (--scale site "
+                  "where each folder holds one case: a positive case's enlarged nuclei also read larger)", file=sys.stderr)
     return flagged
 
 
