@@ -461,7 +461,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--per-folder", action="store_true",
                         help="write each folder's typical value (midmean of logs) as the relative_scale of all its images: what a manifest "
                              "for data.target_mpp wants, since per image the estimate also reads enlarged malignant "
-                             "nuclei as magnification")
+                             "nuclei as magnification (for the same reason, a folder of one case, one diagnosis, "
+                             "reads its diagnosis too: keep cases of one acquisition under one folder)")
     parser.add_argument("--classes", nargs="+", default=DataConfig().classes,
                         help="folder names that are classes: an image in one is labelled with it, and with --per-folder "
                              "counts with the folder above it (default: %(default)s)")
