@@ -54,7 +54,7 @@ def test_nucleus_size_grows_with_the_nuclei(tmp_path: Path) -> None:
 def test_a_camera_sized_field_is_measured_within_a_budget_and_reads_as_the_whole(tmp_path: Path) -> None:
     """A field larger than the measure's budget (a camera's frame) reads within 10% of what the whole field
     reads, at 1x and zoomed out to nuclei that are measured upsampled; and a field of four times the area,
-    16x as many pixels as the budget, costs no more memory. (Measured whole, a 4000 x 4000 field with 3-px
+    five times the budget, costs no more memory. (Measured whole, a 4000 x 4000 field with 3-px
     nuclei took 9.7 GB.)"""
     import tracemalloc
 
