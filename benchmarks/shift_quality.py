@@ -21,7 +21,11 @@ decision:
   cropped around at that magnification, or a field photographed whole): every side times the factor.
   Nothing leaves or enters the frame, so the loss left is the scale's own (the detail a weaker
   objective never resolved). With ``--recalibrate``, ``estimated_scale`` also comes as if the run's images
-  had been framed the other way (``data.framing``: camera fields or crops cut around one cell).
+  had been framed the other way (``data.framing``: camera fields or crops cut around one cell);
+- folders of one case each (``--shifts cases``, not part of ``all``): the test split, unshifted, laid out as
+  folders of ``CASE_SIZES`` fields of one class within a site, and predicted at the run's operating point with
+  ``--scale auto`` (one estimate per folder, which reads a positive case's enlarged nuclei as magnification)
+  and with ``--scale site`` (one per site).
 
     python benchmarks/shift_quality.py --runs runs/bench/finetune_quality/pretrained_off runs/bench/finetune_quality/random_off
 """
@@ -46,6 +50,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 ZOOMS = (0.25, 0.5, 2.0, 4.0)
+CASE_SIZES = (4, 8)  # fields per folder of one case
 
 
 def test_images(run: Path, limit: int | None) -> tuple[list[np.ndarray], np.ndarray, list[Any], str, list[Any]]:
@@ -151,6 +156,39 @@ def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, s
     return float(balanced_accuracy_score(y, calls))
 
 
+def case_folders(predictor: Any, images: list[np.ndarray], y: np.ndarray, sites: list[Any]) -> dict[str, Any]:
+    """The test split as folders of one case each (``CASE_SIZES`` fields of one class within a site), scored at the
+    run's operating point as ``finetune.predict`` writes its calls: ``--scale auto`` (one estimate per folder)
+    against ``--scale site`` (one per site). Balanced accuracy, sensitivity, specificity and the scales read."""
+    from sklearn.metrics import recall_score
+
+    from finetune.predict import field_probabilities
+    from roseprior.scale import shared_scale
+
+    def scored(scales: np.ndarray) -> dict[str, Any]:
+        calls = np.array([int(predictor.call(field_probabilities(predictor, img, s)[0]) == predictor.positive_class)
+                          for img, s in zip(images, scales, strict=True)])
+        sensitivity, specificity = recall_score(y, calls), recall_score(1 - y, 1 - calls)
+        return {"balanced_accuracy": (sensitivity + specificity) / 2, "sensitivity": sensitivity,
+                "specificity": specificity, "scales_read": {label: sorted({round(float(v), 2) for v in scales[y == c]})
+                                                            for c, label in enumerate(("negative", "positive"))}}
+
+    def folder_scales(groups: list[np.ndarray]) -> np.ndarray:
+        scales = np.ones(len(images))
+        for group in groups:
+            scales[group] = shared_scale([images[i] for i in group], predictor.scale, predictor.source)[0]
+        return scales
+
+    site_of = np.array([str(s) for s in sites])
+    result = {"site": scored(folder_scales([np.flatnonzero(site_of == s) for s in sorted(set(site_of))]))}
+    for size in CASE_SIZES:
+        cases = [members[start : start + size] for s in sorted(set(site_of)) for label in (0, 1)
+                 for members in [np.flatnonzero((site_of == s) & (y == label))]
+                 for start in range(0, len(members), size)]
+        result[f"auto_cases_of_{size}"] = scored(folder_scales(cases))
+    return result
+
+
 def adapted_predictor(run: Path, images: list[np.ndarray], tmp: Path, stain: bool = False) -> Any:
     """The run adapted on the shifted, unlabelled test images themselves: BatchNorm statistics, and with
     ``stain`` every field mapped to the training set's stain first (``roseprior adapt --stain``)."""
@@ -201,6 +239,8 @@ def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = Fal
         for other, framed in framed_otherwise.items():
             result[f"{kind}/{factor:g}"][f"estimated_scale_as_{other}"] = balanced_accuracy(framed, shifted, y, "auto",
                                                                                             sites)
+    if shifts == "cases":
+        result["case_folders"] = case_folders(predictor, images, y, sites)
     result["trained_input_per_native"] = trained_scale
     result["framing"] = (predictor.scale or {}).get("reference", {}).get("framing", "field")
     result["seconds"] = round(time.perf_counter() - start, 1)
@@ -213,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, default=None, help="score about this many test images per run")
     parser.add_argument("--out", default=None, help="JSON to write")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--shifts", choices=("all", "stain", "scale"), default="all",
-                        help="measure only the stain shifts (and adaptation) or only the zooms")
+    parser.add_argument("--shifts", choices=("all", "stain", "scale", "cases"), default="all",
+                        help="measure only the stain shifts (and adaptation), only the zooms, or only folders of one "
+                             "case each (--scale auto per folder against --scale site)")
     parser.add_argument("--recalibrate", action="store_true",
                         help="rebuild each run's scale reference with today's roseprior.scale (a run keeps the one "
                              "its finetune stored)")
@@ -226,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(measure_run(Path(run), args.max_images, Path(tmp), args.recalibrate, args.shifts))
     for r in results:
         print(f"\n{r['run']} ({r['test_images']} test images): clean {r['clean']:.3f}")
-        for key, value in r.items():
-            if isinstance(value, dict):
-                print(f"  {key:<38} " + "  ".join(f"{k} {v:.3f}" for k, v in value.items()))
+        for key, value in {**r, **{f"cases/{k}": v for k, v in r.get("case_folders", {}).items()}}.items():
+            if isinstance(value, dict) and key != "case_folders":
+                print(f"  {key:<38} " + "  ".join(f"{k} {v:.3f}" for k, v in value.items() if isinstance(v, float)))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

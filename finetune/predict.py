@@ -208,7 +208,7 @@ def folder_scales(predictor: Predictor, paths: Sequence[Path], progress: bool = 
         print(f"finetune.predict: --scale {'site' if pooled else 'auto'}: {folder}: objects appear {scale:.2f}x as large as in the "
               f"training fields (midmean of {measured} of {len(group)} fields' estimates; within {SAME_SCALE:g}x of the "
               "training scale reads 1.00)", file=sys.stderr)
-    if len(read) > 1 and max(read) / min(read) >= CASE_SPREAD:  # held-out synthetic cases of one class read 0.76x (N) to 1.64x (P)
+    if len(read) > 1 and max(read) / min(read) >= CASE_SPREAD:  # synthetic cases of one class: 0.71x (N) to 1.88x (P)
         print(f"finetune.predict: warning: folders read {min(read):.2f}x to {max(read):.2f}x. If each folder holds one "
               "case, its diagnosis reads as magnification (enlarged malignant nuclei) and a positive case's fields are "
               "shrunk toward benign size: --scale site takes all of them at one scale", file=sys.stderr)

@@ -161,6 +161,8 @@ def test_shift_quality_scores_every_shift_with_and_without_its_remedy(tmp_path: 
         assert shift_quality.main(["--runs", str(run), "--max-images", "8", "--out", str(tmp_path / "s.json")]) == 0
         assert shift_quality.main(["--runs", str(run), "--max-images", "8", "--out", str(tmp_path / "z.json"),
                                    "--shifts", "scale", "--recalibrate"]) == 0
+        assert shift_quality.main(["--runs", str(run), "--max-images", "8", "--out", str(tmp_path / "c.json"),
+                                   "--shifts", "cases"]) == 0
     finally:
         torch.set_num_threads(threads)
     (result,) = json.loads((tmp_path / "s.json").read_text())
@@ -180,6 +182,12 @@ def test_shift_quality_scores_every_shift_with_and_without_its_remedy(tmp_path: 
     assert not [k for k in zooms_only if k.startswith("stain/")] and zooms_only["framing"] == "field"
     assert all(set(zooms_only[f"scale/{z}"]) == {"as_trained", "known_scale", "estimated_scale",
                                                  "estimated_scale_as_cell"} for z in ("0.25", "0.5", "2", "4"))
+    (cases,) = json.loads((tmp_path / "c.json").read_text())  # folders of one case each, against one per site
+    assert not [k for k in cases if k.startswith(("stain/", "scale/"))]
+    assert set(cases["case_folders"]) == {"site", "auto_cases_of_4", "auto_cases_of_8"}
+    for scored in cases["case_folders"].values():
+        assert scored["balanced_accuracy"] == pytest.approx((scored["sensitivity"] + scored["specificity"]) / 2)
+        assert 0 <= scored["sensitivity"] <= 1 and scored["scales_read"]["positive"]
     # The two zooms: the frame keeps its pixels, or follows the objects (every side times the factor).
     field = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     assert shift_quality.zoomed([field], 4.0)[0].shape == field.shape
