@@ -127,6 +127,22 @@ def resampled(images: list[np.ndarray], factor: float) -> list[np.ndarray]:
     return [resample(img, factor) for img in images]
 
 
+def folder_scales(predictor: Any, images: list[np.ndarray], groups: list[np.ndarray]) -> np.ndarray:
+    """Each image's scale when every group of indices is one folder: one ``--scale auto`` estimate per group."""
+    from roseprior.scale import shared_scale
+
+    scales = np.ones(len(images))
+    for group in groups:
+        scales[group] = shared_scale([images[i] for i in group], predictor.scale, predictor.source)[0]
+    return scales
+
+
+def site_groups(sites: list[Any]) -> list[np.ndarray]:
+    """The indices of each site's images (one group for all when no image names a site)."""
+    site_of = np.array([str(s) for s in sites])
+    return [np.flatnonzero(site_of == s) for s in sorted(set(site_of))]
+
+
 def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, scale: str | float | None,
                       sites: list[Any] | None = None) -> float:
     """At ``scale`` (None: squeezed whole; ``"auto"``: one estimate per site of ``sites``, as predict reads a
@@ -135,14 +151,10 @@ def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, s
     from sklearn.metrics import balanced_accuracy_score
 
     from finetune.predict import field_probabilities
-    from roseprior.scale import shared_scale
 
     positive = predictor.classes.index(predictor.positive_class)
     if scale == "auto":  # a folder of fields per site: one scale each, as finetune.predict estimates it
-        sites = sites or [None] * len(images)
-        per_site = {site: shared_scale([img for img, s in zip(images, sites, strict=True) if s == site],
-                                       predictor.scale, predictor.source)[0] for site in set(sites)}
-        scale = [per_site[site] for site in sites]
+        scale = folder_scales(predictor, images, site_groups(sites or [None] * len(images))).tolist()
     calls = []
     for index, img in enumerate(images):
         taken = scale[index] if isinstance(scale, list) else scale
@@ -163,7 +175,6 @@ def case_folders(predictor: Any, images: list[np.ndarray], y: np.ndarray, sites:
     from sklearn.metrics import recall_score
 
     from finetune.predict import field_probabilities
-    from roseprior.scale import shared_scale
 
     def scored(scales: np.ndarray) -> dict[str, Any]:
         calls = np.array([int(predictor.call(field_probabilities(predictor, img, s)[0]) == predictor.positive_class)
@@ -173,19 +184,12 @@ def case_folders(predictor: Any, images: list[np.ndarray], y: np.ndarray, sites:
                 "specificity": specificity, "scales_read": {label: sorted({round(float(v), 2) for v in scales[y == c]})
                                                             for c, label in enumerate(("negative", "positive"))}}
 
-    def folder_scales(groups: list[np.ndarray]) -> np.ndarray:
-        scales = np.ones(len(images))
-        for group in groups:
-            scales[group] = shared_scale([images[i] for i in group], predictor.scale, predictor.source)[0]
-        return scales
-
-    site_of = np.array([str(s) for s in sites])
-    result = {"site": scored(folder_scales([np.flatnonzero(site_of == s) for s in sorted(set(site_of))]))}
+    by_site = site_groups(sites)
+    result = {"site": scored(folder_scales(predictor, images, by_site))}
     for size in CASE_SIZES:
-        cases = [members[start : start + size] for s in sorted(set(site_of)) for label in (0, 1)
-                 for members in [np.flatnonzero((site_of == s) & (y == label))]
-                 for start in range(0, len(members), size)]
-        result[f"auto_cases_of_{size}"] = scored(folder_scales(cases))
+        cases = [members[start : start + size] for group in by_site for label in (0, 1)
+                 for members in [group[y[group] == label]] for start in range(0, len(members), size)]
+        result[f"auto_cases_of_{size}"] = scored(folder_scales(predictor, images, cases))
     return result
 
 
