@@ -454,7 +454,7 @@ def to_canonical(image: Any, zoom: float | None, max_side: int | None = None) ->
 
 def _window(image: Any, size: int, random: bool) -> Any:
     """A ``size`` square of a canonical-scale image: centred, or placed at random (training); a side
-    shorter than ``size`` is mirrored out to it, as ``roseprior.scale.tiles`` does for a small field."""
+    shorter than ``size`` is mirrored out to it, as ``roseprior.scale.tile_batches`` does for a small field."""
     import torch
     import torch.nn.functional as F
 

@@ -34,7 +34,7 @@ import numpy as np
 
 __all__ = ["FRAMINGS", "ScaleReference", "acquisition_folder", "add_parser", "camera_zoom",
            "fields_scale", "folder_scale", "is_off_scale", "nucleus_size", "resample", "sampled_scale", "shared_scale",
-           "tile_batches", "tiles", "training_scale", "training_tiles", "typical",
+           "tile_batches", "training_scale", "training_tiles", "typical",
            "windows", "zoom_as_framed"]
 
 PERCENTILE = 90
@@ -134,13 +134,6 @@ def tile_batches(image: np.ndarray, size: int, batch_size: int = TILE_BATCH) -> 
     for first in range(0, len(starts), batch_size):
         crops = [image[y : y + size, x : x + size] for y, x in starts[first : first + batch_size]]
         yield torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def tiles(image: np.ndarray, size: int) -> Any:
-    """All of ``tile_batches`` at once, for a field known to be small."""
-    import torch
-
-    return torch.cat(list(tile_batches(image, size)))
 
 
 def training_tiles(image: np.ndarray, info: dict[str, Any] | None, scale: float, size: int,

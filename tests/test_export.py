@@ -136,9 +136,14 @@ def test_temperature_stops_short_of_certainty_on_a_separable_split() -> None:
     assert (p.argmax(1) == y).all()  # the ranking and the calls at 0.5 are unchanged
 
 
-def test_tiles_cover_a_field_and_mirror_a_small_one() -> None:
-    from roseprior.scale import tiles
+def tiles(field: np.ndarray, size: int) -> torch.Tensor:
+    """Every tile of ``field`` at once (``tile_batches`` gives them a batch at a time)."""
+    from roseprior.scale import tile_batches
 
+    return torch.cat(list(tile_batches(field, size)))
+
+
+def test_tiles_cover_a_field_and_mirror_a_small_one() -> None:
     field = np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8)
     out = tiles(field, 64)
     assert out.shape == (12, 3, 64, 64)  # 3 rows x 4 columns, overlapping by at least half, edges included
@@ -189,7 +194,7 @@ def test_a_large_field_is_predicted_a_batch_of_tiles_at_a_time_and_block_by_bloc
     monkeypatch.setattr(predictor, "model", lambda x: batches.append(len(x)) or model(x))
     whole, count = field_probabilities(predictor, mosaic, 1.0)
     assert count == 49 and sum(batches) == 49 and max(batches) <= scale.TILE_BATCH  # 7 x 7 tiles
-    np.testing.assert_allclose(whole, model(scale.tiles(mosaic, 64)).mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(whole, model(tiles(mosaic, 64)).mean(axis=0), atol=1e-5)
 
     resampled: list[int] = []
     resample = scale.resample
