@@ -127,7 +127,7 @@ def resampled(images: list[np.ndarray], factor: float) -> list[np.ndarray]:
     return [resample(img, factor) for img in images]
 
 
-def folder_scales(predictor: Any, images: list[np.ndarray], groups: list[np.ndarray]) -> np.ndarray:
+def group_scales(predictor: Any, images: list[np.ndarray], groups: list[np.ndarray]) -> np.ndarray:
     """Each image's scale when every group of indices is one folder: one ``--scale auto`` estimate per group."""
     from roseprior.scale import shared_scale
 
@@ -154,7 +154,7 @@ def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, s
 
     positive = predictor.classes.index(predictor.positive_class)
     if scale == "auto":  # a folder of fields per site: one scale each, as finetune.predict estimates it
-        scale = folder_scales(predictor, images, site_groups(sites or [None] * len(images))).tolist()
+        scale = group_scales(predictor, images, site_groups(sites or [None] * len(images))).tolist()
     calls = []
     for index, img in enumerate(images):
         taken = scale[index] if isinstance(scale, list) else scale
@@ -185,11 +185,11 @@ def case_folders(predictor: Any, images: list[np.ndarray], y: np.ndarray, sites:
                                                             for c, label in enumerate(("negative", "positive"))}}
 
     by_site = site_groups(sites)
-    result = {"site": scored(folder_scales(predictor, images, by_site))}
+    result = {"site": scored(group_scales(predictor, images, by_site))}
     for size in CASE_SIZES:
         cases = [members[start : start + size] for group in by_site for label in (0, 1)
                  for members in [group[y[group] == label]] for start in range(0, len(members), size)]
-        result[f"auto_cases_of_{size}"] = scored(folder_scales(predictor, images, cases))
+        result[f"auto_cases_of_{size}"] = scored(group_scales(predictor, images, cases))
     return result
 
 
