@@ -157,6 +157,28 @@ def test_cell_crops_that_follow_their_cell_read_their_zoom_against_a_reference_f
         ScaleReference.build(images[:1], framing="tile")
 
 
+def test_a_run_of_cell_crops_reads_its_own_test_cells_at_the_training_scale(shared_data: Path) -> None:
+    """A crop cut around one cell holds one nucleus, so the 32 cells a reference's curve is measured on pin its
+    level no better than about 20%. In CRIC's 7:2:1 split by field with split seed 7 they read 19% above the
+    split's 3,543 training cells, and the split's own test cells then read 0.71x, past ``SAME_SCALE``: a
+    classifier predicting them with ``--scale auto`` lost up to 10 points. Levelled on 512 of its training cells
+    (``ScaleReference.measured``), the reference reads them at the training scale."""
+    from roseprior.scale import REFERENCE_IMAGES, shared_scale, training_scale
+    from roseprior.splits import resolve_splits
+
+    if not (shared_data / "cric_cells" / "manifest.csv").is_file():
+        pytest.skip("cric_cells not in the shared data")
+    data = DataConfig(root=str(shared_data / "cric_cells"), group_by="source_image", split_seed=7, image_size=64,
+                      framing="cell")
+    splits = resolve_splits(data).splits
+    info = training_scale(splits["train"], data.image_size, framing="cell")
+    assert info["reference"]["images"] == REFERENCE_IMAGES
+    test_cells = [read_image(sample.path) for sample in splits["test"]]
+    assert shared_scale(test_cells, info, "cric split 7") == (1.0, len(test_cells))
+    zoomed, _ = shared_scale([resample(cell, 0.5) for cell in test_cells], info, "cric split 7")
+    assert zoomed == pytest.approx(0.5, rel=0.15)  # and a folder of them at half the magnification reads it
+
+
 def test_a_darker_warmer_camera_and_stronger_stain_do_not_read_as_magnification(tmp_path: Path) -> None:
     """A new site's camera and stain (stronger haematoxylin, warmer white balance, darker exposure) leave the
     magnification as it was: its folder reads within 15% of the same fields as taken at the reference site.
