@@ -334,8 +334,8 @@ def training_scale(samples: Sequence[Any], image_size: int, target_mpp: float | 
                    framing: str = "field") -> dict[str, Any]:
     """How a model saw its training images (``best.json``'s ``scale``): the median model-input pixels per
     native pixel, ``target_mpp`` when it was trained at a canonical scale, and a ``ScaleReference`` of the
-    model inputs (their nuclei, zoomed as the images were framed: ``data.framing``) for ``--scale auto``.
-    ``samples``: ``roseprior.data.Sample``s."""
+    model inputs (their nuclei, zoomed as the images were framed: ``data.framing``; ``ScaleReference.measured``
+    on up to ``REFERENCE_IMAGES`` of them) for ``--scale auto``. ``samples``: ``roseprior.data.Sample``s."""
     from roseprior.data import ImageDataset, spread_indices
     from roseprior.imageio import read_image
 
