@@ -402,24 +402,27 @@ def shared_scale(fields: Iterable[np.ndarray], info: dict[str, Any] | None, sour
     return (1.0 if abs(np.log(relative)) < np.log(SAME_SCALE) else relative), count
 
 
-def sampled_scale(paths: Sequence[str | Path], info: dict[str, Any] | None, source: str, limit: int | None = None,
-                  on_read: Callable[[], None] | None = None) -> tuple[float, int]:
-    """``shared_scale`` of the images at up to ``limit`` of ``paths`` spread over them (all of them without a
-    limit), read one at a time; one that does not decode is skipped (whoever reads it next lists it).
+def spread_images(paths: Sequence[str | Path], limit: int | None = None,
+                  on_read: Callable[[], None] | None = None) -> Iterator[np.ndarray]:
+    """The images at up to ``limit`` of ``paths`` spread over them (all of them without a limit; every folder, not
+    the first), read one at a time; one that does not decode is skipped (whoever reads it next lists it).
     ``on_read()`` is called for each path tried (a progress bar)."""
     from roseprior.data import spread_indices
     from roseprior.imageio import UnreadableImage, read_image
 
-    def fields() -> Iterator[np.ndarray]:
-        for index in spread_indices(len(paths), limit or len(paths)):
-            try:
-                yield read_image(paths[index])
-            except UnreadableImage:
-                pass
-            if on_read is not None:
-                on_read()
+    for index in spread_indices(len(paths), limit or len(paths)):
+        try:
+            yield read_image(paths[index])
+        except UnreadableImage:
+            pass
+        if on_read is not None:
+            on_read()
 
-    return shared_scale(fields(), info, source)
+
+def sampled_scale(paths: Sequence[str | Path], info: dict[str, Any] | None, source: str, limit: int | None = None,
+                  on_read: Callable[[], None] | None = None) -> tuple[float, int]:
+    """``shared_scale`` of ``spread_images(paths, limit, on_read)``."""
+    return shared_scale(spread_images(paths, limit, on_read), info, source)
 
 
 def acquisition_folder(path: Path, classes: Sequence[str]) -> Path:
@@ -492,7 +495,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from roseprior.checkpoint import atomic_write_csv
-    from roseprior.data import Sample, find_images, manifest_columns, manifest_row, spread_indices
+    from roseprior.data import Sample, find_images, manifest_columns, manifest_row
     from roseprior.errors import DataError
     from roseprior.imageio import UnreadableImage, read_image
     from roseprior.progress import Progress
@@ -502,16 +505,9 @@ def _run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise DataError(f"--out {out} is a folder; give the CSV file to write")
     reference_paths = find_images(args.reference)
-    picked = spread_indices(len(reference_paths), max(1, args.max_reference))  # every folder, not the first
-
-    def reference_images() -> Iterator[np.ndarray]:
-        for index in picked:
-            try:
-                yield read_image(reference_paths[index])
-            except UnreadableImage:
-                continue
-
-    reference = ScaleReference.measured(reference_images(), len(picked), args.framing)
+    limit = max(1, args.max_reference)
+    reference = ScaleReference.measured(spread_images(reference_paths, limit), min(limit, len(reference_paths)),
+                                        args.framing)
     if not reference.images:
         raise DataError(f"--reference {args.reference}: no readable images")
     # What the folder's layout says of each image (label, site, its own split, a manifest's columns) goes into the
