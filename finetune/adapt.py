@@ -76,7 +76,9 @@ def reestimate_batchnorm(model: Classifier, samples: list[Sample], image_size: i
         layer.momentum = None  # cumulative moving average: every batch counts equally
         layer.train()
     loader = torch.utils.data.DataLoader(ImageDataset(samples, image_size=image_size), batch_size=batch_size)
-    with Progress(len(samples) * passes, "adapt: BatchNorm statistics", unit="img") as progress:
+    # One view per image: the statistics describe what each forward pass sees, and the 8 readings of
+    # decision.dihedral_mean would only cost 8x for the same figures.
+    with Progress(len(samples) * passes, "adapt: BatchNorm statistics", unit="img") as progress, model.one_view():
         for _ in range(passes):
             for images, _, _ in loader:
                 x = images.float().div_(255.0)

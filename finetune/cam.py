@@ -91,7 +91,8 @@ def grad_cam(model: Classifier, images: torch.Tensor, layer: torch.nn.Module, cl
             return cam
 
     reshape = getattr(model.backbone, "reshape_transform", None)
-    with RangeKeepingGradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+    # One view: the maps are made of one forward pass's activations (decision.dihedral_mean would run eight).
+    with model.one_view(), RangeKeepingGradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
         scaled = cam(input_tensor=images, targets=[ClassifierOutputTarget(int(c)) for c in classes])
     low, high = ranges[-1][:, 0, None, None], ranges[-1][:, 1, None, None]
     return scaled * (high - low) + low

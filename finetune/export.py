@@ -67,6 +67,7 @@ def export_metadata(meta: dict[str, Any], size: int, run: Path) -> dict[str, Any
                  "normalisation happens inside",
         "output": "calibrated class probabilities (B, classes); call the positive class when its probability >= "
                   "threshold",
+        "dihedral_mean": bool(meta.get("dihedral_mean", False)),  # the graph averages the 8 flips and quarter turns
     }
 
 

@@ -8,7 +8,8 @@ and ``finetune.predict`` all feed it the same thing and can never disagree about
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,10 @@ __all__ = ["Classifier", "load_classifier", "save_classifier"]
 class Classifier(nn.Module):
     """``logits = head(dropout(backbone.forward_embedding((x - mean) / std)))`` for x in [0, 1].
 
-    mean/std default to the backbone's own input statistics (``backbones.input_stats``).
+    mean/std default to the backbone's own input statistics (``backbones.input_stats``). With ``dihedral_mean``,
+    an evaluation call (``eval()``) returns the mean of the logits over the field's flips and quarter turns
+    (``roseprior.imageops.dihedral_views``): training rotates and flips every image, so each view is a fair reading
+    and their mean is a steadier one (``decision.dihedral_mean``). Training calls see the one view they are given.
     """
 
     def __init__(
@@ -33,6 +37,7 @@ class Classifier(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         drop_rate: float = 0.0,
+        dihedral_mean: bool = False,
     ):
         super().__init__()
         import backbones
@@ -46,14 +51,34 @@ class Classifier(nn.Module):
         self.head = nn.Linear(backbone.embed_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        self.dihedral_mean = dihedral_mean
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
             x = x.float().div(255.0)
         return (x - self.mean) / self.std
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """One reading of the batch as given."""
         return self.head(self.head_drop(self.backbone.forward_embedding(self.normalize(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dihedral_mean and not self.training:
+            from roseprior.imageops import dihedral_views
+
+            views = dihedral_views(x)
+            return sum(self.logits(view) for view in views) / len(views)
+        return self.logits(x)
+
+    @contextmanager
+    def one_view(self) -> Iterator[Classifier]:
+        """Evaluation calls read the batch as given for the duration: per-epoch selection (cheap) and Grad-CAM
+        (one forward pass whose activations the maps are made of)."""
+        kept, self.dihedral_mean = self.dihedral_mean, False
+        try:
+            yield self
+        finally:
+            self.dihedral_mean = kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,6 +98,7 @@ def save_classifier(model: Classifier, out_dir: str | Path, info: dict[str, Any]
         "num_classes": model.head.out_features,
         "mean": model.mean.flatten().tolist(),
         "std": model.std.flatten().tolist(),
+        "dihedral_mean": model.dihedral_mean,
         **info,
     }
     path = save_safetensors(model.state_dict(), out_dir / f"{stem}.safetensors", {"format": "pt"})
@@ -113,7 +139,8 @@ def load_classifier(ckpt: str | Path, stem: str = "best") -> tuple[Classifier, d
         meta = json.loads(meta_path.read_text())
         name = meta["backbone"]
         backbone = backbones.create(name, **meta.get("backbone_kwargs", {}))
-        model = Classifier(backbone, meta["num_classes"], meta["mean"], meta["std"])
+        model = Classifier(backbone, meta["num_classes"], meta["mean"], meta["std"],
+                           dihedral_mean=bool(meta.get("dihedral_mean", False)))  # runs before 2026-12-01: one view
         model.load_state_dict(load_file(str(weights)))
     except (KeyError, TypeError, json.JSONDecodeError, RuntimeError, SafetensorError, OSError) as err:
         reason = " ".join(str(err).split())[:300]

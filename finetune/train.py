@@ -118,7 +118,8 @@ def build_classifier(cfg: FinetuneConfig) -> Classifier:
         # (a saved folder keeps its own grid and resamples, so it is left alone).
         kwargs.setdefault("img_size", cfg.data.image_size)
     backbone = backbones.load_init(cfg.init, model=cfg.arch, **kwargs)
-    return Classifier(backbone, num_classes=len(cfg.data.classes), drop_rate=cfg.drop_rate)
+    return Classifier(backbone, num_classes=len(cfg.data.classes), drop_rate=cfg.drop_rate,
+                      dihedral_mean=cfg.decision.dihedral_mean)
 
 
 def identity(cfg: FinetuneConfig, data_fingerprint: str) -> dict[str, Any]:
@@ -248,7 +249,8 @@ def fit(cfg: FinetuneConfig, train_samples: Sequence[Sample], val_samples: Seque
         return loss, {}
 
     def end_of_epoch(epoch: int, partial: bool) -> dict[str, Any]:
-        val = evaluate(model, val_loader, accelerator)
+        with unwrapped.one_view():  # selection: one view is 8x cheaper, and the choice of epoch is what it is for
+            val = evaluate(model, val_loader, accelerator)
         metrics = compute_metrics(val["labels"], val["probs"], positive_index)
         best = loop.state.get("best")
         improved = is_better(metrics, val["loss"], (best["balanced_accuracy"], best["loss"]) if best else None)
@@ -289,10 +291,11 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     model.load_state_dict(load_file(str(path), device=str(next(model.parameters()).device)))
 
 
-def evaluate_test(cfg: FinetuneConfig, model: nn.Module, test_samples: Sequence[Sample], accelerator) -> dict[str, Any]:
-    """The selected checkpoint on the test split: the one and only time the test split is read."""
+def evaluate_selected(cfg: FinetuneConfig, model: nn.Module, samples: Sequence[Sample], accelerator) -> dict[str, Any]:
+    """The selected checkpoint on validation or test, read as it will be called (``decision.dihedral_mean``),
+    with its metrics. The test split is read here once, and nowhere else."""
     positive_index = cfg.data.classes.index(cfg.data.positive_class)
-    loader = accelerator.prepare(_eval_loader(test_samples, cfg))
+    loader = accelerator.prepare(_eval_loader(samples, cfg))
     result = evaluate(model, loader, accelerator)
     result["metrics"] = compute_metrics(result["labels"], result["probs"], positive_index)
     return result
@@ -494,10 +497,10 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             atomic_write_json(out_dir / RUN_FILE, {"identity": folder_identity})
     else:
         result = fit(cfg, splits["train"], splits["val"], accelerator, out_dir, ident)
-        val_result = evaluate(result.model, accelerator.prepare(_eval_loader(splits["val"], cfg)), accelerator)
-        test_result = evaluate_test(cfg, result.model, splits["test"], accelerator)
+        val_result = evaluate_selected(cfg, result.model, splits["val"], accelerator)
+        test_result = evaluate_selected(cfg, result.model, splits["test"], accelerator)
         metrics = {
-            "val": with_intervals(result.val_metrics, val_result, splits["val"], cfg, "val"),
+            "val": with_intervals(val_result["metrics"], val_result, splits["val"], cfg, "val"),
             "test": with_intervals(test_result["metrics"], test_result, splits["test"], cfg, "test"),
             "test_per_domain": per_domain(test_result, splits["test"], cfg, "test"),
             "best_epoch": result.best_epoch, "val_loss": result.val_loss, "steps": result.steps,
@@ -534,13 +537,13 @@ def _run_folds(cfg, splits, accelerator, out_dir: Path, run_identity: dict[str, 
         if accelerator.is_main_process:
             fold_dir.mkdir(parents=True, exist_ok=True)
         result = fit(cfg, train, val, accelerator, fold_dir, {**run_identity, "fold": f"{k + 1}/{cfg.folds}"})
-        val_result = evaluate(result.model, accelerator.prepare(_eval_loader(val, cfg)), accelerator)
-        test = evaluate_test(cfg, result.model, splits["test"], accelerator)
+        val_result = evaluate_selected(cfg, result.model, val, accelerator)
+        test = evaluate_selected(cfg, result.model, splits["test"], accelerator)
         test["decision"] = decide(cfg, val_result, test)
-        out["val"][f"fold{k}"] = with_intervals(result.val_metrics, val_result, val, cfg, "val")
+        out["val"][f"fold{k}"] = with_intervals(val_result["metrics"], val_result, val, cfg, "val")
         out["test"][f"fold{k}"] = with_intervals(test["metrics"], test, splits["test"], cfg, "test")
         out["best_epoch"][f"fold{k}"] = result.best_epoch
-        val_all.append(result.val_metrics)
+        val_all.append(val_result["metrics"])
         test_all.append(test["metrics"])
         # The fold whose model is kept as out_dir/best.*: chosen on validation, like an epoch.
         if is_better(result.val_metrics, result.val_loss, best_key):

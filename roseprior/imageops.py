@@ -43,6 +43,7 @@ __all__ = [
     "StainNormalizer",
     "brightness_shift",
     "crop_resize",
+    "dihedral_views",
     "gaussian_blur",
     "hed_jitter",
     "hed_shift",
@@ -439,6 +440,16 @@ def random_flip_rot90(x: torch.Tensor, generator: torch.Generator | None = None)
     for k in (1, 2, 3):
         out = torch.where((quarter_turns == k)[:, None, None, None], torch.rot90(y, k, dims=(-2, -1)), out)
     return out
+
+
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The batch under every symmetry of its square: the 8 flips and quarter turns (4 of them, the identity, the
+    two flips and the half turn, when the images are not square, since a quarter turn would change their shape).
+    Exact, no resampling: a cell on a slide has no up or left, so each view is the same field."""
+    _check_batch(x, "dihedral_views")
+    turns = range(4) if x.shape[-2] == x.shape[-1] else (0, 2)
+    views = [torch.rot90(x, k, dims=(-2, -1)) if k else x for k in turns]
+    return views + [view.flip(-1) for view in views]
 
 
 def _boxes_inside(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -369,6 +369,39 @@ def test_cam_maps_are_not_empty_for_cnn_and_decoder_targets():
     assert heat.mean() == pytest.approx(1 / 17, rel=0.05) and heat.std() < 1e-3
 
 
+def test_a_dihedral_mean_classifier_reads_every_flip_and_turn_of_a_field_alike(tmp_path):
+    """decision.dihedral_mean: an evaluation call averages the 8 symmetric views, so a field and its rotated or
+    mirrored copy get the same logits (a one-view network at random init does not); training and one_view() read
+    the batch as given, and the setting survives the checkpoint."""
+    import backbones
+    from finetune.model import Classifier, load_classifier, save_classifier
+
+    torch.manual_seed(0)
+    model = Classifier(backbones.create("msht_tiny", img_size=64), dihedral_mean=True).eval()
+    x = torch.rand(3, 3, 64, 64)
+    turned = torch.rot90(x, 1, dims=(-2, -1)).flip(-1)
+    with torch.no_grad():
+        both = model(torch.cat([x, turned]))
+        assert torch.allclose(both[:3], both[3:], atol=1e-5)
+        with model.one_view():
+            single = model(torch.cat([x, turned]))
+        assert model.dihedral_mean  # restored
+        assert (single[:3] - single[3:]).abs().max() > 1e-4  # one view does tell them apart
+        assert torch.allclose(single[:3], model.logits(x), atol=1e-6)
+    save_classifier(model, tmp_path, {"classes": ["N", "P"], "positive_class": "P", "image_size": 64})
+    loaded, meta = load_classifier(tmp_path)
+    assert meta["dihedral_mean"] is True and loaded.dihedral_mean
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), both[:3], atol=1e-5)
+        calls = []
+        hook = model.head.register_forward_hook(lambda *_: calls.append(1))
+        model(x)
+        model.train()
+        model(x)  # training sees the one view it is given
+        hook.remove()
+    assert len(calls) == 8 + 1
+
+
 def test_localisation_scores_tell_on_cells_from_borders():
     from finetune.cam import localisation_scores
 

@@ -392,6 +392,20 @@ def test_random_flip_rot90_gives_dihedral_transforms_of_each_image():
         imageops.random_flip_rot90(torch.rand(2, 3, 8, 10))
 
 
+def test_dihedral_views_are_the_eight_symmetries_of_a_square_and_four_of_a_rectangle():
+    x = bright_batch(batch=2, size=8)
+    views = imageops.dihedral_views(x)
+    expected = [torch.rot90(img, k, dims=(-2, -1)) for img in (x, x.flip(-1)) for k in range(4)]
+    assert len(views) == 8 and torch.equal(views[0], x)
+    for view in views:  # each view is one of the group, and no two views are the same one
+        assert sum(torch.equal(view, e) for e in expected) == 1
+    assert len({tuple(v[0].flatten().tolist()) for v in views}) == 8
+    wide = torch.rand(1, 3, 6, 10)
+    kept = imageops.dihedral_views(wide)
+    assert len(kept) == 4 and all(v.shape == wide.shape for v in kept)
+    assert any(torch.equal(v, wide.flip(-2)) for v in kept) and any(torch.equal(v, wide.flip(-1, -2)) for v in kept)
+
+
 # ---------------------------------------------------------------------------------------------
 # Crops
 # ---------------------------------------------------------------------------------------------
