@@ -92,9 +92,9 @@ class DecisionConfig:
     target_sensitivity: float = 0.95  # the threshold is the highest one that reaches this on validation
     # The call is the mean of the logits over the field's 8 flips and quarter turns (test-time augmentation; the
     # calibration, the operating point, the test scores, predict and export all read it so). Evaluation costs 8x;
-    # per-epoch selection reads one view. On by default since 2026-12-01: CRIC, two fine-tunes, at the operating
-    # point, test balanced accuracy 0.738 / 0.714 -> 0.748 / 0.734 and AUROC 0.890 / 0.909 -> 0.899 / 0.916
-    # (README, "Symmetric reading").
+    # per-epoch selection reads one view. On by default since 2026-12-01: CRIC, three fine-tunes, at the operating
+    # point, test balanced accuracy 0.738 / 0.714 / 0.746 -> 0.748 / 0.734 / 0.759 and AUROC 0.890 / 0.909 / 0.913
+    # -> 0.899 / 0.916 / 0.921 (README, "Symmetric reading").
     dihedral_mean: bool = True
 
     def __post_init__(self) -> None:

@@ -80,8 +80,9 @@ def test_run_writes_metrics_checkpoint_tb_and_cam(run_dir):
     assert (out / "best.safetensors").is_file() and (out / "config.yaml").is_file()
     best = json.loads((out / "best.json").read_text())
     assert best["backbone"] == "msht_tiny" and best["classes"] == ["N", "P"] and best["image_size"] == 64
+    assert best["dihedral_mean"] is True  # decision.dihedral_mean's default: predict and export read 8 views
     assert list((out / "tb").glob("events.out.tfevents.*"))
-    pngs = list((out / "cam").glob("*.png"))
+    pngs = list((out / "cam").glob("*.png"))  # Grad-CAM reads one view of a classifier that otherwise reads 8
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
 
 
