@@ -18,6 +18,7 @@ from torch import nn
 
 from roseprior.checkpoint import atomic_write_json, save_safetensors
 from roseprior.errors import CheckpointError
+from roseprior.imageops import dihedral_views  # not in forward, where export would trace it
 
 __all__ = ["Classifier", "load_classifier", "save_classifier"]
 
@@ -64,10 +65,12 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dihedral_mean and not self.training:
-            from roseprior.imageops import dihedral_views
-
             views = dihedral_views(x)
-            return sum(self.logits(view) for view in views) / len(views)
+            if torch.jit.is_tracing() or torch.compiler.is_exporting():
+                # An exported graph holds the backbone once (8 inlined copies took minutes to export): the views
+                # pass through it as one batch, and finetune.predict feeds an export a few fields at a time.
+                return self.logits(torch.cat(views)).reshape(len(views), -1, self.head.out_features).mean(0)
+            return sum(self.logits(view) for view in views) / len(views)  # one view's activations at a time
         return self.logits(x)
 
     @contextmanager

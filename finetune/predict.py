@@ -31,7 +31,7 @@ from roseprior.features import resolve_device
 from roseprior.imageio import UnreadableImage, read_image
 from roseprior.metrics import format_with_intervals
 from roseprior.progress import Progress
-from roseprior.scale import fields_scale
+from roseprior.scale import TILE_BATCH, fields_scale
 from roseprior.stage import command_main
 
 __all__ = ["Predictor", "load_predictor", "main", "predict_paths"]
@@ -99,8 +99,19 @@ def load_predictor(ckpt: str | None = None, model: str | None = None, device: st
                 return scripted(x).float().numpy()
 
         runner = run_script
+    if info.get("dihedral_mean"):  # the graph runs each field's 8 views as one batch: a few fields per call
+        runner = _in_chunks(runner, max(1, TILE_BATCH // 8))
     return Predictor(runner, list(info["classes"]), info["positive_class"], int(info["image_size"]),
                      float(info["threshold"]), str(path), _stain(info), info.get("scale"))
+
+
+def _in_chunks(runner: Callable[[torch.Tensor], np.ndarray], size: int) -> Callable[[torch.Tensor], np.ndarray]:
+    """``runner`` called on at most ``size`` images at a time, so the graph holds no more images at once than
+    PyTorch does (``roseprior.scale.TILE_BATCH``)."""
+    def chunked(x: torch.Tensor) -> np.ndarray:
+        return np.concatenate([runner(x[start : start + size]) for start in range(0, len(x), size)])
+
+    return chunked
 
 
 def classifier_predictor(classifier: Any, meta: dict[str, Any], source: str, device: str = "cpu") -> Predictor:

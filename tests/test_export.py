@@ -67,6 +67,12 @@ def test_onnx_holds_no_resampling_and_carries_its_metadata(run: Path, tmp_path: 
     info = json.loads({p.key: p.value for p in graph.metadata_props}["roseprior"])
     assert info["image_size"] == 384 and info["mean"] and info["std"] and info["classes"] == ["N", "P"]
     assert info["temperature"] > 0 and 0 <= info["threshold"] <= 1
+    # The 8 flips and quarter turns (decision.dihedral_mean, the default) go through one copy of the backbone.
+    from finetune.model import load_classifier
+
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in load_classifier(run)[0].modules())
+    assert info["dihedral_mean"] is True
+    assert sum(n.op_type == "Conv" for n in graph.graph.node) == convs
 
 
 def test_predict_with_the_onnx_export_writes_the_same_csv_as_pytorch(run: Path, tmp_path: Path) -> None:
