@@ -50,6 +50,7 @@ def measure(argv: list[str] | None = None) -> dict[str, Any]:
 
     from finetune.export import CalibratedClassifier, export
     from finetune.model import load_classifier
+    from roseprior.imageops import dihedral_views
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="export_latency_") as tmp:
@@ -82,13 +83,15 @@ def measure(argv: list[str] | None = None) -> dict[str, Any]:
                 fn()
                 times[name].append(time.perf_counter() - t)
     eager_s, onnx_s = statistics.median(times["eager"]), statistics.median(times["onnx"])
+    views = len(dihedral_views(x)) if classifier.dihedral_mean else 1  # decision.dihedral_mean: 8 readings a field
     return {"model": meta.get("backbone"), "size": args.size, "iters": args.iters, "threads": args.threads,
-            "eager_s": eager_s, "onnx_s": onnx_s, "ratio": eager_s / onnx_s, "export_s": export_s}
+            "views": views, "eager_s": eager_s, "onnx_s": onnx_s, "ratio": eager_s / onnx_s, "export_s": export_s}
 
 
 def main(argv: list[str] | None = None) -> int:
     r = measure(argv)
-    print(f"export_latency: {r['model']} at {r['size']} px, batch 1, {r['threads']} thread(s), median of {r['iters']}")
+    print(f"export_latency: {r['model']} at {r['size']} px, batch 1, {r['views']} view(s) of each field, "
+          f"{r['threads']} thread(s), median of {r['iters']}")
     print(f"  eager PyTorch      : {1000 * r['eager_s']:8.1f} ms per field")
     print(f"  onnxruntime (ONNX) : {1000 * r['onnx_s']:8.1f} ms per field")
     print(f"  speed-up           : {r['ratio']:.2f}x  (aim >= 1.5x); export took {r['export_s']:.0f} s")

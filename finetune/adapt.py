@@ -278,6 +278,7 @@ def refit_head(model: Classifier, meta: dict[str, Any], run: Path, batch_size: i
     from roseprior.calibration import apply_temperature, fit_temperature, operating_point
     from roseprior.config import load_config
     from roseprior.features import extract_features
+    from roseprior.imageops import dihedral_views
     from roseprior.probes import ProbeProtocol, fit_linear
 
     from .config import FinetuneConfig
@@ -286,9 +287,18 @@ def refit_head(model: Classifier, meta: dict[str, Any], run: Path, batch_size: i
     splits = load_splits(load_config(FinetuneConfig, run / "config.yaml")).splits
     size = int(meta["image_size"])
     reestimate_batchnorm(model, splits["train"], size, batch_size, augment=_training_augment(run), passes=2)
-    feats = {k: extract_features(model.backbone, splits[k], size, batch_size=batch_size,
-                                 stats=(model.mean.flatten().tolist(), model.std.flatten().tolist()))
-             for k in ("train", "val")}
+
+    def features(samples: list[Sample], view: int = 0) -> np.ndarray:
+        return extract_features(model.backbone, samples, size, batch_size=batch_size,
+                                transform=(lambda x: dihedral_views(x)[view]) if view else None,
+                                stats=(model.mean.flatten().tolist(), model.std.flatten().tolist()))
+
+    # Training fields are read as trained (one view); validation as the run will call them, so temperature and
+    # threshold are chosen on that reading: with the head linear, the mean of the views' features gives the
+    # mean of their logits.
+    views = len(dihedral_views(torch.zeros(1, 3, size, size))) if model.dihedral_mean else 1
+    feats = {"train": features(splits["train"]),
+             "val": np.mean([features(splits["val"], v) for v in range(views)], axis=0)}
     labels = {k: np.array([s.label for s in splits[k]]) for k in ("train", "val")}
     probe = fit_linear(feats["train"], labels["train"], feats["val"], labels["val"], ProbeProtocol().linear_c)
     scaler, linear = probe.model[0], probe.model[-1]

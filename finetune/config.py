@@ -96,8 +96,8 @@ class DecisionConfig:
     # calibration, the operating point, the test scores, predict and export all read it so). Evaluation costs 8x;
     # per-epoch selection reads one view. On by default since 2026-12-01: CRIC, three fine-tunes, at the operating
     # point, test balanced accuracy 0.738 / 0.714 / 0.746 -> 0.748 / 0.734 / 0.759 and AUROC 0.890 / 0.909 / 0.913
-    # -> 0.899 / 0.916 / 0.921 (README, "Symmetric reading").
-    dihedral_mean: bool = True
+    # -> 0.899 / 0.916 / 0.921 (README, "Symmetric reading"). null: on when augment.flip trains every flip and turn.
+    dihedral_mean: bool | None = None
 
     def __post_init__(self) -> None:
         check(0.0 < self.target_sensitivity <= 1.0, "decision.target_sensitivity", "must be in (0, 1]",
@@ -154,6 +154,11 @@ class FinetuneConfig(StageConfig):
         if self.train.precision == "fp16" and self.sam != "off":
             raise ConfigError("'train.precision' fp16 needs loss scaling, which SAM's two-pass step does not "
                               "support; use bf16 or no")
+        if self.decision.dihedral_mean is None:
+            self.decision.dihedral_mean = self.augment.flip
+        elif self.decision.dihedral_mean and not self.augment.flip:
+            raise ConfigError("'decision.dihedral_mean' averages a field's 8 flips and quarter turns, which "
+                              "augment.flip=false never shows the model; set decision.dihedral_mean=false (or null)")
         if self.data.positive_class not in self.data.classes or len(self.data.classes) != 2:
             raise ConfigError(
                 f"'data.classes' must be two classes including data.positive_class "

@@ -5,7 +5,9 @@ float RGB in [0, 1], (B, 3, S, S) (the image resized, antialiased, to S), and re
 class probabilities (the run's temperature applied). The position embedding is resampled once,
 here, to S, so the graph holds no resampling op (ONNX's antialiased resize differs from PyTorch's).
 The metadata carries what a caller needs: class names, the positive class, S, the input
-statistics (applied inside the graph), the temperature and the operating-point threshold.
+statistics (applied inside the graph), the temperature, the operating-point threshold, and
+``dihedral_mean``: when true the graph returns the mean over the field's 8 flips and quarter turns, run
+as one batch of 8 B images through one copy of the backbone (so a caller feeds a few fields per call).
 ``python -m finetune.predict --model FILE`` runs it (onnxruntime for .onnx).
 """
 

@@ -75,8 +75,9 @@ class Classifier(nn.Module):
 
     @contextmanager
     def one_view(self) -> Iterator[Classifier]:
-        """Evaluation calls read the batch as given for the duration: per-epoch selection (cheap) and Grad-CAM
-        (one forward pass whose activations the maps are made of)."""
+        """Evaluation calls read the batch as given for the duration: per-epoch selection (cheap), adapt's
+        BatchNorm re-estimation (statistics of the fields as trained) and Grad-CAM (one forward pass whose
+        activations the maps are made of)."""
         kept, self.dihedral_mean = self.dihedral_mean, False
         try:
             yield self

@@ -385,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
                              "fields whose class is known (a class folder such as N/ or P/ at any depth, or the "
                              "manifest's label) are also scored, into OUT with .metrics.json")
     parser.add_argument("--out", required=True, help="CSV: path, p_<class>..., predicted, error, scale (what the field was taken at; empty: resized whole), adequacy columns")
-    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument("--batch-size", type=_positive_int, default=16,
+                        help="fields read at a time (an export that reads 8 views of each, dihedral_mean in its "
+                             "metadata, is fed 4 fields per call whatever this says)")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ... (--ckpt)")
     parser.add_argument("--scale", default=None, type=parse_scale,
                         help="none (the default, unless the run was adapted to a site at another magnification by "

@@ -51,12 +51,10 @@ SCALAR_KEYS = (
 
 @dataclasses.dataclass
 class FitResult:
-    """What ``fit`` hands back: the selected epoch and its validation results."""
+    """What ``fit`` hands back: the selected epoch (chosen on one view of validation, see ``evaluate_selected``)."""
 
     model: nn.Module  # unwrapped, holding the selected (best) weights
     best_epoch: int
-    val_metrics: dict[str, Any]
-    val_loss: float
     steps: int
 
 
@@ -261,7 +259,7 @@ def fit(cfg: FinetuneConfig, train_samples: Sequence[Sample], val_samples: Seque
                 save_classifier(unwrapped, out_dir, {
                     "init": cfg.init, "classes": cfg.data.classes, "positive_class": cfg.data.positive_class,
                     "image_size": cfg.data.image_size, "epoch": epoch, "step": loop.step,
-                    "selected_by": "val balanced_accuracy, ties: lower val loss",
+                    "selected_by": "val balanced_accuracy, ties: lower val loss (one view of each field)",
                     "val": {k: metrics[k] for k in SCALAR_KEYS if k in metrics},
                 })
             accelerator.wait_for_everyone()
@@ -282,7 +280,7 @@ def fit(cfg: FinetuneConfig, train_samples: Sequence[Sample], val_samples: Seque
         raise DataError(f"{out_dir}: no epoch finished, so no model was selected; raise train.epochs or train.max_steps")
     accelerator.wait_for_everyone()
     _load_weights(unwrapped, out_dir / "best.safetensors")
-    return FitResult(unwrapped, best["epoch"], best["metrics"], best["loss"], loop.step)
+    return FitResult(unwrapped, best["epoch"], loop.step)
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
@@ -293,7 +291,8 @@ def _load_weights(model: nn.Module, path: Path) -> None:
 
 def evaluate_selected(cfg: FinetuneConfig, model: nn.Module, samples: Sequence[Sample], accelerator) -> dict[str, Any]:
     """The selected checkpoint on validation or test, read as it will be called (``decision.dihedral_mean``),
-    with its metrics. The test split is read here once, and nowhere else."""
+    with its metrics. Epochs are selected on one view, which is cheaper; every figure reported, and the
+    calibration and operating point, come from here. The test split is read only here, once per model."""
     positive_index = cfg.data.classes.index(cfg.data.positive_class)
     loader = accelerator.prepare(_eval_loader(samples, cfg))
     result = evaluate(model, loader, accelerator)
@@ -357,12 +356,15 @@ def decide(cfg: FinetuneConfig, val: dict[str, Any], test: dict[str, Any]) -> di
     }
 
 
-def record_decision(out_dir: Path, decision: dict[str, Any], scale: dict[str, Any] | None = None) -> None:
-    """Store the temperature, the threshold and the training scale in ``best.json``, where predict and
-    export read them."""
+def record_decision(out_dir: Path, decision: dict[str, Any], dihedral_mean: bool,
+                    scale: dict[str, Any] | None = None) -> None:
+    """Store the temperature, the threshold, the reading they were chosen on and the training scale in
+    ``best.json``, where predict and export read them (a run resumed from an older ``best.json`` gets the
+    reading that its threshold was chosen on)."""
     import json
 
     meta = json.loads((out_dir / "best.json").read_text())
+    meta["dihedral_mean"] = dihedral_mean
     meta["temperature"] = decision["calibration"]["temperature"]
     meta["decision"] = {k: decision["operating_point"][k] for k in ("threshold", "target_sensitivity")}
     if scale is not None:
@@ -503,14 +505,14 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             "val": with_intervals(val_result["metrics"], val_result, splits["val"], cfg, "val"),
             "test": with_intervals(test_result["metrics"], test_result, splits["test"], cfg, "test"),
             "test_per_domain": per_domain(test_result, splits["test"], cfg, "test"),
-            "best_epoch": result.best_epoch, "val_loss": result.val_loss, "steps": result.steps,
+            "best_epoch": result.best_epoch, "val_loss": val_result["loss"], "steps": result.steps,
             **decide(cfg, val_result, test_result), **common,
         }
     metrics["warnings"] = [w for part in ("val", "test") for w in metrics[part].get("warnings", [])]
     if main:
         scale = training_scale(splits["train"], cfg.data.image_size, cfg.data.target_mpp, framing=cfg.data.framing)
         metrics["warnings"] += off_scale_warnings(splits["test"], splits["train"], scale, str(out_dir))
-        record_decision(out_dir, metrics, scale)
+        record_decision(out_dir, metrics, cfg.decision.dihedral_mean, scale)
         atomic_write_json(out_dir / "metrics.json", metrics)
         write_image_list(out_dir, {"train": splits["train"], "val": splits["val"]})
         accelerator.print(_format_metrics(metrics))
@@ -545,9 +547,9 @@ def _run_folds(cfg, splits, accelerator, out_dir: Path, run_identity: dict[str, 
         out["best_epoch"][f"fold{k}"] = result.best_epoch
         val_all.append(val_result["metrics"])
         test_all.append(test["metrics"])
-        # The fold whose model is kept as out_dir/best.*: chosen on validation, like an epoch.
-        if is_better(result.val_metrics, result.val_loss, best_key):
-            best_fold, best_key, best_test = k, (result.val_metrics["balanced_accuracy"], result.val_loss), test
+        # The fold whose model is kept as out_dir/best.*: chosen on validation as it is read and reported.
+        if is_better(val_result["metrics"], val_result["loss"], best_key):
+            best_fold, best_key, best_test = k, (val_result["metrics"]["balanced_accuracy"], val_result["loss"]), test
         accelerator.free_memory()
     for split, values in (("val", val_all), ("test", test_all)):
         out[split]["mean"], out[split]["std"] = _summary(values)

@@ -34,7 +34,7 @@ import numpy as np
 
 __all__ = ["FRAMINGS", "ScaleReference", "acquisition_folder", "add_parser", "camera_zoom",
            "fields_scale", "folder_scale", "is_off_scale", "nucleus_size", "resample", "sampled_scale", "shared_scale",
-           "tile_batches", "training_scale", "training_tiles", "typical",
+           "spread_images", "tile_batches", "training_scale", "training_tiles", "typical",
            "windows", "zoom_as_framed"]
 
 PERCENTILE = 90

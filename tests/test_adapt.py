@@ -221,3 +221,33 @@ def test_batchnorm_moved_by_the_training_images_own_statistics_is_the_run_as_tra
         sites["run"]), passes=2) > 0
     moved = {k: v for k, v in model.state_dict().items() if "running_" in k}
     assert all(torch.allclose(moved[k], trained[k], rtol=1e-4, atol=1e-5) for k in trained)
+
+
+def test_a_refitted_head_chooses_its_temperature_on_the_reading_the_run_is_called_by(sites: dict[str, Path]) -> None:
+    """With ``decision.dihedral_mean`` the run is called on the mean of 8 views, so adapt's refitted head must
+    fit its temperature and threshold on that reading of validation, not on one view (which gives others)."""
+    from finetune.adapt import refit_head
+    from finetune.config import FinetuneConfig
+    from finetune.model import load_classifier
+    from finetune.train import load_splits
+    from roseprior.calibration import apply_temperature, fit_temperature, operating_point
+    from roseprior.config import load_config
+    from roseprior.data import ImageDataset
+
+    model, meta = load_classifier(sites["run"])
+    model.dihedral_mean = True
+    refit_head(model, meta, sites["run"], 32)
+    val = load_splits(load_config(FinetuneConfig, sites["run"] / "config.yaml")).splits["val"]
+    images, labels, _ = next(iter(torch.utils.data.DataLoader(ImageDataset(val, image_size=meta["image_size"]),
+                                                              batch_size=len(val))))
+    model.eval()
+    with torch.no_grad():
+        called = model(images.float() / 255).numpy()
+        with model.one_view():
+            one_view = model(images.float() / 255).numpy()
+    assert fit_temperature(called, labels.numpy()) == pytest.approx(meta["temperature"], rel=1e-3)
+    assert fit_temperature(one_view, labels.numpy()) != pytest.approx(meta["temperature"], rel=1e-3)
+    positive = meta["classes"].index(meta.get("positive_class", meta["classes"][-1]))
+    point = operating_point(labels.numpy() == positive, apply_temperature(called, meta["temperature"])[:, positive],
+                            meta["decision"]["target_sensitivity"])
+    assert point["threshold"] == pytest.approx(meta["decision"]["threshold"], rel=1e-3)

@@ -369,6 +369,25 @@ def test_cam_maps_are_not_empty_for_cnn_and_decoder_targets():
     assert heat.mean() == pytest.approx(1 / 17, rel=0.05) and heat.std() < 1e-3
 
 
+def test_the_symmetric_reading_follows_the_flips_training_shows(tmp_path):
+    """decision.dihedral_mean defaults to augment.flip (8 views of a field the model never saw turned would not be
+    fair readings), is refused with flips off, and is written with the threshold chosen on it, so a run resumed
+    from a best.json older than the setting is called as its threshold was chosen."""
+    import json
+
+    from finetune.train import record_decision
+
+    assert load_config(FinetuneConfig).decision.dihedral_mean is True
+    assert load_config(FinetuneConfig, None, ["augment.flip=false"]).decision.dihedral_mean is False
+    with pytest.raises(ConfigError, match="decision.dihedral_mean.*augment.flip=false"):
+        load_config(FinetuneConfig, None, ["augment.flip=false", "decision.dihedral_mean=true"])
+    (tmp_path / "best.json").write_text(json.dumps({"classes": ["N", "P"], "image_size": 64}))  # before 2026-12-01
+    record_decision(tmp_path, {"calibration": {"temperature": 1.5},
+                               "operating_point": {"threshold": 0.3, "target_sensitivity": 0.95}}, True)
+    meta = json.loads((tmp_path / "best.json").read_text())
+    assert meta["dihedral_mean"] is True and meta["decision"]["threshold"] == 0.3 and meta["temperature"] == 1.5
+
+
 def test_a_dihedral_mean_classifier_reads_every_flip_and_turn_of_a_field_alike(tmp_path):
     """decision.dihedral_mean: an evaluation call averages the 8 symmetric views, so a field and its rotated or
     mirrored copy get the same logits (a one-view network at random init does not); training and one_view() read
