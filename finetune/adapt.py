@@ -287,18 +287,13 @@ def refit_head(model: Classifier, meta: dict[str, Any], run: Path, batch_size: i
     splits = load_splits(load_config(FinetuneConfig, run / "config.yaml")).splits
     size = int(meta["image_size"])
     reestimate_batchnorm(model, splits["train"], size, batch_size, augment=_training_augment(run), passes=2)
-
-    def features(samples: list[Sample], view: int = 0) -> np.ndarray:
-        return extract_features(model.backbone, samples, size, batch_size=batch_size,
-                                transform=(lambda x: dihedral_views(x)[view]) if view else None,
-                                stats=(model.mean.flatten().tolist(), model.std.flatten().tolist()))
-
+    stats = (model.mean.flatten().tolist(), model.std.flatten().tolist())
     # Training fields are read as trained (one view); validation as the run will call them, so temperature and
     # threshold are chosen on that reading: with the head linear, the mean of the views' features gives the
     # mean of their logits.
-    views = len(dihedral_views(torch.zeros(1, 3, size, size))) if model.dihedral_mean else 1
-    feats = {"train": features(splits["train"]),
-             "val": np.mean([features(splits["val"], v) for v in range(views)], axis=0)}
+    feats = {"train": extract_features(model.backbone, splits["train"], size, batch_size=batch_size, stats=stats),
+             "val": extract_features(model.backbone, splits["val"], size, batch_size=batch_size, stats=stats,
+                                     views=dihedral_views if model.dihedral_mean else None)}
     labels = {k: np.array([s.label for s in splits[k]]) for k in ("train", "val")}
     probe = fit_linear(feats["train"], labels["train"], feats["val"], labels["val"], ProbeProtocol().linear_c)
     scaler, linear = probe.model[0], probe.model[-1]

@@ -45,10 +45,12 @@ def extract_features(
     device: torch.device | str = "cpu",
     progress: Any = None,
     stats: tuple[Sequence[float], Sequence[float]] | None = None,
+    views: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> np.ndarray:
     """float32 ``(N, embed_dim)`` features in sample order, the model in eval mode (its modes restored).
 
-    ``stats`` (mean, std) override the model's own; ``progress`` is anything with ``update(n)``.
+    ``stats`` (mean, std) override the model's own; ``progress`` is anything with ``update(n)``; ``views``
+    (e.g. ``imageops.dihedral_views``) makes each feature the mean over the views of its image, read once.
     """
     import backbones
 
@@ -66,7 +68,10 @@ def extract_features(
             x = images.to(device).float().div_(255.0)
             if transform is not None:
                 x = transform(x)
-            out.append(model.forward_embedding((x - mean_t) / std_t).float().cpu().numpy())
+            x = (x - mean_t) / std_t
+            batch_views = views(x) if views is not None else [x]
+            embedding = sum(model.forward_embedding(view) for view in batch_views) / len(batch_views)
+            out.append(embedding.float().cpu().numpy())
             if progress is not None:
                 progress.update(len(images))
     finally:
