@@ -57,13 +57,14 @@ class AugmentConfig:
     # weaker objective is once predict brings it up to the training scale (--scale, --mpp). Size is unchanged. 4 by
     # default since 2026-12-01, the zoom-out predict serves: six synthetic classifiers read fields zoomed out 4x at
     # their known scale 0.10 below clean, against 0.20 without it; held-out site c (0.6x) 0.932 against 0.910 (18
-    # classifiers); CRIC (3 splits) clean 0.793 against 0.778, zooms with --scale auto level or higher (README,
-    # "Lost detail", docs/results/lost_detail_synthetic_cric.json).
+    # classifiers); CRIC (3 splits) clean 0.793 against 0.778, zooms with --scale auto level or higher
+    # (docs/results.md, "Lost detail", docs/results/lost_detail_synthetic_cric.json).
     resolution: float = 4.0
     # Stain mix-up, 0 is off: this fraction of the training images takes the stain strength of another image of its
     # batch (imageops.random_stain_swap), so the classifier meets every training slide's stain on every cell.
     # Off by default: 0.3 raises the fine-tuned robustness index (0.82 against 0.80, 3 seeds) but costs held-out
-    # synthetic sites 2-8 points (2 seeds) and CRIC 1.3 clean (README, docs/results/invariance_*stain_swap.json).
+    # synthetic sites 2-8 points (2 seeds) and CRIC 1.3 clean
+    # (docs/results.md, docs/results/invariance_*stain_swap.json).
     stain_swap: float = 0.0
     # A folder or manifest of unlabelled images (the sites the model will meet) whose stain strengths the swaps
     # take instead of the batch's: stain mix-up toward them, no labels needed (finetune.augment.stain_targets).
