@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml scripts/setup_venv.sh
 demo: $(STAMP)
 	$(VENV)/bin/roseprior demo
 
+# Test files run side by side (pytest-xdist), a file per worker so its module fixtures are built once.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

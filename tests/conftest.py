@@ -12,6 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# `make test` runs test files side by side (pytest-xdist): each worker, and what it launches, gets its share of the
+# cores, set before any test imports torch; workers at torch's default threads would fight over them.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
 # Real data beside the repo (../shared/data); absent on users' machines, so tests using it skip.
 SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
 
@@ -20,7 +26,8 @@ _session_cache: str | None = None
 
 def pytest_configure(config: pytest.Config) -> None:
     # Set before any test imports roseprior, so nothing (e.g. the synthetic default set) is
-    # written to ~/.cache; a cache the caller set on purpose is kept.
+    # written to ~/.cache; a cache the caller set on purpose is kept. xdist's workers inherit it from the
+    # controller, so they share one cache (the default set is generated under a lock).
     global _session_cache
     if not os.environ.get("ROSEPRIOR_CACHE"):
         _session_cache = tempfile.mkdtemp(prefix="roseprior-test-cache-")
