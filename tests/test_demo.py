@@ -50,3 +50,39 @@ def test_step_budgets_become_epochs_for_the_data_at_hand():
     assert CPU_RECIPE.epochs(380, 336) == ["train.epochs=18", "train.batch_size=16"]
     assert CPU_RECIPE.epochs(110, 3543)[0] == "train.epochs=1"  # never zero epochs
     assert CPU_RECIPE.epochs(None, 100) == []
+
+
+def test_the_quick_demo_runs_the_whole_chain_as_a_user_types_it(tmp_path):
+    """`roseprior demo --quick` (the README's first command, a few steps a stage): every stage's process runs
+    with the demo's own overrides, writes what the next stage reads, and the summary names all four checkpoints.
+    Each stage is tested alone elsewhere; this is the wiring between them."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "roseprior", "demo", "--quick", "--cpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for written in ("data/manifest.csv", "split/train.csv", "pretrain/backbone.safetensors",
+                    "finetune/best.safetensors", "finetune_random/best.safetensors", "probes/report.json",
+                    "probes/report.html"):
+        assert (out / written).is_file(), written
+    summary = proc.stdout.split("Summary (linear probe balanced accuracy, clean vs worst shift):")[1]
+    for name in ("random_init", "pretrained", "finetuned", "finetuned_random"):
+        assert any(line.split()[:1] == [name] and " clean " in line and " worst " in line
+                   for line in summary.splitlines()), summary
+    assert str((out / "probes" / "report.html").resolve()) in proc.stdout
+
+
+def test_the_gpu_recipe_is_a_valid_config_for_every_stage():
+    """The chain a GPU runs cannot run here; its configs and overrides are still checked as each stage would."""
+    from eval_probes.config import ProbeConfig
+    from finetune.config import FinetuneConfig
+    from pretrain.config import PretrainConfig
+    from roseprior.config import load_config
+    from roseprior.demo import CONFIG_DIR, GPU_RECIPE
+
+    for schema, config, overrides in ((PretrainConfig, GPU_RECIPE.pretrain, GPU_RECIPE.pretrain_overrides),
+                                      (FinetuneConfig, GPU_RECIPE.finetune, GPU_RECIPE.finetune_overrides),
+                                      (ProbeConfig, GPU_RECIPE.probes, GPU_RECIPE.probe_overrides)):
+        assert isinstance(load_config(schema, CONFIG_DIR / config, overrides), schema)
