@@ -22,6 +22,8 @@ decision:
   Nothing leaves or enters the frame, so the loss left is the scale's own (the detail a weaker
   objective never resolved). With ``--recalibrate``, ``estimated_scale`` also comes as if the run's images
   had been framed the other way (``data.framing``: camera fields or crops cut around one cell);
+- frame: the same fields photographed through an eyepiece (``frame/eyepiece``: a round lit field, the corners
+  black), as trained and with the scale estimated from the nuclei;
 - folders of one case each (``--shifts cases``, not part of ``all``): the test split, unshifted, laid out as
   folders of ``CASE_SIZES`` fields of one class within a site, and predicted at the run's operating point with
   ``--scale auto`` (one estimate per folder, which reads a positive case's enlarged nuclei as magnification)
@@ -125,6 +127,15 @@ def resampled(images: list[np.ndarray], factor: float) -> list[np.ndarray]:
     from roseprior.scale import resample
 
     return [resample(img, factor) for img in images]
+
+
+def through_the_eyepiece(image: np.ndarray, radius: float = 0.5, edge_px: float = 10.0) -> np.ndarray:
+    """``image`` as a camera photographs it through an eyepiece: a round lit field of ``radius`` (of the shorter
+    side; 0.5 leaves the corners, 21% of the frame, unlit) whose edge fades to black over ``edge_px``."""
+    h, w = image.shape[:2]
+    rows, cols = np.mgrid[:h, :w]
+    lit = np.clip((radius * min(h, w) - np.hypot(rows - h / 2, cols - w / 2)) / edge_px, 0, 1)
+    return (image * lit[..., None]).round().astype(np.uint8)
 
 
 def group_scales(predictor: Any, images: list[np.ndarray], groups: list[np.ndarray]) -> np.ndarray:
@@ -243,6 +254,10 @@ def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = Fal
         for other, framed in framed_otherwise.items():
             result[f"{kind}/{factor:g}"][f"estimated_scale_as_{other}"] = balanced_accuracy(framed, shifted, y, "auto",
                                                                                             sites)
+    if shifts in ("all", "scale", "frame"):  # the same fields photographed through an eyepiece: black corners
+        shifted = [through_the_eyepiece(img) for img in images]
+        result["frame/eyepiece"] = {"as_trained": balanced_accuracy(predictor, shifted, y, None),
+                                    "estimated_scale": balanced_accuracy(predictor, shifted, y, "auto", sites)}
     if shifts == "cases":
         result["case_folders"] = case_folders(predictor, images, y, sites)
     result["trained_input_per_native"] = trained_scale
@@ -257,9 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, default=None, help="score about this many test images per run")
     parser.add_argument("--out", default=None, help="JSON to write")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--shifts", choices=("all", "stain", "scale", "cases"), default="all",
-                        help="measure only the stain shifts (and adaptation), only the zooms, or only folders of one "
-                             "case each (--scale auto per folder against --scale site)")
+    parser.add_argument("--shifts", choices=("all", "stain", "scale", "frame", "cases"), default="all",
+                        help="measure only the stain shifts (and adaptation), only the zooms (and the eyepiece's "
+                             "round field), only the eyepiece's, or only folders of one case each (--scale auto per "
+                             "folder against --scale site)")
     parser.add_argument("--recalibrate", action="store_true",
                         help="rebuild each run's scale reference with today's roseprior.scale (a run keeps the one "
                              "its finetune stored)")

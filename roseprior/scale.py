@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["FRAMINGS", "ScaleReference", "acquisition_folder", "add_parser", "camera_zoom",
-           "fields_scale", "folder_scale", "is_off_scale", "nucleus_size", "resample", "sampled_scale", "shared_scale",
+           "fields_scale", "fill_unlit", "folder_scale", "is_off_scale", "nucleus_size", "resample", "sampled_scale", "shared_scale",
            "spread_images", "tile_batches", "training_scale", "training_tiles", "typical",
            "windows", "zoom_as_framed"]
 
@@ -54,6 +54,14 @@ MIN_WINDOW = 256  # px as measured (upsampled): a window spans at least 20 of th
 # (``training_tiles``), so that neither the tiles of a large field nor its resampled copy are held whole.
 TILE_BATCH = 32
 RESAMPLED_PIXELS = 4096 * 4096
+# The frame outside the lit field of view (an eyepiece's round field photographed through it, a shutter's edge):
+# regions darker than UNLIT of the field's background that touch the frame's border and cover MIN_UNLIT of it,
+# with a band of UNLIT_MARGIN of the frame's shorter side around them (the vignette's soft edge, which a dimmed
+# field would otherwise read as stain). Measured as it is, a round vignette took real ROSE fields to 0.4-2x of what
+# the same fields read with the same part painted as glass.
+UNLIT = 0.06
+MIN_UNLIT = 0.03
+UNLIT_MARGIN = 0.06
 # A reference's curve is measured at every calibration scale on CURVE_IMAGES of its images; its level, the size at
 # 1.0, on up to REFERENCE_IMAGES. A camera's field holds hundreds of nuclei, but a crop cut around one cell holds
 # one: 32 CRIC cells put a split's level 19% above that of its 3,543 training cells (4.73 against 3.97 px), and its
@@ -202,12 +210,43 @@ def _raw_size(parts: Sequence[np.ndarray]) -> float:
     return float(np.percentile(inside, PERCENTILE)) if inside.size else float("nan")
 
 
+def fill_unlit(image: np.ndarray) -> np.ndarray:
+    """``image`` with the part of its frame that received no light (``UNLIT``: an eyepiece's round field of view,
+    a shutter's edge) and its soft edge painted the colour of its background glass; ``image`` itself, not a copy,
+    when it has none. Found on a copy of at most 1024 px a side, so its cost does not grow with the field."""
+    from scipy import ndimage as ndi
+
+    h, w = image.shape[:2]
+    step = max(1, int(np.ceil(max(h, w) / 1024)))
+    small = image[::step, ::step, :3].astype(np.float32)
+    brightness = small.max(axis=-1)
+    glass = float(np.percentile(brightness, 95))  # the background: the brightest common level of the field
+    if glass <= 0:
+        return image
+    labels, _ = ndi.label(brightness < UNLIT * glass)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    unlit = np.isin(labels, edge[edge > 0])
+    if unlit.mean() < MIN_UNLIT:
+        return image
+    unlit = ndi.distance_transform_edt(~unlit) <= UNLIT_MARGIN * min(unlit.shape)
+    if unlit.all():
+        return image
+    background = np.percentile(small[~unlit], 90, axis=0)
+    rows = np.minimum(np.arange(h) // step, unlit.shape[0] - 1)
+    cols = np.minimum(np.arange(w) // step, unlit.shape[1] - 1)
+    filled = image.copy()
+    filled[..., :3][unlit[rows[:, None], cols[None, :]]] = background.astype(image.dtype)
+    return filled
+
+
 def nucleus_size(image: np.ndarray) -> float:
     """A size in px that scales with the nuclei of ``image`` (NaN when it has no stained structure).
 
-    A field of more than ``MEASURED_PIXELS`` (a camera's frame) is measured within that budget, so memory and
-    time do not grow with it: on a copy reduced to the budget when its nuclei are large enough there to be
-    measured in proportion (2 x ``WORKING_SIZE``), else on ``windows`` of it, which small nuclei do not span."""
+    The frame outside a lit field of view is read as background glass (``fill_unlit``). A field of more than
+    ``MEASURED_PIXELS`` (a camera's frame) is measured within that budget, so memory and time do not grow with it:
+    on a copy reduced to the budget when its nuclei are large enough there to be measured in proportion
+    (2 x ``WORKING_SIZE``), else on ``windows`` of it, which small nuclei do not span."""
+    image = fill_unlit(image)
     shrink = float(np.sqrt(image.shape[0] * image.shape[1] / MEASURED_PIXELS))
     if shrink > 1:
         reduced = _raw_size([resample(image, 1 / shrink)])

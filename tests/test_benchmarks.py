@@ -184,8 +184,9 @@ def test_shift_quality_scores_every_shift_with_and_without_its_remedy(tmp_path: 
         assert all(set(result[k]) == {"as_trained", "known_scale", "estimated_scale", "estimated_scale_as_cell"}
                    for k in zooms)  # recalibrated both ways: as the run was framed (fields) and as cell crops
     assert result["framing"] == "field"
+    assert set(result["frame/eyepiece"]) == {"as_trained", "estimated_scale"}
     (cases,) = json.loads((tmp_path / "c.json").read_text())  # folders of one case each, against one per site
-    assert not [k for k in cases if k.startswith(("stain/", "scale/"))]
+    assert not [k for k in cases if k.startswith(("stain/", "scale/", "frame/"))]
     assert set(cases["case_folders"]) == {"site", "auto_cases_of_4", "auto_cases_of_8"}
     for scored in cases["case_folders"].values():
         assert scored["balanced_accuracy"] == pytest.approx((scored["sensitivity"] + scored["specificity"]) / 2)

@@ -138,6 +138,35 @@ def test_real_rose_fields_zoomed_by_known_factors_read_their_zoom(shared_data: P
     assert all(a < b for a, b in itertools.pairwise(estimates)), estimates
 
 
+def test_a_round_field_of_view_reads_as_the_field_it_shows(shared_data: Path, monkeypatch) -> None:
+    """Fields photographed through an eyepiece (a round lit field, black corners): the ROSE folder reads within 15%
+    of the same fields framed without the vignette, where the unlit corners measured as one huge nucleus took it to
+    2.3-3.5x (``roseprior.scale.fill_unlit``). Fields without an unlit border are measured untouched: the 12 ROSE
+    fields, every tenth CRIC cell (whose darkest stained clusters touch the crop's border) and synthetic fields."""
+    from benchmarks.shift_quality import through_the_eyepiece
+    from roseprior import scale
+    from roseprior.synth import default_dataset
+
+    rose = [read_image(p) for p in sorted((shared_data / "rose_examples").rglob("*.jpg"))]
+    cells = [read_image(p) for p in sorted((shared_data / "cric_cells").rglob("*.jpg"))[::10]]
+    if len(rose) < 12 or len(cells) < 400:
+        pytest.skip("rose_examples or cric_cells not in the shared data")
+    synthetic = [read_image(p) for p in sorted(default_dataset().rglob("*.jpg"))[::5]]
+    assert all(scale.fill_unlit(image) is image for image in rose + cells + synthetic)
+    sizes = [nucleus_size(image) for image in rose]
+
+    def folder_reads(radius: float, edge_px: float) -> float:
+        return typical(nucleus_size(through_the_eyepiece(image, radius, edge_px)) / size
+                       for image, size in zip(rose, sizes, strict=True))
+
+    # the inscribed circle (21% of the frame unlit, a sharp edge), and a smaller one with a softer edge
+    read = {view: folder_reads(*view) for view in ((0.5, 10.0), (0.45, 20.0))}
+    print("ROSE fields through an eyepiece, folder / the same fields framed whole:", read)
+    assert all(abs(r - 1) <= 0.15 for r in read.values()), read
+    monkeypatch.setattr(scale, "fill_unlit", lambda image: image)  # measured as it is, unlit corners and all
+    assert folder_reads(0.5, 10.0) > 1.5
+
+
 def test_cell_crops_that_follow_their_cell_read_their_zoom_against_a_reference_framed_alike(shared_data: Path) -> None:
     """CRIC crops cut around their cell at other magnifications (resampled whole: the frame follows the cell):
     each zoom's folder reads within 15% against a reference framed as cell crops (``data.framing: cell``).
