@@ -97,8 +97,15 @@ def measure(image: np.ndarray, thresholds: AdequacyThresholds | None = None) -> 
     from scipy import ndimage as ndi
 
     from roseprior.blood import blood_fraction
+    from roseprior.scale import fill_unlit, unlit_mask
 
     t = thresholds or AdequacyThresholds()
+    # Photographed through an eyepiece, the frame's unlit corners are no part of the field: read as glass, their
+    # fading edge is no blurred edge, and the shares below are of the lit field (10 of the 12 real ROSE fields
+    # under a round vignette read out of focus, and their blood share fell from up to 0.48 to 0.00).
+    unlit = unlit_mask(image)
+    image = fill_unlit(image, unlit)
+    lit = 1.0 if unlit is None else float((~unlit).mean())
     gray = image[..., :3].mean(axis=2, dtype=np.float32)  # per-pixel planes only: no float copy of the field
     gradient = ndi.gaussian_gradient_magnitude(gray, 0.7)
     local_range = ndi.maximum_filter(gray, 9) - ndi.minimum_filter(gray, 9)
@@ -110,9 +117,10 @@ def measure(image: np.ndarray, thresholds: AdequacyThresholds | None = None) -> 
     measured = np.array([v for v in tiles if np.isfinite(v)])
     in_focus = float((measured >= t.focus_min).mean()) if measured.size else 0.0
     od_mean = sum(_OPTICAL_DENSITY[image[..., c]] for c in range(3)) / 3
-    cellularity = float((od_mean > NUCLEUS_OD).mean())
-    blood = blood_fraction(image)
-    contrast = float(np.percentile(od_mean, 98) - np.percentile(od_mean, 50))
+    od_lit = od_mean if unlit is None else od_mean[~unlit]
+    cellularity = float((od_lit > NUCLEUS_OD).mean())
+    blood = min(1.0, blood_fraction(image) / lit)  # the glass painted in holds no blood
+    contrast = float(np.percentile(od_lit, 98) - np.percentile(od_lit, 50))
     reasons = []
     if not np.isfinite(focus) or in_focus < t.in_focus_min:
         reasons.append(f"out of focus ({in_focus:.0%} of the field in focus, need {t.in_focus_min:.0%})")

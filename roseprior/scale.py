@@ -35,7 +35,7 @@ import numpy as np
 __all__ = ["FRAMINGS", "ScaleReference", "acquisition_folder", "add_parser", "camera_zoom",
            "fields_scale", "fill_unlit", "folder_scale", "is_off_scale", "nucleus_size", "resample", "sampled_scale", "shared_scale",
            "spread_images", "tile_batches", "training_scale", "training_tiles", "typical",
-           "windows", "zoom_as_framed"]
+           "unlit_mask", "windows", "zoom_as_framed"]
 
 PERCENTILE = 90
 DARK_FLOOR = 0.04  # of full scale: the darkest a channel is taken to be (optical density at most 1.4)
@@ -210,32 +210,41 @@ def _raw_size(parts: Sequence[np.ndarray]) -> float:
     return float(np.percentile(inside, PERCENTILE)) if inside.size else float("nan")
 
 
-def fill_unlit(image: np.ndarray) -> np.ndarray:
-    """``image`` with the part of its frame that received no light (``UNLIT``: an eyepiece's round field of view,
-    a shutter's edge) and its soft edge painted the colour of its background glass; ``image`` itself, not a copy,
-    when it has none. Found on a copy of at most 1024 px a side, so its cost does not grow with the field."""
+def unlit_mask(image: np.ndarray) -> np.ndarray | None:
+    """Where the frame of ``image`` received no light (``UNLIT``: an eyepiece's round field of view, a shutter's
+    edge), with its soft edge; None when it has no such part. Found on a copy of at most 1024 px a side, so its
+    cost does not grow with the field."""
     from scipy import ndimage as ndi
 
     h, w = image.shape[:2]
     step = max(1, int(np.ceil(max(h, w) / 1024)))
-    small = image[::step, ::step, :3].astype(np.float32)
-    brightness = small.max(axis=-1)
+    brightness = image[::step, ::step, :3].max(axis=-1).astype(np.float32)
     glass = float(np.percentile(brightness, 95))  # the background: the brightest common level of the field
     if glass <= 0:
-        return image
+        return None
     labels, _ = ndi.label(brightness < UNLIT * glass)
     edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     unlit = np.isin(labels, edge[edge > 0])
     if unlit.mean() < MIN_UNLIT:
-        return image
+        return None
     unlit = ndi.distance_transform_edt(~unlit) <= UNLIT_MARGIN * min(unlit.shape)
     if unlit.all():
-        return image
-    background = np.percentile(small[~unlit], 90, axis=0)
+        return None
     rows = np.minimum(np.arange(h) // step, unlit.shape[0] - 1)
     cols = np.minimum(np.arange(w) // step, unlit.shape[1] - 1)
+    return unlit[rows[:, None], cols[None, :]]
+
+
+def fill_unlit(image: np.ndarray, unlit: np.ndarray | None = None) -> np.ndarray:
+    """``image`` with its ``unlit_mask`` (or ``unlit``) painted the colour of its background glass, so that it
+    reads as an empty part of the field; ``image`` itself, not a copy, when it has none."""
+    unlit = unlit_mask(image) if unlit is None else unlit
+    if unlit is None:
+        return image
+    step = max(1, int(np.ceil(max(image.shape[:2]) / 1024)))  # the glass's colour from a copy of bounded size
+    glass = np.percentile(image[::step, ::step, :3][~unlit[::step, ::step]], 98, axis=0)  # a field's brightest
     filled = image.copy()
-    filled[..., :3][unlit[rows[:, None], cols[None, :]]] = background.astype(image.dtype)
+    filled[..., :3][unlit] = glass.astype(image.dtype)
     return filled
 
 

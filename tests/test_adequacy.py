@@ -48,6 +48,25 @@ def test_the_real_rose_examples_are_assessable(shared_data: Path) -> None:
     assert sum(r["assessable"] for r in rows) >= len(rows) - 1, [(r["path"], r["reason"]) for r in rows]
 
 
+def test_fields_photographed_through_an_eyepiece_are_judged_on_their_lit_field(shared_data: Path, monkeypatch) -> None:
+    """The 12 real ROSE fields under a round vignette (black corners, a fading edge) stay assessable, each measure
+    read on the lit field; measured over the whole frame, the fading edge read as blur and most were refused."""
+    from benchmarks.shift_quality import through_the_eyepiece
+    from roseprior import adequacy, scale
+    from roseprior.imageio import read_image
+
+    fields = [read_image(p) for p in sorted((shared_data / "rose_examples").rglob("*.jpg"))]
+    if len(fields) < 12:
+        pytest.skip("rose_examples not in the shared data")
+    for radius, edge_px in ((0.5, 10.0), (0.45, 20.0)):
+        quality = [adequacy.measure(through_the_eyepiece(f, radius, edge_px)) for f in fields]
+        assert all(q.assessable for q in quality), [q.reason for q in quality]
+        assert all(0 < q.cellularity <= 1 and 0 <= q.blood_fraction <= 1 for q in quality)
+    monkeypatch.setattr(scale, "unlit_mask", lambda image: None)  # the whole frame measured as the field
+    refused = [not adequacy.measure(through_the_eyepiece(f, 0.5, 10.0)).assessable for f in fields]
+    assert sum(refused) >= 6, refused
+
+
 def test_cli_writes_a_row_per_field_with_reasons(tmp_path: Path, write_image) -> None:
     from roseprior.cli import main
     from roseprior.synth import generate
