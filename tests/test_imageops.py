@@ -657,3 +657,23 @@ def test_random_stain_swap_renders_images_in_a_batch_neighbours_stain_and_keeps_
     ratio = toward[:, None] / targets[None]  # each image now has one target's strength, within the 3x limit
     expected = imageops.stain_swap_factors(before[:, None], targets[None]) * before[:, None] / targets[None]
     assert bool(((ratio / expected - 1).abs().amax(-1) < 0.05).any(1).all())
+
+
+def test_a_stain_is_measured_on_the_lit_field_of_an_eyepiece_photograph(shared_data: Path) -> None:
+    """Macenko fitted on real ROSE fields under a round vignette (black corners) finds the stain of the same fields
+    framed whole: the corners are dense neutral density, which pulled the fit to a grey vector."""
+    from benchmarks.shift_quality import through_the_eyepiece
+    from roseprior.imageio import read_image
+
+    fields = [read_image(p) for p in sorted((shared_data / "rose_examples").rglob("*.jpg"))]
+    if len(fields) < 12:
+        pytest.skip("rose_examples not in the shared data")
+
+    def stain(images: list[np.ndarray]) -> dict:
+        return imageops.StainNormalizer("macenko").fit(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+                                                       ).state_dict()
+
+    for half in (fields[:6], fields[6:]):
+        whole, through = stain(half), stain([through_the_eyepiece(f) for f in half])
+        assert np.abs(np.array(through["HERef"]) - np.array(whole["HERef"])).max() < 0.05, (whole, through)
+        assert np.allclose(through["maxCRef"], whole["maxCRef"], rtol=0.15), (whole, through)
