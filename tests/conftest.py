@@ -40,17 +40,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         os.environ.pop("ROSEPRIOR_CACHE", None)
 
 
-# The longest test files (about 110-210 s each run alone on 2 cores) start first, so that under `make test` the
-# workers finish together rather than one running the last long file alone; the rest keep their order.
-LONGEST_FIRST = ("test_bad_input.py", "test_benchmarks.py", "test_scale.py", "test_adapt.py", "test_demo.py",
-                 "test_export.py")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
-
-
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
