@@ -104,7 +104,8 @@ def measure(image: np.ndarray, thresholds: AdequacyThresholds | None = None) -> 
     # fading edge is no blurred edge, and the shares below are of the lit field (10 of the 12 real ROSE fields
     # under a round vignette read out of focus, and their blood share fell from up to 0.48 to 0.00).
     unlit = unlit_mask(image)
-    image = fill_unlit(image, unlit)
+    if unlit is not None:  # fill_unlit(image, None) would look for the unlit part a second time
+        image = fill_unlit(image, unlit)
     lit = 1.0 if unlit is None else float((~unlit).mean())
     gray = image[..., :3].mean(axis=2, dtype=np.float32)  # per-pixel planes only: no float copy of the field
     gradient = ndi.gaussian_gradient_magnitude(gray, 0.7)
