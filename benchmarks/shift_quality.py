@@ -53,11 +53,19 @@ if str(REPO) not in sys.path:
 
 ZOOMS = (0.25, 0.5, 2.0, 4.0)
 CASE_SIZES = (4, 8)  # fields per folder of one case
+# The reading the platform recommends for each kind of shift (the worst shift is judged on it): BatchNorm
+# adaptation for a new stain, the scale estimated from the nuclei for a new magnification or frame.
+AIM = 0.05  # issue 12: the worst shift within this of clean
+PAGE_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
+              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{text-align:left}"
+              ".ci{color:#777}.d{color:#345;font-size:12px}.warning{color:#a40}img{max-width:100%}")
+REMEDY = {"stain": "adapted", "scale": "estimated_scale", "resampled": "estimated_scale", "frame": "estimated_scale"}
 
 
 def test_images(run: Path, limit: int | None) -> tuple[list[np.ndarray], np.ndarray, list[Any], str, list[Any]]:
     """The run's test split (decoded) and its labels, its training samples, how its images were framed, and each
-    test image's site (``domain``; None where the split names none)."""
+    test image's sample (its site is its ``domain``, None where the split names none; its ``group`` the field or
+    slide the bootstrap resamples whole)."""
     from finetune.config import FinetuneConfig
     from roseprior.config import load_config
     from roseprior.imageio import read_image
@@ -68,7 +76,7 @@ def test_images(run: Path, limit: int | None) -> tuple[list[np.ndarray], np.ndar
     test = split["test"][:: max(1, len(split["test"]) // limit)] if limit else split["test"]
     positive = cfg.data.classes.index(cfg.data.positive_class)
     return ([read_image(s.path) for s in test], np.array([int(s.label == positive) for s in test]), split["train"],
-            cfg.data.framing, [s.domain for s in test])
+            cfg.data.framing, test)
 
 
 def stain_shifts(images: list[np.ndarray], train_paths: list[str]) -> dict[str, list[np.ndarray]]:
@@ -154,12 +162,12 @@ def site_groups(sites: list[Any]) -> list[np.ndarray]:
     return [np.flatnonzero(site_of == s) for s in sorted(set(site_of))]
 
 
-def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, scale: str | float | None,
-                      sites: list[Any] | None = None) -> float:
-    """At ``scale`` (None: squeezed whole; ``"auto"``: one estimate per site of ``sites``, as predict reads a
-    folder per site, or one for all)."""
+def positive_calls(predictor: Any, images: list[np.ndarray], scale: str | float | None,
+                   sites: list[Any] | None = None) -> np.ndarray:
+    """Each image called positive (1) or not at the classifier's own decision (the larger probability), at
+    ``scale`` (None: squeezed whole; ``"auto"``: one estimate per site of ``sites``, as predict reads a folder per
+    site, or one for all)."""
     import torchvision.transforms.v2.functional as TF
-    from sklearn.metrics import balanced_accuracy_score
 
     from finetune.predict import field_probabilities
 
@@ -176,7 +184,129 @@ def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, s
         else:
             p, _ = field_probabilities(predictor, img, taken)
         calls.append(int(p.argmax() == positive))
-    return float(balanced_accuracy_score(y, calls))
+    return np.array(calls)
+
+
+def balanced_accuracy(predictor: Any, images: list[np.ndarray], y: np.ndarray, scale: str | float | None,
+                      sites: list[Any] | None = None) -> float:
+    """``positive_calls`` scored against the labels ``y``."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    return float(balanced_accuracy_score(y, positive_calls(predictor, images, scale, sites)))
+
+
+def with_uncertainty(y: np.ndarray, clean: np.ndarray, calls: dict[str, dict[str, np.ndarray]], groups: list[Any]
+                     ) -> dict[str, Any]:
+    """What reading the table needs: each reading's 95% interval, its difference from clean with the paired
+    interval of that difference (the same test images both ways, whole ``groups`` resampled), the small-class
+    warnings, and the worst shift: the one where the platform's own remedy (``REMEDY``) falls furthest below
+    clean."""
+    from roseprior.metrics import bootstrap_intervals, paired_difference, small_class_warnings
+
+    def interval(c: np.ndarray) -> list[float] | None:
+        return bootstrap_intervals(y, c, groups)["balanced_accuracy"]
+
+    def reading(c: np.ndarray) -> dict[str, Any]:
+        drop = paired_difference(y, c, clean, groups)
+        return {"ci95": interval(c), "minus_clean": drop["difference"], "minus_clean_ci95": drop["ci95"]}
+
+    readings = {shift: {name: reading(c) for name, c in by_reading.items()} for shift, by_reading in calls.items()}
+    remedied = {shift: (REMEDY[shift.split("/")[0]], by_reading[REMEDY[shift.split("/")[0]]])
+                for shift, by_reading in readings.items() if shift != "stain/none"}
+    worst = min(remedied, key=lambda shift: remedied[shift][1]["minus_clean"], default=None)
+    return {"clean_ci95": interval(clean), "readings": readings,
+            "worst_shift": None if worst is None else {"shift": worst, "reading": remedied[worst][0],
+                                                       **remedied[worst][1]},
+            "warnings": small_class_warnings("the test split", y, ["negative", "positive"])}
+
+
+def interval_text(interval: list[float] | None, signed: bool = False) -> str:
+    """``[low, high]`` of an interval (``n/a`` when no resample could define it)."""
+    spec = "+.3f" if signed else ".3f"
+    return f"[{interval[0]:{spec}}, {interval[1]:{spec}}]" if interval else "[n/a]"
+
+
+def drop_text(reading: dict[str, Any]) -> str:
+    """A reading's difference from clean with its paired interval: ``-0.082 [-0.121, -0.043]``."""
+    return f"{reading['minus_clean']:+.3f} {interval_text(reading['minus_clean_ci95'], signed=True)}"
+
+
+def drops_figure(results: list[dict[str, Any]]) -> Any:
+    """One panel per run: every shift as trained and with its remedy, as balanced accuracy minus clean with the
+    paired 95% interval, beside the aim of staying within ``AIM`` of clean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shifts = list(dict.fromkeys(shift for r in results for shift in r["uncertainty"]["readings"]))  # measured order
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results) + 1.6, 0.32 * len(shifts) + 1.4),
+                             sharey=True, squeeze=False)
+    for ax, result in zip(axes[0], results, strict=True):
+        readings = result["uncertainty"]["readings"]
+        for offset, (label, colour, pick) in enumerate((("as trained", "0.6", lambda s: "as_trained"),
+                                                        ("with its remedy (adapt; --scale auto)", "tab:blue",
+                                                         lambda s: REMEDY[s.split("/")[0]]))):
+            rows = [(i, readings[s][pick(s)]) for i, s in enumerate(shifts) if pick(s) in readings.get(s, {})]
+            if not rows:
+                continue
+            y = np.array([i for i, _ in rows]) + (0.15 if offset else -0.15)
+            x = np.array([r["minus_clean"] for _, r in rows])
+            ci = np.array([r["minus_clean_ci95"] or [r["minus_clean"]] * 2 for _, r in rows])
+            ax.errorbar(x, y, xerr=[x - ci[:, 0], ci[:, 1] - x], fmt="o", ms=4, color=colour, label=label, capsize=2)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.axvline(-AIM, color="tab:red", lw=0.8, ls="--", label=f"aim: within {AIM} of clean")
+        ax.set_title(f"{Path(result['run']).name} (clean {result['clean']:.3f}, {result['test_images']} images)",
+                     fontsize=9)
+        ax.set_xlabel("balanced accuracy minus clean")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(shifts)), shifts, fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=3,
+               bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def write_page(results: list[dict[str, Any]], json_path: Path) -> tuple[Path, Path]:
+    """``json_path`` as people read it: the figure beside it (``.png``) and a page (``.html``) with the figure and,
+    per run, every reading with its interval and its paired difference from clean."""
+    import html
+
+    from eval_probes.report import figure_html, figure_png
+    from roseprior.checkpoint import atomic_write_text
+
+    fig = drops_figure(results)
+    png = json_path.with_suffix(".png")
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    figure = figure_html(figure_png(fig), "Each shift's balanced accuracy minus clean, as trained and with the "
+                         "platform's remedy (BatchNorm adaptation for stain, the scale read from the nuclei for zoom "
+                         "and frame), with paired 95% bootstrap intervals; dashed: the aim.")
+
+    def cell(reading: dict[str, Any], value: float) -> str:
+        return (f"<td>{value:.3f} <span class='ci'>{interval_text(reading['ci95'])}</span><br>"
+                f"<span class='d'>{drop_text(reading)}</span></td>")
+
+    sections = []
+    for r in results:
+        unc = r["uncertainty"]
+        names = sorted({name for by in unc["readings"].values() for name in by}, key=lambda n: (n != "as_trained", n))
+        rows = "".join(f"<tr><th>{html.escape(shift)}</th>" + "".join(
+            cell(by[name], r[shift][name]) if name in by else "<td></td>" for name in names) + "</tr>"
+            for shift, by in unc["readings"].items())
+        worst = unc["worst_shift"]
+        summary = (f"clean {r['clean']:.3f} {interval_text(unc['clean_ci95'])} on {r['test_images']} test images"
+                   + (f"; worst shift with its remedy: {worst['shift']} ({worst['reading']}), {drop_text(worst)} "
+                      f"against clean (aim: within {AIM})" if worst else ""))
+        warnings = "".join(f"<p class='warning'>warning: {html.escape(w)}</p>" for w in unc["warnings"])
+        sections.append(f"<h2>{html.escape(r['run'])}</h2><p>{html.escape(summary)}</p>{warnings}"
+                        f"<table><thead><tr><th>shift</th>{''.join(f'<th>{html.escape(n)}</th>' for n in names)}"
+                        f"</tr></thead><tbody>{rows}</tbody></table>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>shift quality</title><style>{PAGE_STYLE}"
+            f"</style></head><body><h1>Balanced accuracy under shift</h1><p>Each cell: balanced accuracy with its 95% "
+            f"bootstrap interval; below it, the difference from clean with its paired interval.</p>{figure}"
+            f"{''.join(sections)}</body></html>")
+    return atomic_write_text(json_path.with_suffix(".html"), page), png
 
 
 def case_folders(predictor: Any, images: list[np.ndarray], y: np.ndarray, sites: list[Any]) -> dict[str, Any]:
@@ -220,12 +350,14 @@ def adapted_predictor(run: Path, images: list[np.ndarray], tmp: Path, stain: boo
 
 def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = False, shifts: str = "all"
                 ) -> dict[str, Any]:
+    from sklearn.metrics import balanced_accuracy_score
+
     from finetune.predict import load_predictor
     from finetune.train import current_training_scale
     from roseprior.scale import FRAMINGS, fields_scale, training_scale
 
     start = time.perf_counter()
-    images, y, train_paths, framing, sites = test_images(run, limit)
+    images, y, train_paths, framing, samples = test_images(run, limit)
     predictor = load_predictor(ckpt=str(run))
     # A run from before finetune recorded its training scale has none; --recalibrate rebuilds it with today's code,
     # and also as if the run's images had been framed the other way (data.framing), to show what that choice does.
@@ -235,29 +367,33 @@ def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = Fal
         predictor.scale = current_training_scale(run, predictor.scale)
     framed_otherwise = {other: dataclasses.replace(predictor, scale=training_scale(
         train_paths, predictor.image_size, framing=other)) for other in FRAMINGS if recalibrate and other != framing}
-    result: dict[str, Any] = {"run": str(run), "test_images": len(images), "clean": balanced_accuracy(
-        predictor, images, y, None)}
+    sites = [sample.domain for sample in samples]
+    clean = positive_calls(predictor, images, None)
+    calls: dict[str, dict[str, np.ndarray]] = {}
     for name, shifted in (stain_shifts(images, train_paths) if shifts in ("all", "stain") else {}).items():
         adapted = {key: adapted_predictor(run, shifted, tmp, stain=key == "adapted_stain")
                    for key in ("adapted", "adapted_stain")}
-        result[name] = {"as_trained": balanced_accuracy(predictor, shifted, y, None), **{
+        calls[name] = {"as_trained": positive_calls(predictor, shifted, None), **{
             # as finetune.predict scores an adapted run by default: at the site scale adapt recorded, if any
-            key: balanced_accuracy(run_adapted, shifted, y, fields_scale(run_adapted.scale, None, None, ""))
+            key: positive_calls(run_adapted, shifted, fields_scale(run_adapted.scale, None, None, ""))
             for key, run_adapted in adapted.items()}}
     trained_scale = (predictor.scale or {}).get("input_per_native", 1.0)
     for (kind, zoom), factor in itertools.product((("scale", zoomed), ("resampled", resampled)),
                                                   ZOOMS if shifts in ("all", "scale") else ()):
         shifted = zoom(images, factor)
-        result[f"{kind}/{factor:g}"] = {"as_trained": balanced_accuracy(predictor, shifted, y, None),
-                                       "known_scale": balanced_accuracy(predictor, shifted, y, factor),
-                                       "estimated_scale": balanced_accuracy(predictor, shifted, y, "auto", sites)}
+        calls[f"{kind}/{factor:g}"] = {"as_trained": positive_calls(predictor, shifted, None),
+                                       "known_scale": positive_calls(predictor, shifted, factor),
+                                       "estimated_scale": positive_calls(predictor, shifted, "auto", sites)}
         for other, framed in framed_otherwise.items():
-            result[f"{kind}/{factor:g}"][f"estimated_scale_as_{other}"] = balanced_accuracy(framed, shifted, y, "auto",
-                                                                                            sites)
+            calls[f"{kind}/{factor:g}"][f"estimated_scale_as_{other}"] = positive_calls(framed, shifted, "auto", sites)
     if shifts in ("all", "scale", "frame"):  # the same fields photographed through an eyepiece: black corners
         shifted = [through_the_eyepiece(img) for img in images]
-        result["frame/eyepiece"] = {"as_trained": balanced_accuracy(predictor, shifted, y, None),
-                                    "estimated_scale": balanced_accuracy(predictor, shifted, y, "auto", sites)}
+        calls["frame/eyepiece"] = {"as_trained": positive_calls(predictor, shifted, None),
+                                   "estimated_scale": positive_calls(predictor, shifted, "auto", sites)}
+    result: dict[str, Any] = {"run": str(run), "test_images": len(images), "clean": float(balanced_accuracy_score(
+        y, clean)), **{shift: {reading: float(balanced_accuracy_score(y, c)) for reading, c in by_reading.items()}
+                       for shift, by_reading in calls.items()}}
+    result["uncertainty"] = with_uncertainty(y, clean, calls, [s.group or s.path for s in samples])
     if shifts == "cases":
         result["case_folders"] = case_folders(predictor, images, y, sites)
     result["trained_input_per_native"] = trained_scale
@@ -286,14 +422,26 @@ def main(argv: list[str] | None = None) -> int:
         for run in args.runs:
             results.append(measure_run(Path(run), args.max_images, Path(tmp), args.recalibrate, args.shifts))
     for r in results:
-        print(f"\n{r['run']} ({r['test_images']} test images): clean {r['clean']:.3f}")
+        unc = r["uncertainty"]
+        print(f"\n{r['run']} ({r['test_images']} test images): clean {r['clean']:.3f} {interval_text(unc['clean_ci95'])};"
+              " each reading (minus clean [paired 95% interval])")
         for key, value in {**r, **{f"cases/{k}": v for k, v in r.get("case_folders", {}).items()}}.items():
-            if isinstance(value, dict) and key != "case_folders":
-                print(f"  {key:<38} " + "  ".join(f"{k} {v:.3f}" for k, v in value.items() if isinstance(v, float)))
+            if isinstance(value, dict) and key not in ("case_folders", "uncertainty"):
+                drops = unc["readings"].get(key, {})
+                print(f"  {key:<38} " + "  ".join(f"{k} {v:.3f}" + (f" ({drop_text(drops[k])})" if k in drops else "")
+                                                  for k, v in value.items() if isinstance(v, float)))
+        if unc["worst_shift"]:
+            worst = unc["worst_shift"]
+            print(f"  worst shift with its remedy: {worst['shift']} ({worst['reading']}) {drop_text(worst)} against "
+                  f"clean (aim: within {AIM})")
+        for warning in unc["warnings"]:
+            print(f"  warning: {warning}", file=sys.stderr)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nwrote {args.out}")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        page, png = write_page(results, out) if any(r["uncertainty"]["readings"] for r in results) else (None, None)
+        print(f"\nwrote {out}" + (f", {page} and {png}" if page else ""))
     return 0
 
 

@@ -97,7 +97,8 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _png(fig: Any) -> str:
+def figure_png(fig: Any) -> str:
+    """``fig`` as base64 PNG, closed: for a page that carries its figures (this report, the shift benchmark's)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -106,7 +107,7 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _figure(b64: str, caption: str) -> str:
+def figure_html(b64: str, caption: str) -> str:
     return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
@@ -147,7 +148,7 @@ def curves_figure(report: dict[str, Any], family: str, xlabel: str, clean_x: flo
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("balanced accuracy (test)")
     axes[-1].legend(fontsize=8, loc="lower left")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def domain_matrix_figure(report: dict[str, Any], domains: list[str], probe: str = "linear") -> str:
@@ -175,7 +176,7 @@ def domain_matrix_figure(report: dict[str, Any], domains: list[str], probe: str 
             ax.set_ylabel("train domain")
         ax.set_title(name, fontsize=9)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=f"balanced accuracy ({PROBE_LABELS[probe]})")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def reliability_figure(runs: list[CheckpointRun], y_test: np.ndarray) -> str:
@@ -198,7 +199,7 @@ def reliability_figure(runs: list[CheckpointRun], y_test: np.ndarray) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     axes[0].set_ylabel("accuracy")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def umap_embedding(feats: np.ndarray, seed: int) -> np.ndarray:
@@ -236,7 +237,7 @@ def umap_figure(runs: list[CheckpointRun], data: ProbeData, seed: int) -> str:
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
-    return _png(fig)
+    return figure_png(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,13 +356,13 @@ def write_html(path: Path, report: dict[str, Any], runs: list[CheckpointRun], da
             f"{splits['test']} ({html.escape(data.split_source)}) · domains: "
             f"{html.escape(', '.join(data.domains) or 'none')} · image size {cfg.data.image_size} px")
     shifted = " Checkpoints are drawn slightly apart sideways, so equal curves stay visible."
-    curves = _figure(curves_figure(report, "stain", "HED jitter strength (0 = clean)", 0.0),
+    curves = figure_html(curves_figure(report, "stain", "HED jitter strength (0 = clean)", 0.0),
                      "Balanced accuracy against HED stain-jitter strength (Tellez et al.: light 0.05, strong 0.2)."
                      + shifted)
-    curves += _figure(curves_figure(report, "scale", "zoom (1x = clean)", 1.0, log_x=True),
+    curves += figure_html(curves_figure(report, "scale", "zoom (1x = clean)", 1.0, log_x=True),
                       "Balanced accuracy against zoom (same output size; reflected, never constant, borders)." + shifted)
     if has_domains and cfg.domain_transfer:
-        domain = _figure(domain_matrix_figure(report, data.domains),
+        domain = figure_html(domain_matrix_figure(report, data.domains),
                          "Linear probe fitted on one domain's clean train images (rows), scored on each domain's "
                          "test images (columns).")
         assoc = next((c["notes"].get("train_class_domain_association") for r in report["checkpoints"].values()
@@ -376,11 +377,11 @@ def write_html(path: Path, report: dict[str, Any], runs: list[CheckpointRun], da
         domain = "<p>Domain transfer switched off (domain_transfer: false).</p>"
     else:
         domain = "<p>The data has no domain labels (a <code>domain</code> manifest column), so no domain analysis.</p>"
-    reliability = _figure(reliability_figure(runs, data.labels("test")),
+    reliability = figure_html(reliability_figure(runs, data.labels("test")),
                           "Reliability diagrams of the clean test split (15 equal-width confidence bins).")
     if cfg.umap:
         try:
-            umap_html = _figure(umap_figure(runs, data, cfg.seed),
+            umap_html = figure_html(umap_figure(runs, data, cfg.seed),
                                 "UMAP of each checkpoint's clean test features, by class and by domain.")
         except Exception as err:  # UMAP is a view, not a result: a failure must not lose the report
             log.warning("UMAP failed: %s", err)

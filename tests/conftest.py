@@ -79,3 +79,28 @@ def kill_at_first_checkpoint(cmd: list[str], out: Path, env: dict, cwd: Path, ti
     finally:
         proc.wait()
     assert alive, "the run finished before it could be killed"
+
+
+@pytest.fixture
+def chromium(tmp_path: Path):
+    """A headless Chromium (selenium driver) for pages people open, with a profile of its own; the test skips
+    when Chromium, its driver or selenium is absent (`.ci/run` installs them)."""
+    binary = shutil.which("chromium") or "/usr/bin/chromium"
+    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    if not (Path(binary).exists() and Path(driver_path).exists()):
+        pytest.skip("headless Chromium absent: install the Debian packages chromium and chromium-driver")
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--window-size=1300,1000", f"--user-data-dir={tmp_path / 'chrome-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -143,9 +143,11 @@ def test_cam_quality_scores_every_panel_of_a_synthetic_run(tmp_path: Path) -> No
     assert sorted(p.name for p in (tmp_path / "cq" / "cam").glob("*.png"))
 
 
-def test_shift_quality_scores_every_shift_with_and_without_its_remedy(tmp_path: Path) -> None:
+def test_shift_quality_scores_every_shift_with_and_without_its_remedy(tmp_path: Path, request: pytest.FixtureRequest
+                                                                     ) -> None:
     """benchmarks/shift_quality.py on a tiny synthetic run: every stain shift as trained and adapted, every
-    zoom as trained, at the known scale and at the estimated one."""
+    zoom as trained, at the known scale and at the estimated one; each with its interval and its paired difference
+    from clean, in the JSON and on a page that a browser shows with its figure."""
     import numpy as np
     import torch
 
@@ -185,6 +187,28 @@ def test_shift_quality_scores_every_shift_with_and_without_its_remedy(tmp_path: 
                    for k in zooms)  # recalibrated both ways: as the run was framed (fields) and as cell crops
     assert result["framing"] == "field"
     assert set(result["frame/eyepiece"]) == {"as_trained", "estimated_scale"}
+    # Every reading with its interval and its difference from clean, paired: the same images both ways, so
+    # adaptation's own reading where nothing moved differs from clean by the calls it changed, and no more.
+    uncertainty = result["uncertainty"]
+    lo, hi = uncertainty["clean_ci95"]
+    assert lo <= result["clean"] <= hi
+    for shift, readings in uncertainty["readings"].items():
+        assert set(readings) == set(result[shift])
+        for name, reading in readings.items():
+            assert reading["minus_clean"] == pytest.approx(result[shift][name] - result["clean"])
+            assert reading["ci95"][0] <= reading["ci95"][1] and all(-1 <= v <= 1 for v in reading["minus_clean_ci95"])
+    remedied = {shift: readings[shift_quality.REMEDY[shift.split("/")[0]]]["minus_clean"]
+                for shift, readings in uncertainty["readings"].items() if shift != "stain/none"}
+    worst = uncertainty["worst_shift"]
+    assert worst["minus_clean"] == min(remedied.values()) and remedied[worst["shift"]] == worst["minus_clean"]
+    assert (tmp_path / "s.png").stat().st_size > 10_000
+    chromium = request.getfixturevalue("chromium")  # last: without Chromium the rest has been checked, then it skips
+    chromium.get((tmp_path / "s.html").resolve().as_uri())
+    widths = chromium.execute_script("return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+    rows = chromium.execute_script("return document.querySelectorAll('tbody tr').length")
+    text = chromium.execute_script("return document.body.innerText")
+    assert len(widths) == 1 and widths[0] > 0 and rows == len(uncertainty["readings"])
+    assert "worst shift with its remedy" in text and worst["shift"] in text
     (cases,) = json.loads((tmp_path / "c.json").read_text())  # folders of one case each, against one per site
     assert not [k for k in cases if k.startswith(("stain/", "scale/", "frame/"))]
     assert set(cases["case_folders"]) == {"site", "auto_cases_of_4", "auto_cases_of_8"}

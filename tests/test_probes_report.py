@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,6 @@ from roseprior.synth import generate
 
 pytestmark = pytest.mark.slow  # two full runs (one with UMAP) on a small synthetic set
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
@@ -129,38 +126,17 @@ def test_tensorboard_has_scalars_and_projector(report_dir):
     assert "timm_test_vit" in config and "timm_test_convnext" in config and "sprite" in config
 
 
-def _chrome():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--window-size=1300,1000"):
-        options.add_argument(flag)
-    return webdriver, Service(CHROMEDRIVER), options
-
-
 @pytest.mark.browser
-def test_report_html_renders_in_headless_chromium(report_dir, tmp_path):
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.skip("headless Chromium absent: install the Debian packages chromium and chromium-driver")
-    pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
-    webdriver, service, options = _chrome()
-    options.add_argument(f"--user-data-dir={tmp_path / 'chrome-profile'}")
-    driver = webdriver.Chrome(service=service, options=options)
-    try:
-        driver.get((report_dir / "report.html").resolve().as_uri())
-        widths = driver.execute_script(
-            "return Array.from(document.images).map(img => img.complete ? img.naturalWidth : 0)")
-        rows = driver.execute_script("return document.querySelectorAll('#summary tbody tr.checkpoint').length")
-        text = driver.execute_script("return document.body.innerText")
-        height = driver.execute_script("return document.body.scrollHeight")
-        driver.set_window_size(1300, min(height + 100, 12000))
-        driver.save_screenshot(str(report_dir / "report_screenshot.png"))
-    finally:
-        driver.quit()
+def test_report_html_renders_in_headless_chromium(report_dir, chromium):
+    driver = chromium
+    driver.get((report_dir / "report.html").resolve().as_uri())
+    widths = driver.execute_script(
+        "return Array.from(document.images).map(img => img.complete ? img.naturalWidth : 0)")
+    rows = driver.execute_script("return document.querySelectorAll('#summary tbody tr.checkpoint').length")
+    text = driver.execute_script("return document.body.innerText")
+    height = driver.execute_script("return document.body.scrollHeight")
+    driver.set_window_size(1300, min(height + 100, 12000))
+    driver.save_screenshot(str(report_dir / "report_screenshot.png"))
     # Curves (stain, scale), domain matrix, reliability diagrams, UMAP: every one decoded.
     assert len(widths) == 5 and all(w > 0 for w in widths), widths
     assert rows == 2
