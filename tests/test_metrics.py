@@ -153,6 +153,30 @@ def test_grouped_intervals_resample_whole_groups_and_are_wider_for_correlated_im
     assert width(grouped) > 1.5 * width(plain)
 
 
+def test_a_paired_difference_is_exact_and_narrower_than_the_two_intervals_side_by_side():
+    """A shift that flips a few of 400 calls: its difference from clean is the difference of the two balanced
+    accuracies, and its paired interval (the same resamples read both ways) is narrower than either of the two
+    intervals beside each other; calls that did not move differ by exactly nothing."""
+    from roseprior.metrics import bootstrap_intervals, paired_difference
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 400)
+    clean = np.where(rng.random(400) < 0.8, y, 1 - y)
+    shifted = clean.copy()
+    flipped = rng.choice(np.flatnonzero(clean == y), 20, replace=False)  # 20 right calls made wrong
+    shifted[flipped] = 1 - shifted[flipped]
+    drop = paired_difference(y, shifted, clean)
+    expected = binary_metrics(y, shifted)["balanced_accuracy"] - binary_metrics(y, clean)["balanced_accuracy"]
+    assert drop["difference"] == pytest.approx(expected) and drop["difference"] < 0
+    low, high = drop["ci95"]
+    assert low <= drop["difference"] <= high < 0  # every resample sees the loss
+    side_by_side = [bootstrap_intervals(y, c)["balanced_accuracy"] for c in (clean, shifted)]
+    assert high - low < 0.75 * min(hi - lo for lo, hi in side_by_side)  # 0.042 against 0.079 wide
+    assert paired_difference(y, clean, clean) == {"difference": 0.0, "ci95": [0.0, 0.0]}
+    grouped = paired_difference(y, shifted, clean, groups=np.arange(400) // 10)  # fields of 10 cells
+    assert grouped["difference"] == pytest.approx(drop["difference"]) and grouped["ci95"] != drop["ci95"]
+
+
 def test_small_classes_are_flagged():
     from roseprior.metrics import small_class_warnings
 
