@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import sys
 import tempfile
 import time
@@ -395,6 +394,24 @@ def measure_run(run: Path, limit: int | None, tmp: Path, recalibrate: bool = Fal
     return result
 
 
+def print_run(r: dict[str, Any]) -> None:
+    """One run's readings, each with its difference from clean and the paired interval, and its worst shift."""
+    unc = r["uncertainty"]
+    print(f"\n{r['run']} ({r['test_images']} test images): clean {r['clean']:.3f} {interval_text(unc['clean_ci95'])};"
+          " each reading (minus clean [paired 95% interval])")
+    for key, value in {**r, **{f"cases/{k}": v for k, v in r.get("case_folders", {}).items()}}.items():
+        if isinstance(value, dict) and key not in ("case_folders", "uncertainty"):
+            drops = unc["readings"].get(key, {})
+            print(f"  {key:<38} " + "  ".join(f"{k} {v:.3f}" + (f" ({drop_text(drops[k])})" if k in drops else "")
+                                              for k, v in value.items() if isinstance(v, float)))
+    if unc["worst_shift"]:
+        worst = unc["worst_shift"]
+        print(f"  worst shift with its remedy: {worst['shift']} ({worst['reading']}) {drop_text(worst)} against "
+              f"clean (aim: within {AIM})")
+    for warning in unc["warnings"]:
+        print(f"  warning: {warning}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", required=True, help="finetune out_dirs")
@@ -409,30 +426,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="rebuild each run's scale reference with today's roseprior.scale (a run keeps the one "
                              "its finetune stored)")
     args = parser.parse_args(argv)
+    from roseprior.checkpoint import atomic_write_json
+
     torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else None
     results = []
     with tempfile.TemporaryDirectory(prefix="shift_quality_") as tmp:
-        for run in args.runs:
+        for run in args.runs:  # each run printed and written as it ends: a run of 505 cells takes 10-30 minutes
             results.append(measure_run(Path(run), args.max_images, Path(tmp), args.recalibrate, args.shifts))
-    for r in results:
-        unc = r["uncertainty"]
-        print(f"\n{r['run']} ({r['test_images']} test images): clean {r['clean']:.3f} {interval_text(unc['clean_ci95'])};"
-              " each reading (minus clean [paired 95% interval])")
-        for key, value in {**r, **{f"cases/{k}": v for k, v in r.get("case_folders", {}).items()}}.items():
-            if isinstance(value, dict) and key not in ("case_folders", "uncertainty"):
-                drops = unc["readings"].get(key, {})
-                print(f"  {key:<38} " + "  ".join(f"{k} {v:.3f}" + (f" ({drop_text(drops[k])})" if k in drops else "")
-                                                  for k, v in value.items() if isinstance(v, float)))
-        if unc["worst_shift"]:
-            worst = unc["worst_shift"]
-            print(f"  worst shift with its remedy: {worst['shift']} ({worst['reading']}) {drop_text(worst)} against "
-                  f"clean (aim: within {AIM})")
-        for warning in unc["warnings"]:
-            print(f"  warning: {warning}", file=sys.stderr)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+            print_run(results[-1])
+            if out:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(out, results)
+    if out:
         page, png = write_page(results, out) if any(r["uncertainty"]["readings"] for r in results) else (None, None)
         print(f"\nwrote {out}" + (f", {page} and {png}" if page else ""))
     return 0
