@@ -357,14 +357,14 @@ def write_html(path: Path, report: dict[str, Any], runs: list[CheckpointRun], da
             f"{html.escape(', '.join(data.domains) or 'none')} · image size {cfg.data.image_size} px")
     shifted = " Checkpoints are drawn slightly apart sideways, so equal curves stay visible."
     curves = figure_html(curves_figure(report, "stain", "HED jitter strength (0 = clean)", 0.0),
-                     "Balanced accuracy against HED stain-jitter strength (Tellez et al.: light 0.05, strong 0.2)."
-                     + shifted)
+                         "Balanced accuracy against HED stain-jitter strength (Tellez et al.: light 0.05, strong 0.2)."
+                         + shifted)
     curves += figure_html(curves_figure(report, "scale", "zoom (1x = clean)", 1.0, log_x=True),
-                      "Balanced accuracy against zoom (same output size; reflected, never constant, borders)." + shifted)
+                          "Balanced accuracy against zoom (same output size; reflected, never constant, borders)." + shifted)
     if has_domains and cfg.domain_transfer:
         domain = figure_html(domain_matrix_figure(report, data.domains),
-                         "Linear probe fitted on one domain's clean train images (rows), scored on each domain's "
-                         "test images (columns).")
+                             "Linear probe fitted on one domain's clean train images (rows), scored on each domain's "
+                             "test images (columns).")
         assoc = next((c["notes"].get("train_class_domain_association") for r in report["checkpoints"].values()
                       for c in r["conditions"].values() if c["family"] == "domain" and c.get("subset")
                       and not c["skipped"]), None)
@@ -378,11 +378,11 @@ def write_html(path: Path, report: dict[str, Any], runs: list[CheckpointRun], da
     else:
         domain = "<p>The data has no domain labels (a <code>domain</code> manifest column), so no domain analysis.</p>"
     reliability = figure_html(reliability_figure(runs, data.labels("test")),
-                          "Reliability diagrams of the clean test split (15 equal-width confidence bins).")
+                              "Reliability diagrams of the clean test split (15 equal-width confidence bins).")
     if cfg.umap:
         try:
             umap_html = figure_html(umap_figure(runs, data, cfg.seed),
-                                "UMAP of each checkpoint's clean test features, by class and by domain.")
+                                    "UMAP of each checkpoint's clean test features, by class and by domain.")
         except Exception as err:  # UMAP is a view, not a result: a failure must not lose the report
             log.warning("UMAP failed: %s", err)
             umap_html = f"<p>UMAP failed: {html.escape(str(err))}</p>"

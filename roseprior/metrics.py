@@ -147,6 +147,8 @@ def paired_difference(y_true: Any, calls: Any, reference_calls: Any, groups: Any
     than the two intervals side by side suggest. Whole ``groups`` are resampled, as ``bootstrap_intervals`` does
     (and with the same seed, the same resamples)."""
     y = _as_labels(y_true)
+    if y.size == 0:
+        return {"difference": None, "ci95": None}
     pos = y == 1
     calls, reference_calls = (np.asarray(c).reshape(-1).astype(bool) for c in (calls, reference_calls))
     w = _resample_weights(y.size, groups, n_resamples, seed)
