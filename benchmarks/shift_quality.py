@@ -166,9 +166,7 @@ def positive_calls(predictor: Any, images: list[np.ndarray], scale: str | float 
     """Each image called positive (1) or not at the classifier's own decision (the larger probability), at
     ``scale`` (None: squeezed whole; ``"auto"``: one estimate per site of ``sites``, as predict reads a folder per
     site, or one for all)."""
-    import torchvision.transforms.v2.functional as TF
-
-    from finetune.predict import field_probabilities
+    from finetune.predict import field_probabilities, squeezed
 
     positive = predictor.classes.index(predictor.positive_class)
     if scale == "auto":  # a folder of fields per site: one scale each, as finetune.predict estimates it
@@ -177,9 +175,7 @@ def positive_calls(predictor: Any, images: list[np.ndarray], scale: str | float 
     for index, img in enumerate(images):
         taken = scale[index] if isinstance(scale, list) else scale
         if taken is None:  # as trained: the whole field resized to the model's input (finetune.predict's default)
-            side = predictor.image_size
-            x = TF.resize(torch.from_numpy(img).permute(2, 0, 1), [side, side], antialias=True)
-            p = predictor.probabilities(x[None].float().div_(255.0))[0]
+            p = predictor.probabilities(squeezed(img, predictor.image_size)[None].float().div_(255.0))[0]
         else:
             p, _ = field_probabilities(predictor, img, taken)
         calls.append(int(p.argmax() == positive))

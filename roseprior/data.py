@@ -520,10 +520,14 @@ def filter_readable(
 
 
 def read_during_run(path: str | Path) -> Any:
-    """``read_image`` for a file that decoded when the run started: failing now is a ``DataError``
-    that says so (the file changed or vanished mid-run), not a decoder traceback."""
+    """``read_image`` for a file that decoded when the run started, as every stage shows it to a model: the unlit
+    frame of a photograph through an eyepiece painted as background glass (``roseprior.scale.fill_unlit``, as
+    ``finetune.predict`` does), so black corners are neither learned as a site's mark nor met only at prediction.
+    Failing now is a ``DataError`` that says so (the file changed or vanished mid-run), not a decoder traceback."""
+    from roseprior.scale import fill_unlit
+
     try:
-        return read_image(path)
+        return fill_unlit(read_image(path))
     except UnreadableImage as err:
         raise DataError(f"{path} became unreadable during the run ({err.reason}); restore or remove it, then run "
                         "the same command again (training resumes from its last checkpoint)") from None
