@@ -221,7 +221,10 @@ def unlit_mask(image: np.ndarray) -> np.ndarray | None:
 
     h, w = image.shape[:2]
     step = max(1, int(np.ceil(max(h, w) / 1024)))
-    brightness = image[::step, ::step, :3].max(axis=-1).astype(np.float32)
+    thumb = image[::step, ::step]
+    # the brightest channel; np.maximum over the three planes is ~10x faster than max(axis=-1) on uint8 pixels,
+    # and every stage's reads pass here (roseprior.data.read_during_run)
+    brightness = np.maximum(np.maximum(thumb[..., 0], thumb[..., 1]), thumb[..., 2]).astype(np.float32)
     glass = float(np.percentile(brightness, 95))  # the background: the brightest common level of the field
     if glass <= 0:
         return None
