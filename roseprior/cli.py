@@ -12,11 +12,15 @@ import sys
 
 from roseprior.errors import RosepriorError
 
-# Modules that each register one subcommand through add_parser(subparsers).
-SUBCOMMAND_MODULES = ["roseprior.synth", "roseprior.splits", "roseprior.scale", "roseprior.adequacy", "finetune.adapt", "roseprior.demo"]
+# Each subcommand and the module that registers it through add_parser(subparsers). A command line that names one
+# imports that module alone: finetune.adapt loads torch and torchvision (3-6 s), which `roseprior split` and
+# `roseprior synth` never need, and the tests and the demo run those commands as processes dozens of times.
+SUBCOMMANDS = {"synth": "roseprior.synth", "split": "roseprior.splits", "scale": "roseprior.scale",
+               "adequacy": "roseprior.adequacy", "adapt": "finetune.adapt", "demo": "roseprior.demo"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``roseprior`` parser with every subcommand, or only ``command``'s when it names one."""
     parser = argparse.ArgumentParser(
         prog="roseprior",
         description=(
@@ -25,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in SUBCOMMAND_MODULES:
+    for name, module_name in SUBCOMMANDS.items():
+        if command in SUBCOMMANDS and name != command:
+            continue
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
@@ -37,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((arg for arg in argv if not arg.startswith("-")), None))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

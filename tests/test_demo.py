@@ -38,6 +38,24 @@ def test_demo_help_names_the_chain(capsys):
         assert word in out
 
 
+def test_a_data_tool_loads_its_own_module_and_the_help_lists_every_tool():
+    """`roseprior split` and `synth` run without torch (3-6 s to import, and the demo and the tests run them as
+    processes); `roseprior --help` still lists every subcommand, adapt's too."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom roseprior.cli import main\nfor argv in {argv!r}:\n    try:\n        main(argv)\n"
+            "    except SystemExit:\n        pass\nprint('torch' in sys.modules)")
+    for argv, loads_torch in (([["split", "--help"], ["synth", "--help"], ["scale", "--help"]], False),
+                              ([["--help"]], True)):
+        proc = subprocess.run([sys.executable, "-c", code.format(argv=argv)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split()[-1] == str(loads_torch), (argv, proc.stdout[-500:])
+    for command in ("synth", "split", "scale", "adequacy", "adapt", "demo"):
+        assert command in proc.stdout  # the full help
+
+
 def test_demo_on_a_missing_folder_is_one_line(tmp_path, capsys):
     assert main(["demo", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
