@@ -1,7 +1,8 @@
 """``python -m finetune.export --run RUN --format onnx|torchscript --out FILE [--image-size N]``.
 
 Exports a fine-tuned classifier for the computer beside the microscope: a fixed-size graph taking
-float RGB in [0, 1], (B, 3, S, S) (the image resized, antialiased, to S), and returning calibrated
+float RGB in [0, 1], (B, 3, S, S) (the image resized, antialiased, to S, after an eyepiece photograph's unlit
+frame is painted as glass: ``roseprior.scale.fill_unlit``), and returning calibrated
 class probabilities (the run's temperature applied). The position embedding is resampled once,
 here, to S, so the graph holds no resampling op (ONNX's antialiased resize differs from PyTorch's).
 The metadata carries what a caller needs: class names, the positive class, S, the input
@@ -65,8 +66,9 @@ def export_metadata(meta: dict[str, Any], size: int, run: Path) -> dict[str, Any
         "target_sensitivity": decision.get("target_sensitivity"),
         "stain_normalization": meta.get("stain_normalization"),  # applied before the graph (finetune.predict)
         "scale": meta.get("scale"),  # the training scale, for finetune.predict --scale
-        "input": f"float32 RGB in [0, 1], shape (B, 3, {size}, {size}): the image resized (antialiased) to {size} px; "
-                 "normalisation happens inside",
+        "input": f"float32 RGB in [0, 1], shape (B, 3, {size}, {size}): the image resized (antialiased) to {size} px, "
+                 "the unlit frame of a photograph through an eyepiece first painted as its glass "
+                 "(roseprior.scale.fill_unlit); normalisation happens inside",
         "output": "calibrated class probabilities (B, classes); call the positive class when its probability >= "
                   "threshold",
         "dihedral_mean": bool(meta.get("dihedral_mean", False)),  # the graph averages the 8 flips and quarter turns

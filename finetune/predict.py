@@ -2,8 +2,9 @@
 
 The users' main use after training: score a folder of new fields, with a finetune run (PyTorch) or
 with its export (``python -m finetune.export``; ONNX through onnxruntime, or TorchScript). Either
-way the images get exactly the evaluation preprocessing (resized, antialiased, no augmentation; the mean over
-their flips and quarter turns when the run reads fields so, ``decision.dihedral_mean``),
+way the images get exactly the evaluation preprocessing (an eyepiece photograph's unlit frame painted as glass, as
+in training; resized, antialiased, no augmentation; the mean over their flips and quarter turns when the run
+reads fields so, ``decision.dihedral_mean``),
 the probabilities are calibrated (the run's temperature), and ``predicted`` applies the run's
 operating point (the threshold chosen on validation for ``decision.target_sensitivity``), not 0.5.
 A file that cannot be decoded is listed in the CSV with its reason and never stops the run.
