@@ -162,7 +162,7 @@ def _batches(paths: Sequence[Path], size: int, batch_size: int, on_field: FieldH
 def squeezed(field: np.ndarray, size: int) -> torch.Tensor:
     """A field as the model reads it without ``--scale``, as in training (``roseprior.data.read_during_run``): its
     unlit frame painted as glass (``fill_unlit``), then resized whole to ``size`` square (antialiased), uint8
-    (3, size, size). Black eyepiece corners cost three CRIC classifiers 0.21-0.26 of balanced accuracy; painted,
+    (3, size, size). Black eyepiece corners cost three CRIC classifiers 0.19-0.26 of balanced accuracy; painted,
     0.02 at most (docs/results.md, "Fields photographed through an eyepiece")."""
     from torchvision.transforms.v2 import functional as F
 
