@@ -432,8 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(measure_run(Path(run), args.max_images, Path(tmp), args.recalibrate, args.shifts))
             print_run(results[-1])
             if out:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(out, results)
+                atomic_write_json(out, results)  # makes out's folder, as every atomic write does
     if out:
         page, png = write_page(results, out) if any(r["uncertainty"]["readings"] for r in results) else (None, None)
         print(f"\nwrote {out}" + (f", {page} and {png}" if page else ""))
