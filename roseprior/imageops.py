@@ -680,11 +680,17 @@ class StainNormalizer:
         # Macenko's reconstruction (torchstain's normalize) with the site's stain in place of the image's own.
         # By hand because torchstain measures the source of every image it normalises and has no call that takes
         # one: concentrations by least squares on the source's stain vectors, scaled from the source's 99th
-        # percentile to the target's, recomposed with the target's vectors.
+        # percentile to the target's, recomposed with the target's vectors. The optical density the two vectors
+        # do not explain is added back as it was: a Pap or Romanowsky stain has more dyes than two (orange G,
+        # light green, azure), and projecting onto two erased them, so a site mapped to its own stain came out
+        # changed. Kept, a site mapped to itself comes out as it went in.
         stains, max_concentration = self.source
         od = -torch.log((image.reshape(3, -1) + 1.0) / self.intensity)
-        concentrations = torch.linalg.lstsq(stains, od).solution * (self._normalizer.maxCRef / max_concentration)[:, None]
-        mapped = (self.intensity * torch.exp(-self._normalizer.HERef @ concentrations)).clamp_(0.0, 255.0)
+        concentrations = torch.linalg.lstsq(stains, od).solution
+        unexplained = od - stains @ concentrations
+        concentrations *= (self._normalizer.maxCRef / max_concentration)[:, None]
+        od = self._normalizer.HERef @ concentrations + unexplained
+        mapped = (self.intensity * torch.exp(-od) - 1.0).clamp_(0.0, 255.0)
         return mapped.reshape(image.shape).div_(255.0)
 
     def _normalise_one(self, image: torch.Tensor) -> torch.Tensor:

@@ -535,6 +535,22 @@ def test_a_site_wide_source_keeps_a_dark_nucleus_darker_than_a_pale_one(stain_ta
         imageops.StainNormalizer("macenko").fit(stain_target).fit_source(torch.full((1, 3, 32, 32), 0.98))
 
 
+def test_a_site_mapped_to_its_own_stain_keeps_a_third_dye(stain_target):
+    """Pap and Romanowsky stains have more dyes than Macenko's two vectors. A site-wide map passes the optical
+    density the two vectors do not explain through unchanged: a site mapped to its own stain comes out as it went
+    in, orange cytoplasm included, where projecting onto two vectors turned it another colour."""
+    orange = torch.tensor([0.05, 0.35, 0.94])  # orange G absorbs blue: neither haematoxylin nor eosin
+    fields = []
+    for seed in range(4):
+        field = stained_image(*SOURCE_STAINS, seed=seed)
+        patch = torch.zeros(64, 64)
+        patch[8 + 8 * seed:24 + 8 * seed, 30:50] = 0.6
+        fields.append(field * torch.exp(-patch[None] * orange[:, None, None]))
+    site = torch.stack(fields)
+    to_itself = imageops.StainNormalizer("macenko").fit(site).fit_source(site)
+    torch.testing.assert_close(to_itself(site), site, atol=1.5 / 255, rtol=0)
+
+
 def test_blank_field_passes_through_with_a_counted_warning(stain_target):
     batch = torch.cat([stained_batch(batch=2), torch.full((1, 3, 64, 64), 0.97), stained_batch(batch=1)])
     for method in ("macenko", "reinhard"):
