@@ -223,6 +223,25 @@ def test_batchnorm_moved_by_the_training_images_own_statistics_is_the_run_as_tra
     assert all(torch.allclose(moved[k], trained[k], rtol=1e-4, atol=1e-5) for k in trained)
 
 
+def test_stain_mapping_a_site_stained_as_the_training_set_costs_nothing(sites: dict[str, Path], tmp_path: Path) -> None:
+    """``--stain`` on new fields stained as the training images were: the site's stain and the target are
+    measured on samples large enough to agree, and the map leaves the fields as they are (a map fitted on 16
+    CRIC cells a side lightened or darkened a site of the same stain by up to a third)."""
+    from finetune.adapt import adapt
+    from finetune.predict import load_predictor
+    from roseprior.data import find_images
+    from roseprior.imageio import read_image
+
+    out = adapt(sites["run"], sites["held"], tmp_path / "same_stain", bn=False, stain=True)
+    held = torch.stack([torch.from_numpy(read_image(p)).permute(2, 0, 1) for p in find_images(sites["held"])[::4]])
+    held = held.float().div_(255.0)
+    change = (load_predictor(ckpt=str(out)).stain(held) - held).abs().mean()
+    clean, mapped = balanced_accuracy(sites["run"], sites["held"]), balanced_accuracy(out, sites["held"])
+    print(f"mean change {float(change):.4f}; balanced accuracy {clean:.3f} as trained, {mapped:.3f} mapped")
+    assert change < 0.006  # 0..1 per pixel and channel: 0.003 now; 0.011 with 16 images a side and two vectors
+    assert mapped > clean - 0.03, (clean, mapped)
+
+
 def test_a_refitted_head_chooses_its_temperature_on_the_reading_the_run_is_called_by(sites: dict[str, Path]) -> None:
     """With ``decision.dihedral_mean`` the run is called on the mean of 8 views, so adapt's refitted head must
     fit its temperature and threshold on that reading of validation, not on one view (which gives others)."""
