@@ -223,7 +223,7 @@ def test_batchnorm_moved_by_the_training_images_own_statistics_is_the_run_as_tra
     assert all(torch.allclose(moved[k], trained[k], rtol=1e-4, atol=1e-5) for k in trained)
 
 
-def test_stain_mapping_a_site_stained_as_the_training_set_costs_nothing(sites: dict[str, Path], tmp_path: Path) -> None:
+def test_stain_mapping_leaves_a_site_stained_as_the_training_set_as_it_was(sites: dict[str, Path], tmp_path: Path) -> None:
     """``--stain`` on new fields stained as the training images were: the site's stain and the target are
     measured on samples large enough to agree, and the map leaves the fields as they are (a map fitted on 16
     CRIC cells a side lightened or darkened a site of the same stain by up to a third)."""
