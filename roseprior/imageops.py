@@ -689,8 +689,8 @@ class StainNormalizer:
         concentrations = torch.linalg.lstsq(stains, od).solution
         unexplained = od - stains @ concentrations
         concentrations *= (self._normalizer.maxCRef / max_concentration)[:, None]
-        od = self._normalizer.HERef @ concentrations + unexplained
-        mapped = (self.intensity * torch.exp(-od) - 1.0).clamp_(0.0, 255.0)
+        target_od = self._normalizer.HERef @ concentrations + unexplained
+        mapped = (self.intensity * torch.exp(-target_od) - 1.0).clamp_(0.0, 255.0)
         return mapped.reshape(image.shape).div_(255.0)
 
     def _normalise_one(self, image: torch.Tensor) -> torch.Tensor:
